@@ -1,0 +1,285 @@
+"""Config handling and safetensors I/O shared by every sdkit model.
+
+A model is an ``nn.Module`` whose attribute paths equal the diffusers checkpoint keys, built from
+a config dataclass whose field names equal the diffusers ``config.json`` keys. Loading checks
+every key and shape and names the offenders when anything is off.
+"""
+
+import dataclasses
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..hub import resolve_folder
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+PICKLE_NAMES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.ckpt", "model.ckpt")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+DIFFUSERS_VERSION = "0.42.1"  # the layout we read and write
+
+
+class Config(dict):
+    """A read-only dict that also allows attribute access (``config.in_channels``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("a model config is read-only; build a new model with from_config(dict(config))")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly
+
+
+def variant_name(name, variant):
+    """'a.safetensors' + 'fp16' -> 'a.fp16.safetensors' (the diffusers variant naming)."""
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def _as_tuple(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _read_safetensors(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"Cannot read weights file {path}: {e}. The file is damaged or truncated "
+                         f"(an interrupted download?): download or save it again.") from None
+
+
+def load_weights(folder, variant=None, allow_pickle=False):
+    """Read the state dict of a model folder: single file, fp16-style variant, or sharded index."""
+    folder = Path(folder)
+    names = [variant_name(WEIGHTS_NAME, variant), variant_name(INDEX_NAME, variant)]
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".json"):
+            return _read_safetensors(path)
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"Shard index {path} is not valid ({e}): expected a JSON object with "
+                             f"a 'weight_map'.") from None
+        state_dict = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(f"Shard {folder / shard} listed in {path} is missing.")
+            state_dict.update(_read_safetensors(folder / shard))
+        return state_dict
+    pickles = [folder / variant_name(n, variant) for n in PICKLE_NAMES]
+    pickles = [p for p in pickles if p.is_file()]
+    if pickles:
+        if not allow_pickle:
+            raise ValueError(f"{pickles[0]} is a pickle checkpoint, which can run code when loaded. "
+                             f"sdkit loads it only with from_pretrained(..., allow_pickle=True) "
+                             f"(through torch.load(weights_only=True)); better, convert it to "
+                             f"safetensors.")
+        return load_pickle(pickles[0])
+    hint = f" (variant {variant!r})" if variant else ""
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    raise FileNotFoundError(f"No weights file{hint} in {folder}: expected {names[0]} or "
+                            f"{names[1]}" + (f"; found {others}" if others else "") + ".")
+
+
+def load_pickle(path):
+    """Load a pickle checkpoint with ``weights_only=True`` (no arbitrary code execution)."""
+    try:
+        state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"Cannot read pickle checkpoint {path}: {e}") from None
+    if isinstance(state_dict, dict) and "state_dict" in state_dict:
+        state_dict = state_dict["state_dict"]
+    return state_dict
+
+
+def parse_size(size):
+    """'10GB' / '500MB' / int bytes -> int bytes."""
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = str(size).strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
+    return int(s)
+
+
+def _atomic_write(path, write):
+    """Write through a temp file in the same folder, then rename: no half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class ModelMixin(nn.Module):
+    """from_config / from_pretrained / save_pretrained for a model with a config dataclass.
+
+    Subclasses set ``config_class`` (a dataclass), ``_fixed`` (known reference keys sdkit supports
+    only at the listed values) and ``_neutral`` (known keys that do not change the architecture).
+    """
+
+    config_class = None
+    _fixed: dict = {}
+    _neutral: tuple = ()
+
+    # -- config ---------------------------------------------------------------------------------
+    @classmethod
+    def parse_config(cls, config):
+        """Split a reference config dict into our dataclass; raise on unsupported values."""
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
+        kwargs, ignored = {}, []
+        for key, value in dict(config).items():
+            if key.startswith("_") or key in cls._neutral:
+                continue
+            if key in fields:
+                kwargs[key] = _as_tuple(value)
+            elif key in cls._fixed:
+                if value not in cls._fixed[key]:
+                    raise ValueError(f"{cls.__name__}: config key {key!r} = {value!r} is not supported "
+                                     f"by sdkit (supported: {' or '.join(map(repr, cls._fixed[key]))}).")
+            else:
+                ignored.append(key)
+        if ignored:
+            warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(ignored)}", stacklevel=3)
+        return cls.config_class(**kwargs)
+
+    @classmethod
+    def from_config(cls, config=None, **overrides):
+        """Build a randomly initialised model from a config dict (reference keys), or keywords."""
+        config = {**dict(config or {}), **overrides}
+        return cls(cls.parse_config(config))
+
+    def _set_config(self, config):
+        self.config = Config({"_class_name": type(self).__name__, **dataclasses.asdict(config)})
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    # -- loading --------------------------------------------------------------------------------
+    @classmethod
+    def convert_state_dict(cls, state_dict):
+        """Hook: rename legacy keys before the check (identity by default)."""
+        return state_dict
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, torch_dtype=None,
+                        variant=None, allow_pickle=False, local_files_only=None, revision=None,
+                        cache_dir=None, device=None):
+        """Load a model from a diffusers-layout folder (``config.json`` + safetensors) or repo id.
+
+        ``variant="fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``; sharded checkpoints
+        are read through their ``*.safetensors.index.json``. Pickle files (``.bin``, ``.ckpt``)
+        load only with ``allow_pickle=True``, and then with ``torch.load(weights_only=True)``.
+        Parameters are cast to ``torch_dtype`` (float32 when not given).
+        """
+        patterns = None
+        if not os.path.exists(os.fspath(pretrained_model_name_or_path)):
+            prefix = f"{subfolder}/" if subfolder else ""
+            patterns = [f"{prefix}{CONFIG_NAME}", f"{prefix}*.safetensors", f"{prefix}*.json"]
+        folder = resolve_folder(pretrained_model_name_or_path, subfolder, allow_patterns=patterns,
+                                local_files_only=local_files_only, revision=revision, cache_dir=cache_dir)
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: a {cls.__name__} folder needs a "
+                                    f"config.json beside its weights (diffusers layout).")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        name = config.get("_class_name")
+        if name and name != cls.__name__:
+            raise ValueError(f"{config_path} describes {name}, not {cls.__name__}: check the "
+                             f"folder (or subfolder) you pass.")
+        state_dict = load_weights(folder, variant=variant, allow_pickle=allow_pickle)
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        model.load_checked_state_dict(state_dict, source=str(folder), dtype=torch_dtype or torch.float32)
+        model.eval()
+        return model.to(device) if device is not None else model
+
+    def load_checked_state_dict(self, state_dict, source="state dict", dtype=None):
+        """Load every parameter, after checking names and shapes; one error lists all offenders."""
+        state_dict = self.convert_state_dict(dict(state_dict))
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        mismatched = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {expected[k]}"
+                            for k in set(expected) & set(state_dict)
+                            if tuple(state_dict[k].shape) != expected[k])
+        if missing or unexpected or mismatched:
+            def few(kind, items):
+                more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
+                return f"{len(items)} {kind}: {', '.join(items[:5])}{more}" if items else ""
+            parts = [few("missing keys", missing), few("unexpected keys", unexpected),
+                     few("mis-shaped keys", mismatched)]
+            raise ValueError(f"Cannot load {type(self).__name__} from {source}: "
+                             + "; ".join(p for p in parts if p)
+                             + ". The checkpoint does not match this config (wrong model type, "
+                               "config.json, or a damaged file).")
+        if dtype is not None:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        on_meta = next(self.parameters()).is_meta
+        self.load_state_dict(state_dict, strict=True, assign=on_meta)
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, variant=None, max_shard_size="10GB"):
+        """Write ``config.json`` and safetensors weights (sharded above ``max_shard_size``)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        config = {**self.config, "_diffusers_version": DIFFUSERS_VERSION}
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+        _atomic_write(os.path.join(save_directory, CONFIG_NAME),
+                      lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+        state_dict = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        limit, shards, size = parse_size(max_shard_size), [{}], 0
+        for key, tensor in state_dict.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > limit:
+                shards.append({})
+                size = 0
+            shards[-1][key] = tensor
+            size += nbytes
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            _atomic_write(os.path.join(save_directory, variant_name(WEIGHTS_NAME, variant)),
+                          lambda p: save_file(shards[0], p, metadata=meta))
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = variant_name(f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors", variant)
+            _atomic_write(os.path.join(save_directory, name), lambda p, s=shard: save_file(s, p, metadata=meta))
+            weight_map.update(dict.fromkeys(shard, name))
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
+                 "weight_map": weight_map}
+        _atomic_write(os.path.join(save_directory, variant_name(INDEX_NAME, variant)),
+                      lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))

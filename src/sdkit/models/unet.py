@@ -1,0 +1,255 @@
+"""UNet2DConditionModel: the Stable Diffusion 1.x / 2.x denoiser (Rombach et al. 2022, LDM).
+
+Config keys and checkpoint key names are those of the diffusers reference, so a diffusers
+``unet/`` folder loads as it is.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel, Upsample2D,
+                     timestep_embedding)
+from .modeling import ModelMixin
+
+IntOrTuple = Union[int, Tuple[int, ...]]
+
+
+@dataclass
+class UNet2DConditionConfig:
+    sample_size: Optional[int] = None       # latent size the model was trained at (default H/W)
+    in_channels: int = 4                    # 4 latents; 9 for inpainting (latents + mask + masked image)
+    out_channels: int = 4
+    center_input_sample: bool = False       # map input from [0, 1] to [-1, 1] first
+    flip_sin_to_cos: bool = True            # timestep embedding order: cos first (SD) or sin first
+    freq_shift: int = 0                     # denominator shift of the sinusoid frequencies
+    down_block_types: Tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: Tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)  # channels per resolution level
+    layers_per_block: IntOrTuple = 2        # resnets per down block (up blocks have one more)
+    dropout: float = 0.0                    # resnet and attention dropout (training only)
+    norm_num_groups: int = 32               # GroupNorm groups everywhere
+    norm_eps: float = 1e-5                  # resnet GroupNorm eps
+    cross_attention_dim: IntOrTuple = 1280  # text embedding width (768 SD1, 1024 SD2)
+    transformer_layers_per_block: IntOrTuple = 1
+    attention_head_dim: IntOrTuple = 8      # the reference uses this as the NUMBER of heads per level
+    use_linear_projection: bool = False     # SD2: Linear instead of 1x1 conv around the transformer
+    upcast_attention: bool = False          # SD2.1: attention in fp32 when running in half precision
+
+
+def _per_level(value, n, name):
+    """Expand an int config value to one per level; check a list's length."""
+    if isinstance(value, int):
+        return (value,) * n
+    if len(value) != n:
+        raise ValueError(f"UNet2DConditionModel: config key {name!r} has {len(value)} entries, "
+                         f"but there are {n} blocks in down_block_types.")
+    return tuple(value)
+
+
+class DownBlock2D(nn.Module):
+    """Resnets (+ spatial transformers when `with_attention`), then an optional 2x downsample."""
+
+    def __init__(self, in_channels, out_channels, temb_channels, num_layers, add_downsample, *,
+                 with_attention, heads, cross_attention_dim, transformer_layers, cfg):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
+                          cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
+            for i in range(num_layers))
+        if with_attention:
+            self.attentions = nn.ModuleList(
+                Transformer2DModel(heads, out_channels // heads, out_channels, transformer_layers,
+                                   cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection,
+                                   cfg.upcast_attention, cfg.dropout)
+                for _ in range(num_layers))
+        else:
+            self.attentions = None
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+
+    def forward(self, x, temb, context):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock2D(nn.Module):
+    """Resnets on [x, skip] concatenations (+ transformers), then an optional 2x upsample."""
+
+    def __init__(self, in_channels, prev_channels, out_channels, temb_channels, num_layers, add_upsample,
+                 *, with_attention, heads, cross_attention_dim, transformer_layers, cfg):
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        for i in range(num_layers):
+            skip_channels = in_channels if i == num_layers - 1 else out_channels
+            resnet_in = prev_channels if i == 0 else out_channels
+            self.resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, temb_channels,
+                                              cfg.norm_num_groups, cfg.norm_eps, cfg.dropout))
+        if with_attention:
+            self.attentions = nn.ModuleList(
+                Transformer2DModel(heads, out_channels // heads, out_channels, transformer_layers,
+                                   cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection,
+                                   cfg.upcast_attention, cfg.dropout)
+                for _ in range(num_layers))
+        else:
+            self.attentions = None
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(self, x, skips, temb, context, upsample_size=None):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    def __init__(self, channels, temb_channels, heads, cross_attention_dim, transformer_layers, cfg):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(channels, channels, temb_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
+            for _ in range(2))
+        self.attentions = nn.ModuleList([
+            Transformer2DModel(heads, channels // heads, channels, transformer_layers, cross_attention_dim,
+                               cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention,
+                               cfg.dropout)])
+
+    def forward(self, x, temb, context):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+_UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+
+
+class UNet2DConditionModel(ModelMixin):
+    """Text-conditioned UNet. ``unet(sample, timestep, encoder_hidden_states) -> prediction``."""
+
+    config_class = UNet2DConditionConfig
+    # reference keys accepted only at these values (anything else changes the architecture)
+    _fixed = {
+        "mid_block_type": ("UNetMidBlock2DCrossAttn",), "only_cross_attention": (False,),
+        "dual_cross_attention": (False,), "act_fn": ("silu",), "downsample_padding": (1,),
+        "mid_block_scale_factor": (1, 1.0), "num_attention_heads": (None,),
+        "class_embed_type": (None,), "addition_embed_type": (None,), "num_class_embeds": (None,),
+        "addition_time_embed_dim": (None,), "resnet_time_scale_shift": ("default",),
+        "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1, 1.0),
+        "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
+        "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
+        "conv_in_kernel": (3,), "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
+        "attention_type": ("default",), "class_embeddings_concat": (False,),
+        "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
+        "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
+        "reverse_transformer_layers_per_block": (None,),
+    }
+    _neutral = ("addition_embed_type_num_heads",)
+
+    def __init__(self, config: UNet2DConditionConfig = None, **kwargs):
+        super().__init__()
+        cfg = config if config is not None else self.parse_config(kwargs)
+        self._set_config(cfg)
+        n = len(cfg.down_block_types)
+        for key, types, known in (("down_block_types", cfg.down_block_types, _BLOCKS),
+                                  ("up_block_types", cfg.up_block_types, _UP_BLOCKS)):
+            bad = [t for t in types if t not in known]
+            if bad:
+                raise ValueError(f"UNet2DConditionModel: config key {key!r} has unsupported block types "
+                                 f"{bad}; sdkit supports {sorted(known)}.")
+        if len(cfg.up_block_types) != n or len(cfg.block_out_channels) != n:
+            raise ValueError("UNet2DConditionModel: down_block_types, up_block_types and "
+                             "block_out_channels must have the same length.")
+        channels = tuple(cfg.block_out_channels)
+        heads = _per_level(cfg.attention_head_dim, n, "attention_head_dim")
+        layers = _per_level(cfg.layers_per_block, n, "layers_per_block")
+        context_dims = _per_level(cfg.cross_attention_dim, n, "cross_attention_dim")
+        tlayers = _per_level(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
+        for c in channels:
+            if c % cfg.norm_num_groups:
+                raise ValueError(f"UNet2DConditionModel: block_out_channels {channels} must be "
+                                 f"multiples of norm_num_groups={cfg.norm_num_groups}.")
+        temb = channels[0] * 4
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb)
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.down_block_types):
+            self.down_blocks.append(DownBlock2D(
+                channels[max(i - 1, 0)], channels[i], temb, layers[i], add_downsample=i < n - 1,
+                with_attention=_BLOCKS[kind], heads=heads[i], cross_attention_dim=context_dims[i],
+                transformer_layers=tlayers[i], cfg=cfg))
+
+        self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb, heads[-1], context_dims[-1],
+                                                 tlayers[-1], cfg)
+
+        self.up_blocks = nn.ModuleList()
+        rev = channels[::-1]
+        for i, kind in enumerate(cfg.up_block_types):
+            j = n - 1 - i  # the matching down level
+            self.up_blocks.append(UpBlock2D(
+                rev[min(i + 1, n - 1)], rev[max(i - 1, 0)], rev[i], temb, layers[j] + 1,
+                add_upsample=i < n - 1, with_attention=_UP_BLOCKS[kind], heads=heads[j],
+                cross_attention_dim=context_dims[j], transformer_layers=tlayers[j], cfg=cfg))
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        """sample: (B, C, h, w) latents; timestep: int, float, 0-d or (B,) tensor;
+        encoder_hidden_states: (B, T, cross_attention_dim). Returns (B, out_channels, h, w)."""
+        cfg = self.config
+        B = sample.shape[0]
+        t = timestep if torch.is_tensor(timestep) else torch.tensor(
+            timestep, dtype=torch.float32 if isinstance(timestep, float) else torch.long)
+        t = t.to(sample.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(B)
+        elif t.numel() != B:
+            raise ValueError(f"timestep has {t.numel()} values for a batch of {B}: pass one per "
+                             f"sample or a single value.")
+        if encoder_hidden_states.shape[0] != B:
+            raise ValueError(f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} does not "
+                             f"match sample batch {B}.")
+        if sample.shape[1] != cfg.in_channels:
+            raise ValueError(f"sample has {sample.shape[1]} channels; this UNet takes {cfg.in_channels}.")
+
+        # 1. time embedding
+        emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embedding(emb.to(sample.dtype))
+        context = encoder_hidden_states.to(sample.dtype)
+
+        # 2. down: keep every intermediate for the skip connections
+        if cfg.center_input_sample:
+            sample = 2 * sample - 1.0
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, emb, context)
+            skips.extend(block_skips)
+
+        # 3. middle
+        x = self.mid_block(x, emb, context)
+
+        # 4. up: each block eats its resnet count of skips; upsample to the next skip's size
+        for block in self.up_blocks:
+            block_skips = skips[-len(block.resnets):]
+            del skips[-len(block.resnets):]
+            size = skips[-1].shape[2:] if skips else None
+            x = block(x, block_skips, emb, context, size)
+
+        # 5. out
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -1,0 +1,56 @@
+"""A CLIP BPE tokenizer whose vocabulary is a given word list (for models trained from scratch).
+
+Writes the ``vocab.json`` + ``merges.txt`` pair that transformers' ``CLIPTokenizer`` loads, so the
+bundled model's tokenizer folder looks like any Stable Diffusion ``tokenizer/`` folder. Every
+byte is in the vocabulary, so unknown words still tokenize (into pieces).
+"""
+
+import json
+import os
+
+
+def _byte_alphabet():
+    """GPT-2/CLIP's reversible byte -> printable unicode map (Radford et al. 2019)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def build_clip_tokenizer(words, save_dir, model_max_length=77):
+    """Write a CLIP tokenizer whose whole-word tokens are `words`; return the loaded tokenizer."""
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_alphabet()
+    vocab = {}
+    for token in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(token, len(vocab))
+    merges = []
+    for word in sorted({w.lower() for w in words}):
+        if not word.isascii() or not word.isalpha():
+            raise ValueError(f"tokenizer words must be ASCII letters only, got {word!r}")
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        left = parts[0]
+        for right in parts[1:]:
+            merge = f"{left} {right}"
+            if merge not in merges:
+                merges.append(merge)
+            left = left + right
+            vocab.setdefault(left, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    os.makedirs(save_dir, exist_ok=True)
+    with open(os.path.join(save_dir, "vocab.json"), "w") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(save_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],
+                        model_max_length=model_max_length)
+    tok.save_pretrained(save_dir)
+    return CLIPTokenizer.from_pretrained(save_dir)

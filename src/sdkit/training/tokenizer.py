@@ -23,6 +23,16 @@ def _byte_alphabet():
     return chars
 
 
+def _apply_merges(parts, ranks):
+    """Byte-pair encoding of one word: repeatedly join the best-ranked adjacent pair (Sennrich 2016)."""
+    while len(parts) > 1:
+        rank, i = min((ranks.get(pair, float("inf")), i) for i, pair in enumerate(zip(parts, parts[1:])))
+        if rank == float("inf"):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
 def build_clip_tokenizer(words, save_dir, model_max_length=77):
     """Write a CLIP tokenizer whose whole-word tokens are `words`; return the loaded tokenizer."""
     from transformers import CLIPTokenizer
@@ -31,16 +41,17 @@ def build_clip_tokenizer(words, save_dir, model_max_length=77):
     vocab = {}
     for token in alphabet + [c + "</w>" for c in alphabet]:
         vocab.setdefault(token, len(vocab))
-    merges = []
+    merges, ranks = [], {}
     for word in sorted({w.lower() for w in words}):
         if not word.isascii() or not word.isalpha():
             raise ValueError(f"tokenizer words must be ASCII letters only, got {word!r}")
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        # segment with the merges so far, then join what is left with new, lowest-priority merges:
+        # earlier words keep their single-token segmentation (a new merge never outranks theirs)
+        parts = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         left = parts[0]
         for right in parts[1:]:
-            merge = f"{left} {right}"
-            if merge not in merges:
-                merges.append(merge)
+            ranks[(left, right)] = len(merges)
+            merges.append(f"{left} {right}")
             left = left + right
             vocab.setdefault(left, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):

@@ -1,0 +1,26 @@
+"""Stateless samplers: one scheduler instance serves many runs; each run's state is returned to the caller.
+
+    state = scheduler.set_timesteps(num_inference_steps, device=None, strength=1.0)
+    x = randn(shape) * state.init_noise_sigma
+    for t in state.timesteps:
+        eps = unet(scheduler.scale_model_input(x, t, state), t, context)
+        out = scheduler.step(eps, t, x, state, generator=g)
+        x, state = out.prev_sample, out.state
+"""
+
+from .base import Scheduler, SchedulerOutput, SchedulerState, SigmaScheduler
+from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .dpm_solver import DPMSolverMultistepScheduler
+from .euler import EulerDiscreteScheduler
+from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .lms import LMSDiscreteScheduler
+from .pndm import PNDMScheduler, PNDMState
+from .registry import SAMPLER_NAMES, SCHEDULER_CLASSES, PLMSScheduler, from_name, get_scheduler_class
+
+__all__ = [
+    "Scheduler", "SchedulerOutput", "SchedulerState", "SigmaScheduler", "PNDMState",
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "PLMSScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler",
+    "SAMPLER_NAMES", "SCHEDULER_CLASSES", "from_name", "get_scheduler_class",
+]

@@ -1,0 +1,81 @@
+"""DDIM sampling (Song, Meng & Ermon 2020, arXiv 2010.02502).
+
+| code            | paper                                         |
+| --------------- | --------------------------------------------- |
+| alpha_bar       | alpha_t (the paper's alpha is our bar-alpha)   |
+| alpha_bar_prev  | alpha_{t-1}: the next timestep to run          |
+| x0, eps         | predicted x_0 and epsilon_theta(x_t)          |
+| sigma           | sigma_t(eta), eq. 16                          |
+"""
+
+import numpy as np
+import torch
+
+from . import schedules as S
+from .base import Scheduler, SchedulerOutput
+
+
+class DDIMScheduler(Scheduler):
+    """Deterministic (eta=0) to DDPM-like (eta=1) implicit sampler."""
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,  # length of the training noise schedule
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
+        trained_betas: list | None = None,  # explicit betas, overriding the schedule
+        clip_sample: bool = True,  # clamp predicted x0 to +-clip_sample_range
+        set_alpha_to_one: bool = True,  # alpha_bar past the last step: 1 (True) or alpha_bar_0
+        steps_offset: int = 0,  # added to "leading" timesteps (SD 1.x uses 1)
+        prediction_type: str = "epsilon",  # epsilon | v_prediction | sample
+        clip_sample_range: float = 1.0,
+        timestep_spacing: str = "leading",  # linspace | leading | trailing
+        rescale_betas_zero_snr: bool = False,  # zero terminal SNR (Lin et al. 2023)
+    ):
+        self._init_config(locals())
+        self.alphas_cumprod = S.make_alphas_cumprod(self._config)
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self._freeze()
+
+    def set_timesteps(self, num_inference_steps, device=None, strength=1.0):
+        """The run's state: int64 timesteps for ``num_inference_steps`` (fewer when ``strength`` < 1)."""
+        self._check_steps(num_inference_steps)
+        c = self._config
+        timesteps = S.spaced_timesteps(
+            c["timestep_spacing"], num_inference_steps, c["num_train_timesteps"], c["steps_offset"]
+        )
+        schedule = torch.from_numpy(np.round(timesteps).astype(np.int64))
+        return self._make_state(schedule, num_inference_steps, device, strength)
+
+    def step(self, model_output, timestep, sample, state, eta=0.0, generator=None):
+        """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12)."""
+        self._check_timestep(timestep, state)
+        c = self._config
+        t = int(timestep)
+        prev_t = t - c["num_train_timesteps"] // state.num_inference_steps
+
+        # 1. alpha_bar at t and at the previous timestep
+        alpha_bar = self.alphas_cumprod[t]
+        alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+
+        # 2. predicted x0 and eps
+        x0, eps = S.vp_prediction_to_x0_eps(
+            model_output, sample, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, c["prediction_type"]
+        )
+
+        # 3. optional clipping of x0
+        if c["clip_sample"]:
+            x0 = x0.clamp(-c["clip_sample_range"], c["clip_sample_range"])
+
+        # 4. sigma_t(eta) (eq. 16)
+        variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
+        sigma = eta * variance**0.5
+
+        # 5. x_{t-1} = sqrt(alpha_bar_prev) x0 + direction pointing to x_t (+ noise)
+        direction = (1 - alpha_bar_prev - sigma**2) ** 0.5 * eps
+        prev_sample = alpha_bar_prev**0.5 * x0 + direction
+        if eta > 0:
+            noise = S.randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            prev_sample = prev_sample + sigma * noise
+        return SchedulerOutput(prev_sample, x0, self._advance(state))

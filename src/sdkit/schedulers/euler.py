@@ -1,0 +1,66 @@
+"""Euler sampling of the probability-flow ODE in sigma (Karras et al. 2022, arXiv 2206.00364, Alg. 1).
+
+| code        | paper                                        |
+| ----------- | -------------------------------------------- |
+| sigma       | sigma_i, the VE noise level of step i        |
+| sigma_next  | sigma_{i+1} (0 after the last step)          |
+| x           | x_i = x_t / sqrt(alpha_bar): the VE sample   |
+| x0          | D(x_i; sigma_i), the denoised estimate       |
+| d           | dx/dsigma = (x - x0) / sigma                 |
+"""
+
+import torch
+
+from . import schedules as S
+from .base import SchedulerOutput, SigmaScheduler
+
+
+class EulerDiscreteScheduler(SigmaScheduler):
+    """First-order deterministic ODE sampler; float timesteps, inputs scaled by 1/sqrt(sigma^2 + 1)."""
+
+    _fixed_options = {
+        "thresholding": False, "interpolation_type": "linear", "timestep_type": "discrete",
+        "use_exponential_sigmas": False, "use_beta_sigmas": False, "final_sigmas_type": "zero",
+    }
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,  # length of the training noise schedule
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
+        trained_betas: list | None = None,  # explicit betas, overriding the schedule
+        prediction_type: str = "epsilon",  # epsilon | v_prediction | sample
+        use_karras_sigmas: bool = False,  # Karras et al. rho=7 sigma spacing instead of timestep spacing
+        sigma_min: float | None = None,  # Karras range; default: the spaced schedule's ends
+        sigma_max: float | None = None,
+        timestep_spacing: str = "linspace",  # linspace | leading | trailing
+        steps_offset: int = 0,  # added to "leading" timesteps
+        rescale_betas_zero_snr: bool = False,  # zero terminal SNR (Lin et al. 2023)
+    ):
+        self._init_config(locals())
+        self.alphas_cumprod = S.make_alphas_cumprod(self._config, clamp_terminal=True)
+        self._freeze()
+
+    def set_timesteps(self, num_inference_steps, device=None, strength=1.0):
+        """The run's state: float32 timesteps and float32 sigmas (with a final 0)."""
+        self._check_steps(num_inference_steps)
+        c = self._config
+        timesteps, sigmas = S.sampler_sigmas(c, self.alphas_cumprod, num_inference_steps, c["sigma_min"], c["sigma_max"])
+        return self._sigma_state(timesteps, sigmas, num_inference_steps, device, strength)
+
+    def step(self, model_output, timestep, sample, state, generator=None):
+        """One Euler step from sigma_i to sigma_{i+1} (Karras et al. 2022, Alg. 1 without churn)."""
+        i = self._check_timestep(timestep, state)
+        sigma, sigma_next = state.sigmas[i], state.sigmas[i + 1]
+
+        # 1. work in float32, like the reference, for the ODE update
+        x = sample.to(torch.float32)
+
+        # 2. denoised estimate x0
+        x0 = S.ve_prediction_to_x0(model_output, x, sigma, self._config["prediction_type"])
+
+        # 3. Euler step along d = (x - x0) / sigma
+        d = (x - x0) / sigma
+        prev_sample = (x + d * (sigma_next - sigma)).to(model_output.dtype)
+        return SchedulerOutput(prev_sample, x0, self._advance(state))

@@ -1,0 +1,259 @@
+"""Contract every sdkit scheduler keeps, config interop, names, errors and shared use across threads."""
+
+import copy
+import dataclasses
+import inspect
+import json
+import threading
+
+import diffusers
+import pytest
+import torch
+
+import sdkit.schedulers as ours
+
+SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+NAMES = list(ours.SCHEDULER_CLASSES)
+VARIANTS = NAMES + ["PLMS", "DDIM-eta1"]
+
+
+def make(variant, **config):
+    """(scheduler, step kwargs) for a contract variant."""
+    if variant == "PLMS":
+        return ours.PNDMScheduler.from_config({**SD, "skip_prk_steps": True, **config}), {}
+    if variant == "DDIM-eta1":
+        return ours.DDIMScheduler.from_config({**SD, **config}), {"eta": 1.0}
+    return ours.SCHEDULER_CLASSES[variant].from_config({**SD, **config}), {}
+
+
+def model(x, t):
+    return torch.tanh(x * 0.9 + 0.001 * float(t)) * 0.8 + 0.05 * x
+
+
+def sample(sch, n, seed, shape=(1, 4, 8, 8), dtype=torch.float32, step_kwargs=None, strength=1.0):
+    """A full sampling loop on a shared scheduler; returns the final sample."""
+    step_kwargs = dict(step_kwargs or {})
+    g = torch.Generator().manual_seed(seed)
+    state = sch.set_timesteps(n, strength=strength)
+    x = torch.randn(shape, generator=g, dtype=dtype) * state.init_noise_sigma
+    if "generator" in inspect.signature(sch.step).parameters:
+        step_kwargs["generator"] = g
+    for t in state.timesteps:
+        out = sch.step(model(sch.scale_model_input(x, t, state), t), t, x, state, **step_kwargs)
+        x, state = out.prev_sample, out.state
+    return x
+
+
+def snapshot(obj):
+    """A deep copy of an object's attributes (tensors cloned) to compare later."""
+    fields = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else vars(obj)
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in fields.items()}
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+            and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)
+
+
+# ------------------------------------------------------------------ the contract
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_contract(variant):
+    sch, kw = make(variant)
+    before = snapshot(sch)
+
+    # config round trip: same settings, same behaviour
+    again = type(sch).from_config(sch.config)
+    assert again.config == sch.config and sch.config["_class_name"] == type(sch).__name__
+    json.dumps(sch.config)  # plain, json-ready
+
+    # a state for 10 steps, then one for 7, and stepping either works
+    state10 = sch.set_timesteps(10)
+    state7 = sch.set_timesteps(7)
+    assert len(state7.timesteps) >= 7 and state7.num_inference_steps == 7
+    assert state7.latent_timestep.shape == (1,)
+    for dtype in (torch.float32, torch.float64):
+        for state in (state10, state7):
+            x = torch.randn(2, 4, 8, 8, dtype=dtype)
+            t = state.timesteps[0]
+            inp = sch.scale_model_input(x, t, state)
+            assert inp.shape == x.shape and inp.dtype == dtype and inp.device == x.device
+            state_before = snapshot(state)
+            out = sch.step(model(inp, t), t, x, state, **kw,
+                           **({"generator": torch.Generator().manual_seed(0)}
+                              if "generator" in inspect.signature(sch.step).parameters else {}))
+            assert out.prev_sample.shape == x.shape and out.prev_sample.dtype == dtype
+            assert out.prev_sample.device == x.device
+            assert out.pred_original_sample.shape == x.shape
+            assert out.state is not state and out.state.step_index == state.step_index + 1
+            assert same(snapshot(state), state_before), "step must not change the state it was given"
+
+    # the timesteps a UNet gets: int64 for DDPM/DDIM/PNDM/DPM, float32 for Euler/LMS
+    expected = torch.float32 if "Euler" in type(sch).__name__ or "LMS" in type(sch).__name__ else torch.int64
+    assert state10.timesteps.dtype == expected
+
+    # the instance itself never changes
+    sample(sch, 5, 0, step_kwargs=kw)
+    assert same(snapshot(sch), before)
+    with pytest.raises(AttributeError, match="immutable"):
+        sch.alphas_cumprod = None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_full_loop_keeps_dtype_and_is_finite(variant):
+    sch, kw = make(variant)
+    for dtype in (torch.float32, torch.float64):
+        x = sample(sch, 8, 3, dtype=dtype, step_kwargs=kw)
+        assert x.dtype == dtype and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_add_noise_and_velocity_keep_dtype(name):
+    sch = ours.SCHEDULER_CLASSES[name].from_config(SD)
+    x0 = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([1, 500, 999])
+    assert sch.add_noise(x0, noise, t).dtype == torch.float64
+    assert sch.get_velocity(x0.float(), noise.float(), t).dtype == torch.float32
+
+
+# ------------------------------------------------------------------ sharing one instance
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_threads_sharing_one_scheduler_match_sequential_runs(variant):
+    sch, kw = make(variant)
+    jobs = [(5 + 2 * i, 100 + i, 1.0 if i % 3 else 0.6) for i in range(8)]
+    expected = [sample(sch, n, seed, step_kwargs=kw, strength=s) for n, seed, s in jobs]
+    results, errors = [None] * len(jobs), []
+    barrier = threading.Barrier(len(jobs))
+
+    def work(i, n, seed, s):
+        try:
+            barrier.wait()
+            results[i] = sample(sch, n, seed, step_kwargs=kw, strength=s)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i, *job)) for i, job in enumerate(jobs)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_errors(name):
+    cls = ours.SCHEDULER_CLASSES[name]
+    sch = cls.from_config(SD)
+    for n in (0, -3):
+        with pytest.raises(ValueError, match="positive integer"):
+            sch.set_timesteps(n)
+    with pytest.raises(ValueError, match="more than the 1000 timesteps"):
+        sch.set_timesteps(1001)
+    with pytest.raises(ValueError, match="prediction_type 'x0'.*use one of"):
+        cls.from_config({**SD, "prediction_type": "x0"})
+    with pytest.raises(ValueError, match="beta_schedule 'cubic'.*use one of"):
+        cls.from_config({**SD, "beta_schedule": "cubic"})
+    with pytest.raises(ValueError, match="timestep_spacing 'random'.*use one of"):
+        cls.from_config({**SD, "timestep_spacing": "random"})
+
+    state = sch.set_timesteps(10)
+    x = torch.randn(1, 4, 8, 8)
+    wrong = state.timesteps[0] - 3
+    with pytest.raises(ValueError, match="not the state's next timestep"):
+        sch.step(x, wrong, x, state)
+    with pytest.raises(ValueError, match="strength"):
+        sch.set_timesteps(10, strength=0.0)
+
+
+def test_unsupported_reference_options_are_refused_not_ignored():
+    with pytest.raises(ValueError, match="algorithm_type='sde-dpmsolver\\+\\+' is not supported"):
+        ours.DPMSolverMultistepScheduler.from_config({"algorithm_type": "sde-dpmsolver++"})
+    with pytest.raises(ValueError, match="solver_order=3"):
+        ours.DPMSolverMultistepScheduler.from_config({"solver_order": 3})
+    with pytest.raises(ValueError, match="variance_type"):
+        ours.DDPMScheduler.from_config({"variance_type": "learned"})
+    with pytest.raises(ValueError, match="thresholding"):
+        ours.DDIMScheduler.from_config({"thresholding": True})
+
+
+# ------------------------------------------------------------------ config interop
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_config_loads_into_ours_and_back(name, tmp_path):
+    ref = getattr(diffusers, name).from_config({**SD, "prediction_type": "v_prediction",
+                                                "timestep_spacing": "trailing"})
+    mine = ours.SCHEDULER_CLASSES[name].from_config(dict(ref.config))
+    for key, value in mine.config.items():
+        if key != "_class_name":
+            assert ref.config[key] == value, key
+    back = getattr(diffusers, name).from_config(mine.config)
+    assert back.config["prediction_type"] == "v_prediction"
+    assert back.config["timestep_spacing"] == "trailing"
+
+    mine.save_pretrained(tmp_path / "scheduler")
+    loaded_ref = getattr(diffusers, name).from_pretrained(tmp_path, subfolder="scheduler")
+    assert loaded_ref.config["beta_start"] == 0.00085
+    assert ours.SCHEDULER_CLASSES[name].from_pretrained(tmp_path, subfolder="scheduler").config == mine.config
+    assert ours.SCHEDULER_CLASSES[name].from_config(tmp_path / "scheduler").config == mine.config
+    json_path = tmp_path / "scheduler" / "scheduler_config.json"
+    assert ours.SCHEDULER_CLASSES[name].from_config(str(json_path)).config == mine.config
+
+
+def test_swapping_schedulers_like_diffusers():
+    """pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config), from an SD 1.5 config."""
+    sd15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+            "trained_betas": None, "clip_sample": False}
+    pndm = ours.PNDMScheduler.from_config(sd15)
+    ddim = ours.DDIMScheduler.from_config(pndm.config)
+    assert ddim.config["steps_offset"] == 1 and ddim.config["set_alpha_to_one"] is False
+    assert "skip_prk_steps" not in ddim.config
+    assert torch.equal(ddim.alphas_cumprod, pndm.alphas_cumprod)
+    assert ddim.set_timesteps(50).timesteps[0] == 981
+
+
+def test_trained_betas_round_trip():
+    betas = torch.linspace(1e-4, 0.02, 1000).tolist()
+    sch = ours.EulerDiscreteScheduler(trained_betas=betas)
+    assert json.loads(json.dumps(sch.config))["trained_betas"] == sch.config["trained_betas"]
+    assert torch.equal(ours.EulerDiscreteScheduler.from_config(sch.config).alphas_cumprod, sch.alphas_cumprod)
+
+
+# ------------------------------------------------------------------ names
+def test_from_name_maps_a1111_samplers():
+    base = ours.PNDMScheduler.from_config({**SD, "steps_offset": 1, "skip_prk_steps": True}).config
+    s = ours.from_name("DPM++ 2M Karras", base)
+    assert isinstance(s, ours.DPMSolverMultistepScheduler)
+    assert s.config["use_karras_sigmas"] is True and s.config["solver_order"] == 2
+    assert s.config["beta_schedule"] == "scaled_linear" and s.config["beta_end"] == 0.012
+    expected = {
+        "DDIM": ours.DDIMScheduler, "PLMS": ours.PNDMScheduler, "Euler": ours.EulerDiscreteScheduler,
+        "euler A": ours.EulerAncestralDiscreteScheduler, "LMS": ours.LMSDiscreteScheduler,
+        "LMS Karras": ours.LMSDiscreteScheduler, "dpm++ 2m": ours.DPMSolverMultistepScheduler,
+        "DDPM": ours.DDPMScheduler,
+    }
+    for name, cls in expected.items():
+        assert type(ours.from_name(name, base)) is cls, name
+    assert ours.from_name("PLMS", base).config["skip_prk_steps"] is True
+    assert ours.from_name("LMS Karras", base).config["use_karras_sigmas"] is True
+    assert ours.from_name("DPM++ 2M", {**SD, "use_karras_sigmas": True}).config["use_karras_sigmas"] is False
+    assert isinstance(ours.from_name("Euler a"), ours.EulerAncestralDiscreteScheduler)
+    with pytest.raises(ValueError, match="Unknown sampler name 'Heun'.*DPM\\+\\+ 2M Karras"):
+        ours.from_name("Heun", base)
+
+
+def test_get_scheduler_class():
+    assert ours.get_scheduler_class("PNDMScheduler") is ours.PNDMScheduler
+    assert ours.get_scheduler_class("DDIMScheduler") is ours.DDIMScheduler
+    assert ours.get_scheduler_class("PLMSScheduler") is ours.PNDMScheduler
+    with pytest.raises(ValueError, match="UniPCMultistepScheduler.*sdkit has.*DDIMScheduler"):
+        ours.get_scheduler_class("UniPCMultistepScheduler")

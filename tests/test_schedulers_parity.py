@@ -138,6 +138,7 @@ def _cases():
         ("DDIMScheduler", {"set_alpha_to_one": False, "timestep_spacing": "trailing"}, 25, {"eta": 0.5}),
         ("DDPMScheduler", {"variance_type": "fixed_large"}, 10, {}),
         ("DDPMScheduler", {"variance_type": "fixed_large", "prediction_type": "v_prediction"}, 25, {}),
+        ("DDPMScheduler", {"variance_type": "fixed_small_log"}, 10, {}),
         ("DDPMScheduler", {"beta_schedule": "sigmoid", "beta_start": 0.0001, "beta_end": 0.02}, 10, {}),
         ("DDPMScheduler", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, 25, {}),
         ("PNDMScheduler", {"skip_prk_steps": False}, 10, {}),

@@ -79,7 +79,10 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         return self._make_state(schedule, len(schedule), device, strength, sigmas=sigmas)
 
     def step(self, model_output, timestep, sample, state, generator=None):
-        """One DPM-Solver++ step: first order to start (and at the end), then 2M."""
+        """One DPM-Solver++ step: first order to start (and at the end), then 2M.
+
+        Deterministic: ``generator`` is accepted (and unused) so every sampler takes the same call.
+        """
         i = self._check_timestep(timestep, state)
         n = len(state.schedule)
         c = self._config

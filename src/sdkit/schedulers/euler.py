@@ -50,7 +50,10 @@ class EulerDiscreteScheduler(SigmaScheduler):
         return self._sigma_state(timesteps, sigmas, num_inference_steps, device, strength)
 
     def step(self, model_output, timestep, sample, state, generator=None):
-        """One Euler step from sigma_i to sigma_{i+1} (Karras et al. 2022, Alg. 1 without churn)."""
+        """One Euler step from sigma_i to sigma_{i+1} (Karras et al. 2022, Alg. 1 without churn).
+
+        Deterministic: ``generator`` is accepted (and unused) so every sampler takes the same call.
+        """
         i = self._check_timestep(timestep, state)
         sigma, sigma_next = state.sigmas[i], state.sigmas[i + 1]
 

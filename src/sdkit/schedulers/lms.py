@@ -54,8 +54,11 @@ class LMSDiscreteScheduler(SigmaScheduler):
         timesteps, sigmas = S.sampler_sigmas(self._config, self.alphas_cumprod, num_inference_steps)
         return self._sigma_state(timesteps, sigmas, num_inference_steps, device, strength)
 
-    def step(self, model_output, timestep, sample, state, order=4):
-        """One LMS step from sigma_i to sigma_{i+1} using up to ``order`` derivatives."""
+    def step(self, model_output, timestep, sample, state, generator=None, order=4):
+        """One LMS step from sigma_i to sigma_{i+1} using up to ``order`` derivatives.
+
+        Deterministic: ``generator`` is accepted (and unused) so every sampler takes the same call.
+        """
         i = self._check_timestep(timestep, state)
         sigma = state.sigmas[i]
 

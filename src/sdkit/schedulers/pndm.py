@@ -72,8 +72,11 @@ class PNDMScheduler(Scheduler):
             schedule, n, device, strength, state_class=PNDMState, num_prk_steps=len(prk)
         )
 
-    def step(self, model_output, timestep, sample, state):
-        """One model call's worth of PNDM: a Runge-Kutta stage or a linear multistep update."""
+    def step(self, model_output, timestep, sample, state, generator=None):
+        """One model call's worth of PNDM: a Runge-Kutta stage or a linear multistep update.
+
+        Deterministic: ``generator`` is accepted (and unused) so every sampler takes the same call.
+        """
         self._check_timestep(timestep, state)
         if state.steps_taken < state.num_prk_steps:
             return self._step_prk(model_output, int(timestep), sample, state)

@@ -252,6 +252,9 @@ def test_from_name_maps_a1111_samplers():
 def test_get_scheduler_class():
     assert ours.get_scheduler_class("PNDMScheduler") is ours.PNDMScheduler
     assert ours.get_scheduler_class("DDIMScheduler") is ours.DDIMScheduler
-    assert ours.get_scheduler_class("PLMSScheduler") is ours.PNDMScheduler
+    plms = ours.get_scheduler_class("PLMSScheduler")()
+    assert isinstance(plms, ours.PNDMScheduler) and plms.config["skip_prk_steps"] is True
+    assert plms.config["_class_name"] == "PNDMScheduler"  # what the reference can load
+    assert ours.PLMSScheduler.from_config(plms.config).config == plms.config
     with pytest.raises(ValueError, match="UniPCMultistepScheduler.*sdkit has.*DDIMScheduler"):
         ours.get_scheduler_class("UniPCMultistepScheduler")

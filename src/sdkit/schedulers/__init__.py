@@ -1,4 +1,4 @@
-"""Stateless samplers: one scheduler instance serves many runs; each run's state is returned to the caller.
+"""Stateless samplers: one scheduler serves many runs; each run's state is held by the caller.
 
     state = scheduler.set_timesteps(num_inference_steps, device=None, strength=1.0)
     x = randn(shape) * state.init_noise_sigma
@@ -15,8 +15,8 @@ from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .lms import LMSDiscreteScheduler
-from .pndm import PNDMScheduler, PNDMState
-from .registry import SAMPLER_NAMES, SCHEDULER_CLASSES, PLMSScheduler, from_name, get_scheduler_class
+from .pndm import PLMSScheduler, PNDMScheduler, PNDMState
+from .registry import SAMPLER_NAMES, SCHEDULER_CLASSES, from_name, get_scheduler_class
 
 __all__ = [
     "Scheduler", "SchedulerOutput", "SchedulerState", "SigmaScheduler", "PNDMState",

@@ -99,10 +99,13 @@ class Scheduler:
             )
         object.__setattr__(self, name, value)
 
+    _config_class_name = None  # the reference class name to save under, if not the class's own
+
     @property
     def config(self):
-        """A fresh plain dict of the settings, with ``_class_name``; any scheduler's from_config takes it."""
-        return {"_class_name": type(self).__name__, **copy.deepcopy(self._config)}
+        """A fresh plain dict of the settings with ``_class_name``; every from_config takes it."""
+        class_name = self._config_class_name or type(self).__name__
+        return {"_class_name": class_name, **copy.deepcopy(self._config)}
 
     @classmethod
     def config_keys(cls):
@@ -110,7 +113,7 @@ class Scheduler:
 
     @classmethod
     def from_config(cls, config, **overrides):
-        """Build from reference-style config keys (dict, json file or folder); unused keys are ignored."""
+        """Build from reference config keys (dict, json file or folder); unused keys are ignored."""
         config = {**_load_config_dict(config), **overrides}
         for key, allowed in cls._fixed_options.items():
             if key in config and config[key] != allowed and config[key] is not None:
@@ -131,7 +134,7 @@ class Scheduler:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, subfolder=None):
-        """Load from a folder (or a hub repo id) holding scheduler_config.json, optionally in ``subfolder``."""
+        """Load scheduler_config.json from a folder or hub repo id, optionally in ``subfolder``."""
         path = os.fspath(path_or_repo_id)
         folder = os.path.join(path, subfolder) if subfolder else path
         if os.path.isdir(path):
@@ -141,14 +144,16 @@ class Scheduler:
         return cls.from_config(hf_hub_download(path, CONFIG_NAME, subfolder=subfolder))
 
     def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._config.items() if k != 'trained_betas')})"
+        settings = (f"{k}={v!r}" for k, v in self._config.items() if k != "trained_betas")
+        return f"{type(self).__name__}({', '.join(settings)})"
 
     def __len__(self):
         return self._config["num_train_timesteps"]
 
     # ---------------------------------------------------------------- building states
     def _check_steps(self, num_inference_steps):
-        S.check_num_steps(num_inference_steps, self._config["num_train_timesteps"], type(self).__name__)
+        train_steps = self._config["num_train_timesteps"]
+        S.check_num_steps(num_inference_steps, train_steps, type(self).__name__)
 
     def _make_state(self, schedule, num_inference_steps, device, strength, init_noise_sigma=1.0,
                     sigmas=None, state_class=SchedulerState, **extra):
@@ -174,8 +179,8 @@ class Scheduler:
         i = state.step_index
         if i >= len(state.schedule):
             raise ValueError(
-                f"{type(self).__name__}.step: this state has no steps left ({len(state.schedule)} done); "
-                "start a new run with set_timesteps."
+                f"{type(self).__name__}.step: this state has no steps left "
+                f"({len(state.schedule)} done); start a new run with set_timesteps."
             )
         expected = state.schedule[i].item()
         got = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
@@ -199,7 +204,9 @@ class Scheduler:
         timesteps = torch.as_tensor(timesteps, device=like.device)
         if timesteps.is_floating_point():
             if not torch.equal(timesteps, timesteps.round()):
-                raise ValueError(f"{type(self).__name__}: timesteps must be whole training steps, got {timesteps}.")
+                raise ValueError(
+                    f"{type(self).__name__}: timesteps must be whole training steps, got {timesteps}."
+                )
             timesteps = timesteps.long()
         return per_sample_alpha_bar(alphas_cumprod, timesteps, like)
 
@@ -209,7 +216,7 @@ class Scheduler:
         return alpha_bar**0.5 * original_samples + (1 - alpha_bar) ** 0.5 * noise
 
     def get_velocity(self, sample, noise, timesteps):
-        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho 2022, arXiv 2202.00512)."""
+        """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022, arXiv 2202.00512)."""
         alpha_bar = self._alpha_bar_at(timesteps, sample)
         return alpha_bar**0.5 * noise - (1 - alpha_bar) ** 0.5 * sample
 
@@ -228,7 +235,7 @@ class SigmaScheduler(Scheduler):
     """Base of the samplers that step in VE sigma (Euler, Euler ancestral, LMS, DPM-Solver)."""
 
     def _sigma_indices(self, timesteps, state):
-        """Where each timestep sits in the state's schedule (the current step wins ties, like the reference)."""
+        """Each timestep's position in the state's schedule (the current step first, like the reference)."""
         timesteps = torch.as_tensor(timesteps).flatten().cpu()
         schedule = state.schedule
         current = schedule[state.step_index] if state.step_index < len(schedule) else None
@@ -240,8 +247,8 @@ class SigmaScheduler(Scheduler):
             found = (schedule == t).nonzero()
             if len(found) == 0:
                 raise ValueError(
-                    f"{type(self).__name__}.add_noise: timestep {t.item()} is not in the state's schedule; "
-                    "pass timesteps from state.timesteps (or no state for training timesteps)."
+                    f"{type(self).__name__}.add_noise: timestep {t.item()} is not in the state's "
+                    "schedule; pass timesteps from state.timesteps (or no state for training)."
                 )
             indices.append(found[0].item())
         return indices
@@ -277,7 +284,8 @@ class SigmaScheduler(Scheduler):
         """A state for a sigma schedule: timesteps (torch), sigmas float32 with the final 0 appended."""
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         spacing = self._config["timestep_spacing"]
-        init_noise_sigma = sigmas.max() if spacing in ("linspace", "trailing") else (sigmas.max() ** 2 + 1) ** 0.5
+        sigma_max = sigmas.max()
+        init_noise_sigma = sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
         return self._make_state(
             timesteps, num_inference_steps, device, strength, init_noise_sigma=init_noise_sigma,
             sigmas=sigmas, **extra,

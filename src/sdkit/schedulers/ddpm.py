@@ -18,7 +18,7 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
 class DDPMScheduler(Scheduler):
-    """Ancestral sampler of the DDPM posterior q(x_{t-1} | x_t, x0), stochastic at every step but the last."""
+    """Ancestral sampler of the posterior q(x_{t-1} | x_t, x0); noise at every step but the last."""
 
     def __init__(
         self,

@@ -41,7 +41,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         trained_betas: list | None = None,  # explicit betas, overriding the schedule
         solver_order: int = 2,  # 1 (DPM-Solver++ 1 = DDIM) or 2 (2M)
         prediction_type: str = "epsilon",  # epsilon | v_prediction | sample
-        lower_order_final: bool = True,  # kept for configs; with a final sigma of 0 the last step is always first order
+        lower_order_final: bool = True,  # kept for configs: the last step (sigma 0) is first order anyway
         use_karras_sigmas: bool = False,  # Karras et al. rho=7 sigma spacing
         lambda_min_clipped: float = -float("inf"),  # drop timesteps whose lambda is below this
         timestep_spacing: str = "linspace",  # linspace | leading | trailing
@@ -63,7 +63,8 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         clipped = torch.searchsorted(torch.flip(lambda_t, [0]), c["lambda_min_clipped"]).item()
         end = c["num_train_timesteps"] - clipped
         timesteps = S.spaced_timesteps(
-            c["timestep_spacing"], n, c["num_train_timesteps"], c["steps_offset"], end=end, extra_point=True
+            c["timestep_spacing"], n, c["num_train_timesteps"], c["steps_offset"], end=end,
+            extra_point=True,
         )
         timesteps = np.round(timesteps).astype(np.int64)
         train_sigmas = np.array(S.vp_to_ve_sigmas(self.alphas_cumprod))

@@ -46,7 +46,9 @@ class EulerDiscreteScheduler(SigmaScheduler):
         """The run's state: float32 timesteps and float32 sigmas (with a final 0)."""
         self._check_steps(num_inference_steps)
         c = self._config
-        timesteps, sigmas = S.sampler_sigmas(c, self.alphas_cumprod, num_inference_steps, c["sigma_min"], c["sigma_max"])
+        timesteps, sigmas = S.sampler_sigmas(
+            c, self.alphas_cumprod, num_inference_steps, c["sigma_min"], c["sigma_max"]
+        )
         return self._sigma_state(timesteps, sigmas, num_inference_steps, device, strength)
 
     def step(self, model_output, timestep, sample, state, generator=None):

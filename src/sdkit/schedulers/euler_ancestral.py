@@ -16,7 +16,7 @@ from .base import SchedulerOutput, SigmaScheduler
 
 
 def ancestral_sigmas(sigma, sigma_next):
-    """(sigma_down, sigma_up) splitting a step into an ODE move plus fresh noise (Ho et al. 2020 posterior in VE form)."""
+    """(sigma_down, sigma_up): an ODE move plus fresh noise (k-diffusion get_ancestral_step, eta=1)."""
     sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
     sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up

@@ -14,7 +14,7 @@ from .base import SchedulerOutput, SigmaScheduler
 
 
 def lms_coefficient(sigmas, order, i, j):
-    """Integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial of node sigma_{i-j} (Adams-Bashforth on a sigma grid)."""
+    """Integral over [sigma_i, sigma_{i+1}] of node sigma_{i-j}'s Lagrange basis (linear multistep)."""
     from scipy import integrate
 
     def basis(tau):

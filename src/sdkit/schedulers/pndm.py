@@ -83,7 +83,7 @@ class PNDMScheduler(Scheduler):
         return self._step_plms(model_output, int(timestep), sample, state)
 
     def _step_prk(self, eps, t, x, state):
-        """Stage k of pseudo 4th-order Runge-Kutta (eq. 13): accumulate eps, move from the stage's start."""
+        """Stage k of pseudo Runge-Kutta (eq. 13): accumulate eps, move from the stage's start."""
         k = state.steps_taken
         delta = self._config["num_train_timesteps"] // state.num_inference_steps
         prev_t = t - (0 if k % 2 else delta // 2)
@@ -143,7 +143,7 @@ class PNDMScheduler(Scheduler):
         return SchedulerOutput(prev_sample, x0, self._advance(new))
 
     def _transfer(self, x, t, prev_t, model_output):
-        """phi: the DDIM-like transfer x_t -> x_{t_prev} for a given eps (Liu et al. 2022, eq. 11); also x0."""
+        """phi, the transfer x_t -> x_{t_prev} for a given eps (Liu et al. 2022, eq. 11); and x0."""
         alpha_bar = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         x0, eps = S.vp_prediction_to_x0_eps(
@@ -155,3 +155,16 @@ class PNDMScheduler(Scheduler):
         ) ** 0.5
         prev_sample = x_coef * x - (alpha_bar_prev - alpha_bar) * eps / denom
         return prev_sample, x0
+
+
+class PLMSScheduler(PNDMScheduler):
+    """PNDM with the PLMS warm-up by default (skip_prk_steps=True); saved as a PNDMScheduler."""
+
+    _config_class_name = "PNDMScheduler"
+
+    def __init__(self, **config):
+        super().__init__(**{"skip_prk_steps": True, **config})
+
+    @classmethod
+    def config_keys(cls):
+        return PNDMScheduler.config_keys()

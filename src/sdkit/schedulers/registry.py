@@ -7,9 +7,7 @@ from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .lms import LMSDiscreteScheduler
-from .pndm import PNDMScheduler
-
-PLMSScheduler = PNDMScheduler  # PNDM with skip_prk_steps=True is PLMS
+from .pndm import PLMSScheduler, PNDMScheduler
 
 SCHEDULER_CLASSES = {
     cls.__name__: cls
@@ -36,7 +34,7 @@ SAMPLER_NAMES = {
 def get_scheduler_class(name):
     """The sdkit class for a reference class name such as "PNDMScheduler" (as in model_index.json)."""
     if name == "PLMSScheduler":
-        return PNDMScheduler
+        return PLMSScheduler
     if name not in SCHEDULER_CLASSES:
         raise ValueError(
             f"Unknown scheduler class {name!r}; sdkit has {', '.join(sorted(SCHEDULER_CLASSES))}."
@@ -45,7 +43,7 @@ def get_scheduler_class(name):
 
 
 def from_name(name, base_config=None) -> Scheduler:
-    """A scheduler for an A1111 sampler name (case-insensitive), on top of a base config's betas and spacing."""
+    """A scheduler for an A1111 sampler name (any case), keeping a base config's betas and spacing."""
     by_lower = {k.lower(): k for k in SAMPLER_NAMES}
     key = by_lower.get(" ".join(str(name).split()).lower())
     if key is None:

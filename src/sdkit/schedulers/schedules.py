@@ -6,7 +6,7 @@ Notation (DDPM, Ho et al. 2020; VE/VP view, Karras et al. 2022):
 | ----------- | --------------------------------------------------------- |
 | beta        | per-step noise variance of the forward process            |
 | alpha_bar   | cumulative product of (1 - beta): x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps |
-| sigma       | VE noise level sqrt((1 - alpha_bar) / alpha_bar): x_t / sqrt(alpha_bar) = x0 + sigma eps |
+| sigma       | VE noise level sqrt((1 - alpha_bar) / alpha_bar) |
 | alpha, sigma_t | VP coefficients recovered from sigma: x_t = alpha x0 + sigma_t eps |
 
 Precision follows the reference implementation (diffusers): schedules are built in float32 on
@@ -68,7 +68,7 @@ def make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained
 
 
 def rescale_zero_terminal_snr(betas):
-    """Shift and scale sqrt(alpha_bar) so the last step has zero SNR (Lin et al. 2023, arXiv 2305.08891, Alg. 1)."""
+    """Rescale sqrt(alpha_bar) to zero terminal SNR (Lin et al. 2023, arXiv 2305.08891, Alg. 1)."""
     sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
     sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
@@ -129,7 +129,7 @@ def check_num_steps(num_inference_steps, num_train_timesteps, owner):
 
 
 def vp_to_ve_sigmas(alphas_cumprod):
-    """sigma = sqrt((1 - alpha_bar) / alpha_bar), the VE noise level of a VP schedule (Karras et al. 2022, arXiv 2206.00364, Table 1)."""
+    """VE sigma = sqrt((1 - alpha_bar) / alpha_bar) of a VP schedule (Karras et al. 2022, Table 1)."""
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
@@ -141,7 +141,7 @@ def karras_sigmas(sigma_min, sigma_max, num_inference_steps, rho=7.0):
 
 
 def sigma_to_t(sigma, log_sigmas):
-    """Fractional training timestep whose sigma is ``sigma``, interpolating log sigma (Karras et al. 2022, arXiv 2206.00364)."""
+    """Fractional training timestep of a sigma, linear in log sigma (Karras et al. 2022, 2206.00364)."""
     sigma = np.asarray(sigma)
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]  # (T, n)
@@ -152,13 +152,13 @@ def sigma_to_t(sigma, log_sigmas):
 
 
 def interp_sigmas(timesteps, train_sigmas):
-    """VE sigma at (possibly fractional) timesteps, linear in t between training steps (Karras et al. 2022)."""
+    """VE sigma at fractional timesteps, linear in t between training steps (Karras et al. 2022)."""
     train_sigmas = np.array(train_sigmas)
     return np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
 
 
 def sampler_sigmas(config, alphas_cumprod, num_inference_steps, sigma_min=None, sigma_max=None):
-    """(float32 timesteps, float64 sigmas) of the sigma samplers: spaced, or Karras (Karras et al. 2022, arXiv 2206.00364)."""
+    """(float32 timesteps, float64 sigmas) of the sigma samplers, optionally Karras (2206.00364)."""
     n = num_inference_steps
     timesteps = spaced_timesteps(
         config["timestep_spacing"], n, config["num_train_timesteps"], config["steps_offset"]
@@ -174,13 +174,13 @@ def sampler_sigmas(config, alphas_cumprod, num_inference_steps, sigma_min=None, 
 
 
 def ve_to_vp(sigma):
-    """(alpha, sigma_t) with alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma * alpha (Karras et al. 2022, arXiv 2206.00364)."""
+    """(alpha, sigma_t) = (1, sigma) / sqrt(1 + sigma^2), VE to VP (Karras et al. 2022, 2206.00364)."""
     alpha = 1 / (sigma**2 + 1) ** 0.5
     return alpha, sigma * alpha
 
 
 def vp_prediction_to_x0_eps(model_output, x, alpha, sigma_t, prediction_type):
-    """(x0, eps) from a model output for x = alpha x0 + sigma_t eps (Ho et al. 2020; v: Salimans & Ho 2022, arXiv 2202.00512)."""
+    """(x0, eps) for x = alpha x0 + sigma_t eps (Ho et al. 2020; v: Salimans & Ho 2022, 2202.00512)."""
     if prediction_type == "epsilon":
         eps = model_output
         x0 = (x - sigma_t * eps) / alpha
@@ -196,7 +196,7 @@ def vp_prediction_to_x0_eps(model_output, x, alpha, sigma_t, prediction_type):
 
 
 def ve_prediction_to_x0(model_output, x, sigma, prediction_type):
-    """x0 from a model output for the VE sample x = x0 + sigma eps (Karras et al. 2022, arXiv 2206.00364, Sec. 5)."""
+    """x0 for the VE sample x = x0 + sigma eps (Karras et al. 2022, arXiv 2206.00364, Sec. 5)."""
     if prediction_type == "epsilon":
         return x - sigma * model_output
     if prediction_type == "v_prediction":

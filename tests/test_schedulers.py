@@ -205,6 +205,18 @@ def test_reference_config_loads_into_ours_and_back(name, tmp_path):
     assert ours.SCHEDULER_CLASSES[name].from_config(str(json_path)).config == mine.config
 
 
+@pytest.mark.parametrize("source", NAMES)
+def test_any_config_swaps_into_any_scheduler(source):
+    """Each reference class's full config, and ours, load into every sdkit scheduler."""
+    ref_config = dict(getattr(diffusers, source).from_config(SD).config)
+    our_config = ours.SCHEDULER_CLASSES[source].from_config(SD).config
+    for target in NAMES:
+        for config in (ref_config, our_config):
+            sch = ours.SCHEDULER_CLASSES[target].from_config(config)
+            assert sch.config["beta_schedule"] == "scaled_linear"
+            assert sch.set_timesteps(4).timesteps.numel() >= 4
+
+
 def test_swapping_schedulers_like_diffusers():
     """pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config), from an SD 1.5 config."""
     sd15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,

@@ -73,8 +73,9 @@ class Scheduler:
     """Base class: config handling, immutability, img2img start, noising for training."""
 
     order = 1
-    # Reference options sdkit does not implement; accepted in configs only at these values.
-    _fixed_options: dict = {"thresholding": False}
+    # Options the reference class has but sdkit does not implement: key -> the values accepted
+    # (the reference default, or ones it treats the same). Any other value is refused, not ignored.
+    _fixed_options: dict = {}
 
     # ---------------------------------------------------------------- construction and config
     def _init_config(self, args):
@@ -116,13 +117,18 @@ class Scheduler:
         """Build from reference config keys (dict, json file or folder); unused keys are ignored."""
         config = {**_load_config_dict(config), **overrides}
         for key, allowed in cls._fixed_options.items():
-            if key in config and config[key] != allowed and config[key] is not None:
+            if config.get(key) is not None and config[key] not in allowed:
                 raise ValueError(
                     f"{cls.__name__}: {key}={config[key]!r} is not supported by sdkit; "
-                    f"remove it or set it to {allowed!r}."
+                    f"remove it or set it to {allowed[0]!r}."
                 )
+        # None means "unset" in other classes' configs (e.g. DPM's variance_type): use our default
+        params = inspect.signature(cls.__init__).parameters
         keys = cls.config_keys()
-        return cls(**{k: v for k, v in config.items() if k in keys})
+        return cls(**{
+            k: v for k, v in config.items()
+            if k in keys and not (v is None and params.get(k) is not None and params[k].default is not None)
+        })
 
     def save_pretrained(self, save_directory):
         """Write scheduler_config.json (loadable by sdkit and by the reference) into a folder."""

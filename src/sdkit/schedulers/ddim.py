@@ -18,6 +18,8 @@ from .base import Scheduler, SchedulerOutput
 class DDIMScheduler(Scheduler):
     """Deterministic (eta=0) to DDPM-like (eta=1) implicit sampler."""
 
+    _fixed_options = {"thresholding": (False,)}
+
     def __init__(
         self,
         num_train_timesteps: int = 1000,  # length of the training noise schedule

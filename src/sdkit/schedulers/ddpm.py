@@ -20,6 +20,8 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 class DDPMScheduler(Scheduler):
     """Ancestral sampler of the posterior q(x_{t-1} | x_t, x0); noise at every step but the last."""
 
+    _fixed_options = {"thresholding": (False,)}
+
     def __init__(
         self,
         num_train_timesteps: int = 1000,  # length of the training noise schedule

@@ -26,10 +26,11 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     """Multistep exponential integrator on the data prediction; deterministic."""
 
     _fixed_options = {
-        "thresholding": False, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
-        "euler_at_final": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-        "use_lu_lambdas": False, "use_flow_sigmas": False, "final_sigmas_type": "zero",
-        "variance_type": None, "use_dynamic_shifting": False,
+        "thresholding": (False,), "algorithm_type": ("dpmsolver++", "deis"),
+        "solver_type": ("midpoint", "logrho", "bh1", "bh2"), "euler_at_final": (False,),
+        "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_lu_lambdas": (False,),
+        "use_flow_sigmas": (False,), "final_sigmas_type": ("zero",), "use_dynamic_shifting": (False,),
+        "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
     }
 
     def __init__(

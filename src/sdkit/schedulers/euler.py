@@ -19,8 +19,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
     """First-order deterministic ODE sampler; float timesteps, inputs scaled by 1/sqrt(sigma^2 + 1)."""
 
     _fixed_options = {
-        "thresholding": False, "interpolation_type": "linear", "timestep_type": "discrete",
-        "use_exponential_sigmas": False, "use_beta_sigmas": False, "final_sigmas_type": "zero",
+        "interpolation_type": ("linear",), "timestep_type": ("discrete",),
+        "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "final_sigmas_type": ("zero",),
     }
 
     def __init__(

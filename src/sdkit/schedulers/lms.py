@@ -30,7 +30,7 @@ def lms_coefficient(sigmas, order, i, j):
 class LMSDiscreteScheduler(SigmaScheduler):
     """Up to 4th-order linear multistep on dx/dsigma; deterministic."""
 
-    _fixed_options = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
+    _fixed_options = {"use_exponential_sigmas": (False,), "use_beta_sigmas": (False,)}
 
     def __init__(
         self,

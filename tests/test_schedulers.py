@@ -171,6 +171,19 @@ def test_bad_input_errors(name):
     with pytest.raises(ValueError, match="strength"):
         sch.set_timesteps(10, strength=0.0)
 
+    # a finished run cannot step again
+    state = sch.set_timesteps(1 if name != "PNDMScheduler" else 4)
+    for t in state.timesteps:
+        state = sch.step(x, t, x, state).state
+    with pytest.raises(ValueError, match="no steps left"):
+        sch.step(x, t, x, state)
+
+
+def test_pndm_runge_kutta_needs_four_steps():
+    with pytest.raises(ValueError, match="at least 4 steps.*skip_prk_steps=True"):
+        ours.PNDMScheduler().set_timesteps(3)
+    assert len(ours.PLMSScheduler().set_timesteps(1).timesteps) == 1
+
 
 def test_unsupported_reference_options_are_refused_not_ignored():
     with pytest.raises(ValueError, match="algorithm_type='sde-dpmsolver\\+\\+' is not supported"):

@@ -61,6 +61,11 @@ class PNDMScheduler(Scheduler):
             # PLMS runs the second-to-last base timestep twice (the improved-Euler warm-up)
             prk = np.array([], dtype=np.int64)
             plms = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
+        elif n < 4:
+            raise ValueError(
+                f"PNDMScheduler: the Runge-Kutta warm-up needs at least 4 steps, got {n}; "
+                "use more steps or skip_prk_steps=True (PLMS)."
+            )
         else:
             # each of the last 4 base timesteps and its half-step midpoint, as 4-call RK stages
             half = c["num_train_timesteps"] // n // 2

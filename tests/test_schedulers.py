@@ -120,6 +120,18 @@ def test_add_noise_and_velocity_keep_dtype(name):
     assert sch.get_velocity(x0.float(), noise.float(), t).dtype == torch.float32
 
 
+def test_add_noise_refuses_timesteps_it_cannot_place():
+    x = torch.zeros(1, 4, 8, 8)
+    for cls in (ours.DDIMScheduler, ours.EulerDiscreteScheduler):
+        with pytest.raises(ValueError, match="lie in \\[0, 999\\]"):
+            cls().add_noise(x, x, torch.tensor([1000]))
+        with pytest.raises(ValueError, match="whole training steps"):
+            cls().add_noise(x, x, torch.tensor([10.5]))
+    euler = ours.EulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="not in the state's schedule"):
+        euler.add_noise(x, x, torch.tensor([3.0]), euler.set_timesteps(10))
+
+
 # ------------------------------------------------------------------ sharing one instance
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_threads_sharing_one_scheduler_match_sequential_runs(variant):

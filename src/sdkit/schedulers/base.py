@@ -204,20 +204,31 @@ class Scheduler:
         )
 
     # ---------------------------------------------------------------- training / img2img noising
-    def _alpha_bar_at(self, timesteps, like):
-        """alpha_bar at integer training timesteps, in ``like``'s dtype/device, shaped to broadcast."""
-        alphas_cumprod = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
-        timesteps = torch.as_tensor(timesteps, device=like.device)
+    def _train_steps(self, timesteps, device):
+        """Whole training timesteps as a flat int64 tensor; fractional or out-of-range ones are refused."""
+        timesteps = torch.as_tensor(timesteps, device=device).flatten()
         if timesteps.is_floating_point():
             if not torch.equal(timesteps, timesteps.round()):
                 raise ValueError(
-                    f"{type(self).__name__}: timesteps must be whole training steps, got {timesteps}."
+                    f"{type(self).__name__}: without a run state, timesteps must be whole training "
+                    f"steps, got {timesteps.tolist()}; pass the run's state for its own timesteps."
                 )
             timesteps = timesteps.long()
-        return per_sample_alpha_bar(alphas_cumprod, timesteps, like)
+        last = self._config["num_train_timesteps"] - 1
+        if timesteps.numel() and (timesteps.min() < 0 or timesteps.max() > last):
+            raise ValueError(f"timesteps must lie in [0, {last}], got {timesteps.tolist()}.")
+        return timesteps
+
+    def _alpha_bar_at(self, timesteps, like):
+        """alpha_bar at training timesteps, in ``like``'s dtype/device, shaped (B, 1, ..., 1)."""
+        alphas_cumprod = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
+        return S.per_sample(alphas_cumprod[self._train_steps(timesteps, like.device)], like)
 
     def add_noise(self, original_samples, noise, timesteps, state=None):
-        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4)."""
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4).
+
+        ``state`` is accepted for a uniform call; the sigma samplers use it to find their sigmas.
+        """
         alpha_bar = self._alpha_bar_at(timesteps, original_samples)
         return alpha_bar**0.5 * original_samples + (1 - alpha_bar) ** 0.5 * noise
 
@@ -231,17 +242,11 @@ class Scheduler:
         return sample
 
 
-def per_sample_alpha_bar(alphas_cumprod, timesteps, like):
-    if timesteps.min() < 0 or timesteps.max() >= len(alphas_cumprod):
-        raise ValueError(f"timesteps must lie in [0, {len(alphas_cumprod) - 1}], got {timesteps}.")
-    return S.per_sample(alphas_cumprod[timesteps], like)
-
-
 class SigmaScheduler(Scheduler):
     """Base of the samplers that step in VE sigma (Euler, Euler ancestral, LMS, DPM-Solver)."""
 
     def _sigma_indices(self, timesteps, state):
-        """Each timestep's position in the state's schedule (the current step first, like the reference)."""
+        """Each timestep's position in the run's schedule (the current step first, like the reference)."""
         timesteps = torch.as_tensor(timesteps).flatten().cpu()
         schedule = state.schedule
         current = schedule[state.step_index] if state.step_index < len(schedule) else None
@@ -263,21 +268,17 @@ class SigmaScheduler(Scheduler):
         """VE sigma for each timestep, from the state's schedule or (no state) the training schedule."""
         if state is None:
             train_sigmas = S.vp_to_ve_sigmas(self.alphas_cumprod)
-            timesteps = torch.as_tensor(timesteps).flatten().cpu()
-            if timesteps.is_floating_point():
-                if not torch.equal(timesteps, timesteps.round()):
-                    raise ValueError(
-                        f"{type(self).__name__}.add_noise: without a state, timesteps must be whole "
-                        f"training steps, got {timesteps}; pass the run's state for its timesteps."
-                    )
-                timesteps = timesteps.long()
-            sigma = per_sample_alpha_bar(train_sigmas, timesteps, like)
+            sigma = S.per_sample(train_sigmas[self._train_steps(timesteps, "cpu")], like)
         else:
             sigma = S.per_sample(state.sigmas[self._sigma_indices(timesteps, state)], like)
         return sigma.to(device=like.device, dtype=like.dtype)
 
     def add_noise(self, original_samples, noise, timesteps, state=None):
-        """x = x0 + sigma eps, the VE noising (Karras et al. 2022, arXiv 2206.00364)."""
+        """x = x0 + sigma eps, the VE noising (Karras et al. 2022, arXiv 2206.00364).
+
+        With the run's ``state`` (img2img: ``state.latent_timestep``) sigma is the run's own, as in
+        the reference pipeline; without it, timesteps are whole training steps.
+        """
         sigma = self._sigma_at(timesteps, state, original_samples)
         return original_samples + noise * sigma
 

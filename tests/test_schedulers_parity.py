@@ -249,6 +249,26 @@ def test_add_noise_at_run_start_matches_reference(name, strength):
         assert rel_err(a, b) <= (1e-12 if dtype == torch.float64 else 1e-6)
 
 
+SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+        "trained_betas": None, "clip_sample": False}
+
+
+@pytest.mark.parametrize("sampler", list(ours.SAMPLER_NAMES))
+def test_a1111_names_sample_like_the_reference_with_our_config(sampler):
+    """from_name on an SD 1.5 config, and the reference built from our .config, sample alike."""
+    sch = ours.from_name(sampler, SD15)
+    name = type(sch).__name__
+    ref = getattr(diffusers, name).from_config(sch.config)
+    torch.manual_seed(0)
+    noise = torch.randn(SHAPE, dtype=torch.float64)
+    ts_ref, x_ref = run_ref(ref, 10, noise, 9)
+    ts_our, x_our = run_ours(sch, 10, noise, 9)
+    assert torch.equal(ts_our, ts_ref)
+    assert rel_err(x_our, x_ref) <= TOL
+
+
 def test_sigmoid_schedule_on_its_own():
     """The sigmoid betas rise monotonically from beta_start to beta_end, symmetric about the middle."""
     from sdkit.schedulers.schedules import make_betas

@@ -7,8 +7,6 @@
 | coeffs      | integrals of the Lagrange basis over [sigma_i, sigma_{i+1}]     |
 """
 
-import torch
-
 from . import schedules as S
 from .base import SchedulerOutput, SigmaScheduler
 

@@ -286,6 +286,13 @@ def test_from_name_maps_a1111_samplers():
         ours.from_name("Heun", base)
 
 
+def test_a1111_name_inverts_from_name():
+    for name in ours.SAMPLER_NAMES:
+        assert ours.a1111_name(ours.from_name(name, SD)) == name
+    assert ours.a1111_name(ours.PLMSScheduler()) == "PLMS"
+    assert ours.a1111_name(ours.DPMSolverMultistepScheduler(solver_order=1)) == "DPMSolverMultistepScheduler"
+
+
 def test_get_scheduler_class():
     assert ours.get_scheduler_class("PNDMScheduler") is ours.PNDMScheduler
     assert ours.get_scheduler_class("DDIMScheduler") is ours.DDIMScheduler

@@ -16,11 +16,13 @@ from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PLMSScheduler, PNDMScheduler, PNDMState
-from .registry import SAMPLER_NAMES, SCHEDULER_CLASSES, from_name, get_scheduler_class
+from .registry import (
+    SAMPLER_NAMES, SCHEDULER_CLASSES, a1111_name, from_name, get_scheduler_class,
+)
 
 __all__ = [
     "Scheduler", "SchedulerOutput", "SchedulerState", "SigmaScheduler", "PNDMState",
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "PLMSScheduler", "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler",
-    "SAMPLER_NAMES", "SCHEDULER_CLASSES", "from_name", "get_scheduler_class",
+    "SAMPLER_NAMES", "SCHEDULER_CLASSES", "a1111_name", "from_name", "get_scheduler_class",
 ]

@@ -51,3 +51,12 @@ def from_name(name, base_config=None) -> Scheduler:
     cls, settings = SAMPLER_NAMES[key]
     config = _load_config_dict(base_config) if base_config is not None else {}
     return cls.from_config({**config, **settings})
+
+
+def a1111_name(scheduler):
+    """The A1111 sampler name of a configured scheduler; its class name when A1111 has none."""
+    config = scheduler.config
+    for name, (cls, settings) in SAMPLER_NAMES.items():
+        if isinstance(scheduler, cls) and all(config.get(k) == v for k, v in settings.items()):
+            return name
+    return type(scheduler).__name__

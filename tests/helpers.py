@@ -39,3 +39,72 @@ def perturb(model, seed=0, scale=0.1):
 def rel_err(a, b):
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+
+
+# -- tiny saved pipelines (for pipeline parity tests and the examples) ---------------------------
+
+WORDS = ("a", "an", "the", "small", "large", "red", "green", "blue", "yellow", "circle", "square",
+         "triangle", "on", "left", "right", "top", "bottom", "in", "center", "of", "white", "black",
+         "gray", "background", "photo", "blurry", "dark")
+
+SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def build_reference_pipeline(save_dir, kind="sd1", seed=0, model_max_length=16):
+    """Save a tiny random diffusers pipeline folder and return its path.
+
+    kind: "sd1" (PNDM/PLMS, epsilon), "sd2" (linear projections, DDIM with v-prediction) or
+    "inpaint" (SD1-shaped 9-channel inpainting UNet). Weights are perturbed so no path is trivial.
+    """
+    import os
+    import tempfile
+
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdkit.training.tokenizer import build_clip_tokenizer
+
+    unet_config = {"sd1": SD1_UNET, "sd2": SD2_UNET, "inpaint": INPAINT_UNET}[kind]
+    tokenizer = build_clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="sdkit-tok-"), model_max_length=model_max_length)
+    torch.manual_seed(seed)
+    unet = perturb(diffusers.UNet2DConditionModel(**unet_config), seed)
+    vae = perturb(diffusers.AutoencoderKL(**VAE_F8), seed + 1)
+    hidden = unet_config["cross_attention_dim"]
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), max_position_embeddings=model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)).eval()
+    if kind == "sd2":
+        scheduler = diffusers.DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False,
+                                            steps_offset=1, prediction_type="v_prediction")
+    else:
+        scheduler = diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False,
+                                            steps_offset=1)
+    cls = diffusers.StableDiffusionInpaintPipeline if kind == "inpaint" else diffusers.StableDiffusionPipeline
+    pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(save_dir)
+    return save_dir
+
+
+def sample_image(size=64, seed=0):
+    """A deterministic smooth RGB PIL image with some structure (gradients and a disc)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    c = rng.uniform(0.2, 0.8, 3)
+    img = np.stack([c[0] + 0.3 * x, c[1] + 0.3 * y, c[2] - 0.3 * x * y], -1)
+    img[(x - 0.4) ** 2 + (y - 0.5) ** 2 < 0.06] = rng.uniform(0, 1, 3)
+    return Image.fromarray((img.clip(0, 1) * 255).round().astype(np.uint8))
+
+
+def sample_mask(size=64, box=(16, 16, 48, 40)):
+    """A PIL "L" mask, white (repaint) inside `box` = (left, top, right, bottom)."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=255)
+    return mask

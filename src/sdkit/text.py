@@ -1,0 +1,60 @@
+"""Prompt encoding with transformers' CLIP tokenizer and text encoder, as Stable Diffusion does it.
+
+Prompts are padded (and truncated) to ``tokenizer.model_max_length`` and the UNet is conditioned
+on the text encoder's ``last_hidden_state`` (Rombach et al. 2022, LDM). Tokenization holds a lock:
+a fast (Rust) tokenizer shared between threads otherwise fails with "Already borrowed".
+"""
+
+import threading
+import warnings
+
+import torch
+
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def tokenize(tokenizer, texts):
+    """Token ids (B, model_max_length) for a list of strings; warns when a prompt is cut short."""
+    max_length = tokenizer.model_max_length
+    with _TOKENIZER_LOCK:
+        ids = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > max_length:
+            removed = tokenizer.batch_decode(full[:, max_length - 1:-1])
+    if full.shape[-1] > max_length:
+        cut = [r for r in removed if r.strip()]
+        warnings.warn(f"Prompt truncated: the text encoder reads at most {max_length} tokens, so "
+                      f"this part was dropped: {cut}. Shorten the prompt to keep it.", stacklevel=3)
+    return ids
+
+
+def encode_text(text_encoder, tokenizer, texts, device=None, dtype=None):
+    """(B, T, D) hidden states of the text encoder's last layer for a list of strings."""
+    ids = tokenize(tokenizer, list(texts))
+    encoder_device = next(text_encoder.parameters()).device
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        with _TOKENIZER_LOCK:
+            mask = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").attention_mask.to(encoder_device)
+    hidden = text_encoder(ids.to(encoder_device), attention_mask=mask).last_hidden_state
+    return hidden.to(device=device or encoder_device,
+                     dtype=dtype or next(text_encoder.parameters()).dtype)
+
+
+def encode_prompts(text_encoder, tokenizer, prompts, negative_prompts=None, num_images_per_prompt=1,
+                   guidance=True, device=None, dtype=None):
+    """The UNet's context: (2N, T, D) [negative; positive] with guidance, else (N, T, D).
+
+    N = len(prompts) * num_images_per_prompt, each prompt's rows consecutive. Negative prompts
+    default to the empty string (the unconditional embedding of classifier-free guidance).
+    """
+    cond = encode_text(text_encoder, tokenizer, prompts, device, dtype)
+    cond = cond.repeat_interleave(num_images_per_prompt, dim=0)  # (N, T, D)
+    if not guidance:
+        return cond
+    negatives = negative_prompts if negative_prompts is not None else [""] * len(prompts)
+    uncond = encode_text(text_encoder, tokenizer, negatives, device, dtype)
+    uncond = uncond.repeat_interleave(num_images_per_prompt, dim=0)
+    return torch.cat([uncond, cond])

@@ -6,7 +6,17 @@ from PIL import Image
 from scipy import ndimage
 
 from sdkit.training.judge import judge, score
-from sdkit.training.shapes import Attributes, all_attributes, parse_prompt, render
+from sdkit.training.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    PLACES,
+    SHAPES,
+    SIZES,
+    Attributes,
+    all_attributes,
+    parse_prompt,
+    render,
+)
 
 FIELDS = ("color", "shape", "place", "size", "background")
 
@@ -91,3 +101,31 @@ def test_score_compares_only_what_the_prompt_names():
     assert score(parse_prompt("a circle"), nothing) == {"shape": False}
     with pytest.raises(ValueError, match="'colour'"):
         score({"colour": "red"}, judged)
+
+
+def test_judge_reads_any_image_without_failing():
+    """Generated images can be anything: every field is a valid name or None, never an error."""
+    rng = np.random.default_rng(3)
+    ramp = np.linspace(0, 255, 64)
+    gradient = np.zeros((64, 64, 3), dtype=np.uint8)
+    gradient[:, :, 0], gradient[:, :, 1] = ramp[None, :], ramp[:, None]
+    images = [
+        rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),  # pure noise
+        np.full((64, 64, 3), 255, dtype=np.uint8),
+        gradient,
+    ]
+    for colour in [(154, 245, 189), (200, 200, 200), (60, 60, 60), (0, 255, 255)]:  # off the palette
+        image = np.full((64, 64, 3), 128, dtype=np.uint8)
+        image[20:44, 20:44] = colour
+        images.append(image)
+    valid = {
+        "color": set(COLORS),
+        "shape": set(SHAPES),
+        "place": set(PLACES),
+        "size": set(SIZES),
+        "background": set(BACKGROUNDS),
+    }
+    for image in images:
+        judged = judge(image)
+        for f in FIELDS:
+            assert getattr(judged, f) is None or getattr(judged, f) in valid[f], (f, judged)

@@ -13,7 +13,8 @@ clean renders from ``sdkit.training.shapes``:
    (the edge lands half-way, wherever the blur put it), largest blob, holes filled; place is the
    palette place nearest the centre of its bounding box;
 5. coverage ``alpha`` of every pixel near the mask: where its (smoothed) colour lies between
-   the background (0) and the palette shape colour (1). Shape and size come from this soft mass
+   the background (0) and the palette shape colour (1) (so a shape coloured far off the palette
+   gets a wrong soft area; if the area is too small, shape and size are ``None``). Shape and size come from this soft mass
    rather than from the blur-eroded mask, through statistics that a symmetric blur leaves
    unchanged (blur keeps the area and the 3rd and 4th cumulants; it only adds to the variance):
 
@@ -51,7 +52,7 @@ AREA_PER_SIZE2 = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
 """Area of each shape 1 px across (a triangle is as tall as it is wide)."""
 SIZE_THRESHOLD = (SIZES["small"][1] + SIZES["large"][0]) / 2
 """Size across (px) separating small (16-22) from large (30-37): 26. On the same renders the
-estimate stays within 0.5 px of the drawn size."""
+estimate stays within 0.6 px of the drawn size."""
 
 _SCORED = ("color", "shape", "place", "size", "background")
 
@@ -116,7 +117,7 @@ def judge(image) -> Attributes:
     """The attributes a 64x64 shapes image shows (PIL image, or uint8 / float-in-[0,1] HxWx3 array).
 
     Other sizes are resized to 64x64 first. If no shape is found, ``background`` is still read
-    and every other field is ``None``.
+    and every other field is ``None``; a field that cannot be read is ``None`` too.
     """
     rgb = _to_array(image)  # (H, W, 3)
     border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])  # (4 * 63, 3)
@@ -135,6 +136,8 @@ def judge(image) -> Attributes:
 
     nearer_fg = np.linalg.norm(smooth - fg_rgb, axis=-1) < np.linalg.norm(smooth - bg_rgb, axis=-1)
     mask = ndimage.binary_fill_holes(_largest_blob(nearer_fg))
+    if mask.sum() < MIN_AREA:
+        return Attributes(color=None, shape=None, place=None, size=None, background=background)
     ys, xs = np.nonzero(mask)
     centre = np.array([(xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2])
     place = min(PLACES, key=lambda p: float(np.linalg.norm(centre - PLACES[p])))
@@ -144,6 +147,8 @@ def judge(image) -> Attributes:
     alpha = np.where(near, (smooth - bg_rgb) @ d / (d @ d), 0.0)  # (H, W); unclipped: noise averages out
     rows, cols = np.nonzero(near.any(axis=1))[0], np.nonzero(near.any(axis=0))[0]
     alpha = alpha[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # crop: moments need only the shape
+    if alpha.sum() < MIN_AREA:  # a colour far off the palette, projecting badly onto bg -> colour
+        return Attributes(color=color, shape=None, place=place, size=None, background=background)
     triangle_score, square_score = _shape_scores(alpha)
     if triangle_score < TRIANGLE_SCORE:
         shape = "triangle"
@@ -151,7 +156,7 @@ def judge(image) -> Attributes:
         shape = "square"
     else:
         shape = "circle"
-    across = np.sqrt(max(alpha.sum(), 0.0) / AREA_PER_SIZE2[shape])
+    across = np.sqrt(alpha.sum() / AREA_PER_SIZE2[shape])
     size = "small" if across < SIZE_THRESHOLD else "large"
     return Attributes(color=color, shape=shape, place=place, size=size, background=background)
 

@@ -13,10 +13,11 @@ clean renders from ``sdkit.training.shapes``:
    (the edge lands half-way, wherever the blur put it), largest blob, holes filled; place is the
    palette place nearest the centre of its bounding box;
 5. coverage ``alpha`` of every pixel near the mask: where its (smoothed) colour lies between
-   the background (0) and the palette shape colour (1) (so a shape coloured far off the palette
-   gets a wrong soft area; if the area is too small, shape and size are ``None``). Shape and size come from this soft mass
+   the background (0) and the palette shape colour (1). Shape and size come from this soft mass
    rather than from the blur-eroded mask, through statistics that a symmetric blur leaves
-   unchanged (blur keeps the area and the 3rd and 4th cumulants; it only adds to the variance):
+   unchanged (blur keeps the area and the 3rd and 4th cumulants; it only adds to the variance).
+   A shape coloured far off the palette gets too small a soft area; then shape and size are
+   ``None``.
 
    * triangle score: the vertical 3rd cumulant over area^1.5, scaled so an upright triangle has
      -1 (its mass sits low); circle and square have 0;

@@ -15,6 +15,8 @@ def lms_coefficient(sigmas, order, i, j):
     """Integral over [sigma_i, sigma_{i+1}] of node sigma_{i-j}'s Lagrange basis (linear multistep)."""
     from scipy import integrate
 
+    sigmas = sigmas.numpy()  # float32 scalars: the reference integrates in float32 too
+
     def basis(tau):
         prod = 1.0
         for k in range(order):

@@ -50,7 +50,7 @@ class DDIMScheduler(Scheduler):
         schedule = torch.from_numpy(np.round(timesteps).astype(np.int64))
         return self._make_state(schedule, num_inference_steps, device, strength)
 
-    def step(self, model_output, timestep, sample, state, eta=0.0, generator=None):
+    def step(self, model_output, timestep, sample, state, generator=None, eta=0.0):
         """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12)."""
         self._check_timestep(timestep, state)
         c = self._config

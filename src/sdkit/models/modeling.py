@@ -39,6 +39,9 @@ class Config(dict):
 
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly
 
+    def __reduce__(self):  # copy, deepcopy and pickle rebuild from a plain dict (no item setting)
+        return (type(self), (dict(self),))
+
 
 def variant_name(name, variant):
     """'a.safetensors' + 'fp16' -> 'a.fp16.safetensors' (the diffusers variant naming)."""

@@ -1,17 +1,257 @@
-"""The ``sdkit`` command line."""
+"""The ``sdkit`` command line: ``sdkit generate`` and ``sdkit train``.
+
+Errors are one line on stderr (exit status 2), never a traceback, and never a partial file:
+images are written to a temporary name and renamed into place.
+"""
 
 import argparse
+import os
+import random
+import re
+import sys
+import tempfile
 
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, no traceback."""
+
+
+# -- A1111 "parameters" text ------------------------------------------------------------------
+
+def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height,
+                      model, strength=None):
+    """The PNG text A1111 writes and its PNG Info tab reads back."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    fields = [("Steps", steps), ("Sampler", sampler), ("CFG scale", f"{cfg_scale:g}"), ("Seed", seed),
+              ("Size", f"{width}x{height}"), ("Model", model)]
+    if strength is not None:
+        fields.append(("Denoising strength", f"{strength:g}"))
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+    return "\n".join(lines)
+
+
+_FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text):
+    """Parse A1111's parameters text into a dict (prompt, negative_prompt and the key: value fields)."""
+    lines = text.strip().split("\n")
+    last = lines[-1] if len(lines) > 1 or "Steps: " in lines[-1] else ""
+    body = lines[:-1] if last else lines
+    prompt, negative, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    for key, value in _FIELD.findall(last):
+        result[key.strip()] = value.strip().strip('"')
+    return result
+
+
+# -- generate -----------------------------------------------------------------------------------
+
+def _default_model():
+    import sdkit
+
+    if not os.path.isfile(os.path.join(sdkit.TINY_MODEL, "model_index.json")):
+        raise CLIError(f"no --model given and the bundled model is missing at {sdkit.TINY_MODEL} "
+                       f"(a broken install?): reinstall sdkit or pass --model PATH_OR_REPO_ID")
+    return sdkit.TINY_MODEL
+
+
+def _check_output(path):
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(directory):
+        raise CLIError(f"output folder {directory} does not exist: create it or choose another -o path")
+    if not os.access(directory, os.W_OK):
+        raise CLIError(f"output folder {directory} is not writable: choose another -o path")
+    if not path.lower().endswith(".png"):
+        raise CLIError(f"output {path!r} must end in .png (the settings are stored as PNG text)")
+
+
+def _save_png(image, path, parameters):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".sdkit-", suffix=".png")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def _load_image(path, what):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise CLIError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise CLIError(f"{what} {path} is not a readable image: {e}") from None
+
+
+def _scheduler(name, base):
+    from sdkit import schedulers
+
+    try:
+        return schedulers.get_scheduler_class(name).from_config(base.config)
+    except ValueError:
+        pass
+    try:
+        return schedulers.from_name(name, base.config)
+    except ValueError as e:
+        raise CLIError(f"unknown --scheduler {name!r}: {e}") from None
+
+
+def sampler_name(scheduler):
+    """The A1111 name of a configured sdkit scheduler (its class name when A1111 has none)."""
+    from sdkit import schedulers
+
+    return schedulers.a1111_name(scheduler)
+
+
+def _model_label(model):
+    import sdkit
+
+    if os.path.abspath(model) == os.path.abspath(sdkit.TINY_MODEL):
+        return "tiny-shapes"
+    return model.rstrip("/")
+
+
+def generate(args):
+    import torch
+
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise CLIError(f"--{name} {value} must be a positive multiple of 8")
+    if args.steps < 1:
+        raise CLIError(f"--steps {args.steps} must be at least 1")
+    if args.batch < 1:
+        raise CLIError(f"--batch {args.batch} must be at least 1")
+    if not 0.0 <= args.strength <= 1.0:
+        raise CLIError(f"--strength {args.strength} must be between 0 and 1")
+    if args.mask and not args.init_image:
+        raise CLIError("--mask needs --init-image (the picture to repaint)")
+    _check_output(args.output)
+    init = _load_image(args.init_image, "--init-image") if args.init_image else None
+    mask = _load_image(args.mask, "--mask") if args.mask else None
+
+    from sdkit.pipelines import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
+
+    model = args.model or _default_model()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar is noise here
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(model)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise CLIError(f"cannot load model {model!r}: {e}") from None
+    scheduler = _scheduler(args.scheduler, pipe.scheduler) if args.scheduler else pipe.scheduler
+    sampler = args.scheduler if args.scheduler else sampler_name(scheduler)
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    if args.seed is None:
+        print(f"seed: {seed}")
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(args.batch)]
+    kwargs = dict(prompt=args.prompt, negative_prompt=args.negative or None, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, num_images_per_prompt=args.batch, generator=generators,
+                  height=args.height, width=args.width, scheduler=scheduler)
+    strength = None
+    if mask is not None:
+        pipe, strength = InpaintPipeline(**pipe.components), args.strength
+        kwargs.update(image=init, mask_image=mask, strength=args.strength)
+    elif init is not None:
+        pipe, strength = Img2ImgPipeline(**pipe.components), args.strength
+        kwargs.update(image=init, strength=args.strength)
+    if args.quiet:
+        pipe.set_progress_bar_config(disable=True)
+    try:
+        images = pipe(**kwargs).images
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+    stem, ext = os.path.splitext(args.output)
+    for i, image in enumerate(images):
+        path = args.output if args.batch == 1 else f"{stem}-{i + 1}{ext}"
+        params = format_parameters(args.prompt, args.negative, args.steps, sampler, args.guidance, seed + i,
+                                   image.width, image.height, _model_label(model), strength)
+        _save_png(image, path, params)
+        print(path)
+        scale = args.enlarge if args.enlarge is not None else (4 if max(image.size) < 256 else 1)
+        if scale > 1:
+            from PIL import Image
+
+            big = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+            big_path = f"{os.path.splitext(path)[0]}.x{scale}{ext}"
+            _save_png(big, big_path, None)
+            print(f"{big_path} (enlarged {scale}x for viewing)")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="sdkit", description="sdkit: latent diffusion toolkit")
-    parser.add_subparsers(dest="command")
+    parser = argparse.ArgumentParser(prog="sdkit", description="sdkit: a small latent-diffusion toolkit")
+    sub = parser.add_subparsers(dest="command")
+    g = sub.add_parser("generate", help="make images from a prompt (txt2img, img2img with --init-image, "
+                                        "inpaint with --mask)")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", required=True, help="output PNG path (batch: NAME-1.png, NAME-2.png, ...)")
+    g.add_argument("--model", help="model folder or Hugging Face repo id (default: the bundled tiny-shapes model)")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (CFG)")
+    g.add_argument("--seed", type=int, help="random seed (random and printed when not given; image k of a "
+                                            "batch uses seed + k)")
+    g.add_argument("--scheduler", help="scheduler class name or A1111 sampler name, e.g. 'Euler a', "
+                                       "'DPM++ 2M Karras', DDIMScheduler")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--batch", type=int, default=1, help="number of images")
+    g.add_argument("--init-image", help="start from this image (img2img)")
+    g.add_argument("--strength", type=float, default=0.75, help="img2img/inpaint denoising strength in [0, 1]")
+    g.add_argument("--mask", help="inpainting mask, white = repaint (needs --init-image)")
+    g.add_argument("--enlarge", type=int, help="also write a copy enlarged by this factor for viewing "
+                                              "(default 4 for images under 256 px; 1 = off)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("train", help="train the VAE or the text-to-image stage (see `sdkit train -h`)",
+                   add_help=False)
     return parser
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from sdkit.training.cli import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-    return 0
+        return 0
+    try:
+        return generate(args)
+    except CLIError as e:
+        print(f"sdkit: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sdkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The `sdkit` command line: generate, PNG settings in A1111's format, errors without traceback."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import build_reference_pipeline, sample_image, sample_mask
+from PIL import Image
+
+from sdkit.cli import format_parameters, main, parse_parameters
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(build_reference_pipeline(tmp_path_factory.mktemp("tiny-sd1")))
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_parameters_text_round_trip():
+    text = format_parameters("a red circle, on a white background", "blurry", 25, "Euler a", 7.5, 42,
+                             64, 64, "tiny-shapes", strength=0.6)
+    assert text == ("a red circle, on a white background\nNegative prompt: blurry\n"
+                    "Steps: 25, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x64, "
+                    "Model: tiny-shapes, Denoising strength: 0.6")
+    parsed = parse_parameters(text)
+    assert parsed == {"prompt": "a red circle, on a white background", "negative_prompt": "blurry",
+                      "Steps": "25", "Sampler": "Euler a", "CFG scale": "7.5", "Seed": "42",
+                      "Size": "64x64", "Model": "tiny-shapes", "Denoising strength": "0.6"}
+    assert parse_parameters("just a prompt")["prompt"] == "just a prompt"
+
+
+def test_generate_writes_png_with_settings_and_regenerates(model, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    code, stdout, err = run(capsys, "generate", "a red circle", "-o", str(out), "--model", model,
+                            "--steps", "3", "--seed", "7", "--negative", "blurry", "--scheduler", "Euler a",
+                            "--guidance", "5", "-q")
+    assert code == 0, err
+    params = parse_parameters(Image.open(out).info["parameters"])
+    assert params["prompt"] == "a red circle" and params["negative_prompt"] == "blurry"
+    assert (params["Steps"], params["Sampler"], params["CFG scale"], params["Seed"], params["Size"]) == \
+           ("3", "Euler a", "5", "7", "64x64")
+    big = tmp_path / "out.x4.png"
+    assert Image.open(big).size == (256, 256) and str(big) in stdout
+    # regenerate from the stored settings alone
+    w, h = params["Size"].split("x")
+    again = tmp_path / "again.png"
+    code, _, err = run(capsys, "generate", params["prompt"], "-o", str(again), "--model", model,
+                       "--negative", params["negative_prompt"], "--steps", params["Steps"],
+                       "--scheduler", params["Sampler"], "--guidance", params["CFG scale"],
+                       "--seed", params["Seed"], "--width", w, "--height", h, "-q", "--enlarge", "1")
+    assert code == 0, err
+    assert np.array_equal(pixels(out), pixels(again))
+    assert not (tmp_path / "again.x4.png").exists()
+
+
+def test_batch_seeds_are_per_image(model, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "a blue square", "-o", str(tmp_path / "b.png"), "--model", model,
+                       "--steps", "2", "--seed", "100", "--batch", "2", "-q", "--enlarge", "1")
+    assert code == 0, err
+    second = tmp_path / "b-2.png"
+    assert parse_parameters(Image.open(second).info["parameters"])["Seed"] == "101"
+    code, _, err = run(capsys, "generate", "a blue square", "-o", str(tmp_path / "alone.png"), "--model", model,
+                       "--steps", "2", "--seed", "101", "-q", "--enlarge", "1")
+    assert code == 0, err
+    # equal up to float rounding of batched vs single matmuls (at most one 8-bit level, rarely)
+    diff = np.abs(pixels(second).astype(int) - pixels(tmp_path / "alone.png").astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    assert not np.array_equal(pixels(second), pixels(tmp_path / "b-1.png"))
+
+
+def test_random_seed_is_printed_and_stored(model, tmp_path, capsys):
+    code, stdout, err = run(capsys, "generate", "a circle", "-o", str(tmp_path / "r.png"), "--model", model,
+                            "--steps", "1", "-q", "--enlarge", "1")
+    assert code == 0, err
+    seed = stdout.split("seed: ")[1].split()[0]
+    assert parse_parameters(Image.open(tmp_path / "r.png").info["parameters"])["Seed"] == seed
+
+
+def test_img2img_and_inpaint(model, tmp_path, capsys):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    sample_image().save(init)
+    sample_mask().save(mask)
+    code, _, err = run(capsys, "generate", "a red circle", "-o", str(tmp_path / "i2i.png"), "--model", model,
+                       "--steps", "4", "--seed", "1", "--init-image", str(init), "--strength", "0.5", "-q")
+    assert code == 0, err
+    assert "Denoising strength: 0.5" in Image.open(tmp_path / "i2i.png").info["parameters"]
+    code, _, err = run(capsys, "generate", "a red circle", "-o", str(tmp_path / "inp.png"), "--model", model,
+                       "--steps", "2", "--seed", "1", "--init-image", str(init), "--mask", str(mask), "-q")
+    assert code == 0, err
+    assert Image.open(tmp_path / "inp.png").size == (64, 64)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "cannot load model '/no/such/model'"),
+    (["--width", "60"], "--width 60 must be a positive multiple of 8"),
+    (["--steps", "0"], "--steps 0 must be at least 1"),
+    (["--strength", "1.5", "--init-image", "x.png"], "--strength 1.5 must be between 0 and 1"),
+    (["--scheduler", "Heun++"], "unknown --scheduler 'Heun++'"),
+    (["--init-image", "/no/such.png"], "--init-image /no/such.png does not exist"),
+    (["--mask", "m.png"], "--mask needs --init-image"),
+])
+def test_errors_are_one_line_and_write_nothing(model, tmp_path, capsys, args, message):
+    out = tmp_path / "never.png"
+    argv = ["generate", "a circle", "-o", str(out), "--steps", "1", "-q", *args]
+    if "--model" not in args:
+        argv += ["--model", model]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("sdkit: error: ") and message in err and err.count("\n") == 1
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_output(model, tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "a circle", "-o", str(tmp_path / "missing" / "x.png"), "--model", model)
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(capsys, "generate", "a circle", "-o", str(tmp_path / "x.jpg"), "--model", model)
+    assert code == 2 and "must end in .png" in err
+
+
+def test_console_script(model, tmp_path):
+    """The installed `sdkit` command itself, end to end, in a fresh process."""
+    exe = os.path.join(os.path.dirname(sys.executable), "sdkit")
+    out = tmp_path / "cmd.png"
+    proc = subprocess.run([exe, "generate", "a green triangle", "-o", str(out), "--model", model,
+                           "--steps", "2", "--seed", "3", "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (64, 64)
+    proc = subprocess.run([exe, "generate", "x", "-o", str(tmp_path / "y.png"), "--model", "/nope"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1

@@ -50,6 +50,14 @@ def _per_level(value, n, name):
     return tuple(value)
 
 
+def _transformers(channels, count, heads, cross_attention_dim, transformer_layers, cfg):
+    """`count` spatial transformers at one level (one after each resnet)."""
+    return nn.ModuleList(
+        Transformer2DModel(heads, channels // heads, channels, transformer_layers, cross_attention_dim,
+                           cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention, cfg.dropout)
+        for _ in range(count))
+
+
 class DownBlock2D(nn.Module):
     """Resnets (+ spatial transformers when `with_attention`), then an optional 2x downsample."""
 
@@ -60,14 +68,8 @@ class DownBlock2D(nn.Module):
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
                           cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
             for i in range(num_layers))
-        if with_attention:
-            self.attentions = nn.ModuleList(
-                Transformer2DModel(heads, out_channels // heads, out_channels, transformer_layers,
-                                   cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection,
-                                   cfg.upcast_attention, cfg.dropout)
-                for _ in range(num_layers))
-        else:
-            self.attentions = None
+        self.attentions = _transformers(out_channels, num_layers, heads, cross_attention_dim,
+                                        transformer_layers, cfg) if with_attention else None
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
 
     def forward(self, x, temb, context):
@@ -95,14 +97,8 @@ class UpBlock2D(nn.Module):
             resnet_in = prev_channels if i == 0 else out_channels
             self.resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, temb_channels,
                                               cfg.norm_num_groups, cfg.norm_eps, cfg.dropout))
-        if with_attention:
-            self.attentions = nn.ModuleList(
-                Transformer2DModel(heads, out_channels // heads, out_channels, transformer_layers,
-                                   cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection,
-                                   cfg.upcast_attention, cfg.dropout)
-                for _ in range(num_layers))
-        else:
-            self.attentions = None
+        self.attentions = _transformers(out_channels, num_layers, heads, cross_attention_dim,
+                                        transformer_layers, cfg) if with_attention else None
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(self, x, skips, temb, context, upsample_size=None):
@@ -121,10 +117,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.resnets = nn.ModuleList(
             ResnetBlock2D(channels, channels, temb_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
             for _ in range(2))
-        self.attentions = nn.ModuleList([
-            Transformer2DModel(heads, channels // heads, channels, transformer_layers, cross_attention_dim,
-                               cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention,
-                               cfg.dropout)])
+        self.attentions = _transformers(channels, 1, heads, cross_attention_dim, transformer_layers, cfg)
 
     def forward(self, x, temb, context):
         x = self.resnets[0](x, temb)

@@ -1,0 +1,124 @@
+"""``python -m sdkit.training`` (and ``sdkit train``): train the bundled model's stages.
+
+    python -m sdkit.training vae --out runs/vae
+    python -m sdkit.training unet --vae runs/vae --out runs/unet
+    python -m sdkit.training export --vae runs/vae --unet runs/unet --out src/sdkit/assets/tiny-shapes
+    python -m sdkit.training all --work runs/tiny-shapes --out src/sdkit/assets/tiny-shapes
+
+Every field of ``VAEConfig`` / ``UNetConfig`` is a flag (``--batch-size 8``, ``--min-snr-gamma none``).
+Runs resume from ``OUT/checkpoint`` when it exists (``--no-resume`` starts over). The same
+commands run multi-process with ``accelerate launch --num_processes 2 --cpu -m sdkit.training ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from .config import UNetConfig, VAEConfig, parse_value
+
+
+def _add_config_flags(parser, cls):
+    group = parser.add_argument_group(f"{cls.__name__} fields (see sdkit/training/config.py)")
+    for f in dataclasses.fields(cls):
+        group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, metavar="VALUE",
+                           default=None, help=f"default: {f.default}")
+
+
+def _config(cls, args):
+    defaults = cls()
+    overrides = {}
+    for f in dataclasses.fields(cls):
+        text = getattr(args, "cfg_" + f.name, None)
+        if text is not None:
+            try:
+                overrides[f.name] = parse_value(text, getattr(defaults, f.name))
+            except ValueError as e:
+                raise SystemExit(f"--{f.name.replace('_', '-')}: {e}") from None
+    return dataclasses.replace(defaults, **overrides)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m sdkit.training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("vae", help="stage 1: train the autoencoder into OUT/vae")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, log.jsonl, vae/)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    _add_config_flags(p, VAEConfig)
+
+    p = sub.add_parser("unet", help="stage 2: train UNet + text encoder on the latents of a VAE run")
+    p.add_argument("--vae", required=True, help="the VAE run folder (holding vae/)")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, latents.pt, unet/, text_encoder/, tokenizer/)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    _add_config_flags(p, UNetConfig)
+
+    p = sub.add_parser("export", help="assemble a pipeline folder from a VAE run and a UNet run")
+    p.add_argument("--vae", required=True)
+    p.add_argument("--unet", required=True)
+    p.add_argument("--out", required=True, help="pipeline folder to write (diffusers layout)")
+
+    p = sub.add_parser("all", help="the whole bundled model from scratch: vae, unet, export")
+    p.add_argument("--work", required=True, help="folder for the two run folders (work/vae, work/unet)")
+    p.add_argument("--out", required=True, help="pipeline folder to write")
+    return parser
+
+
+def _run_vae(out, cfg, resume):
+    from .loop import train
+    from .stages import VAEStage
+
+    started = time.time()
+    train(VAEStage(cfg), cfg, out, resume=resume)
+    return time.time() - started
+
+
+def _run_unet(vae, out, cfg, resume):
+    from .loop import train
+    from .stages import UNetStage
+
+    started = time.time()
+    train(UNetStage(cfg, vae), cfg, out, resume=resume)
+    return time.time() - started
+
+
+def _export(vae, unet, out):
+    from .export import export_pipeline, folder_size
+
+    path = os.path.join(unet, "train_config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"export: {path} not found; the UNet run has not finished.")
+    with open(path) as f:
+        saved = json.load(f)
+    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    export_pipeline(vae, unet, out, cfg)
+    print(f"wrote {out} ({folder_size(out) / 1e6:.1f} MB)")
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m sdkit.training`` and ``sdkit train``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.command == "vae":
+        seconds = _run_vae(args.out, _config(VAEConfig, args), not args.no_resume)
+        print(f"vae stage: {seconds / 60:.1f} min")
+    elif args.command == "unet":
+        seconds = _run_unet(args.vae, args.out, _config(UNetConfig, args), not args.no_resume)
+        print(f"unet stage: {seconds / 60:.1f} min")
+    elif args.command == "export":
+        _export(args.vae, args.unet, args.out)
+    elif args.command == "all":
+        vae_dir, unet_dir = os.path.join(args.work, "vae"), os.path.join(args.work, "unet")
+        t_vae = _run_vae(vae_dir, VAEConfig(), True)
+        t_unet = _run_unet(vae_dir, unet_dir, UNetConfig(), True)
+        _export(vae_dir, unet_dir, args.out)
+        print(f"vae stage {t_vae / 60:.1f} min, unet stage {t_unet / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Training configurations: one dataclass per stage, with the reason for every default.
+
+Every field is also a command-line flag of ``python -m sdkit.training`` (``--field-name``);
+tuples are written comma-separated (``--block-out-channels 16,32,32,64``) and ``none`` unsets an
+optional value (``--min-snr-gamma none``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+
+@dataclass
+class LoopConfig:
+    """What every stage's optimisation loop needs."""
+
+    steps: int = 1000  # total optimizer steps of the run (the LR schedule spans them)
+    stop_at: Optional[int] = None  # end this invocation early at this step (checkpoint kept; resume later)
+    batch_size: int = 16  # examples per step over all processes (each process takes batch_size / N)
+    lr: float = 1e-3  # peak AdamW learning rate, reached after the warm-up
+    warmup_steps: int = 50  # linear warm-up from 0: Adam's moments are poor estimates at first
+    min_lr_ratio: float = 0.05  # the cosine decays to lr * this at the last step
+    adam_beta2: float = 0.99  # shorter second-moment memory than 0.999 suits short runs
+    weight_decay: float = 0.0  # the data are unlimited, so no overfitting to fight
+    max_grad_norm: Optional[float] = 1.0  # clip the global gradient norm (none: no clipping)
+    ema_decay: Optional[float] = 0.999  # EMA of weights; exported weights are the EMA (none: off)
+    seed: int = 0  # model init, data order and noise all derive from (seed, step, rank)
+    save_every: int = 250  # steps between checkpoints (one is always written at the end)
+    log_every: int = 10  # steps between loss-log lines (JSONL) and progress-bar updates
+    num_threads: Optional[int] = 1  # torch threads per process: on a shared 2-core CPU, 1 ran 4x faster than 2
+    log_indices: bool = False  # also log every process's example indices (for the multi-process test)
+
+
+@dataclass
+class VAEConfig(LoopConfig):
+    """Stage 1: the autoencoder. 64x64x3 images <-> 8x8x4 latents (factor 8)."""
+
+    steps: int = 1500  # ~17 min on a loaded 2-core CPU; reconstructions then keep every attribute
+    batch_size: int = 12  # an autoencoder needs many steps more than big batches
+    lr: float = 2e-3  # GroupNorm'd small conv nets tolerate a high rate with warm-up and clipping
+    block_out_channels: Tuple[int, ...] = (16, 32, 32, 64)  # 4 levels = factor 8; thin at 64x64 for speed
+    layers_per_block: int = 1  # one resnet per encoder level (two per decoder level)
+    norm_num_groups: int = 8  # must divide every block_out_channels entry
+    latent_channels: int = 4  # the Stable Diffusion latent width (DESIGN.md)
+    kl_weight: float = 1e-5  # per latent element: just enough to keep the posterior well scaled
+    init_logvar: float = -6.0  # initial posterior log-variance: near-deterministic latents train much faster
+    ema_decay: Optional[float] = 0.995  # short run: a shorter average
+    num_images: Optional[int] = None  # none: an endless stream of new images; N: cycle over N (overfitting tests)
+    scale_samples: int = 512  # images encoded to measure the latent std -> scaling_factor
+
+
+@dataclass
+class UNetConfig(LoopConfig):
+    """Stage 2: the text encoder and UNet, trained together on cached VAE latents."""
+
+    steps: int = 2000  # ~30 min on a loaded 2-core CPU with 2 processes
+    batch_size: int = 64  # 8x8 latents are cheap; bigger batches steady the many-attribute loss
+    lr: float = 1e-3  # AdamW peak for both UNet and text encoder
+    warmup_steps: int = 100
+    ema_decay: Optional[float] = 0.998  # averages over ~the last 500 steps of the run
+    # data
+    num_images: int = 12000  # fixed training images whose VAE latents are cached (~22 per combination)
+    data_seed: int = 1  # seed of the ShapesDataset items that are cached (items differ from the VAE's)
+    caption_drop_prob: float = 0.35  # each optional caption part is left out with this probability
+    empty_caption_prob: float = 0.1  # caption dropout: "" for classifier-free guidance
+    sample_posterior: bool = True  # train on z ~ q(z|x), not only its mean: a smoother latent space
+    # diffusion
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction
+    beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2 (Stable Diffusion's)
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    min_snr_gamma: Optional[float] = 5.0  # Min-SNR-gamma weighting (none: plain MSE)
+    offset_noise: float = 0.05  # per-channel shared noise: lets flat backgrounds reach their exact tone
+    immiscible: bool = True  # assign noise to latents within the batch by least total distance
+    # UNet architecture (8x8 latents: levels 8 -> 4 -> 2)
+    block_out_channels: Tuple[int, ...] = (32, 64, 128)  # 3.2M params: 3x faster than (64, 128, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 4  # the reference's name for the number of heads
+    norm_num_groups: int = 16  # must divide every block_out_channels entry
+    # text encoder (CLIP text transformer, trained from scratch as in LDM)
+    text_hidden_size: int = 64  # also the UNet's cross_attention_dim
+    text_layers: int = 2
+    text_heads: int = 4
+    max_length: int = 16  # tokens incl. start/end; the longest caption needs 13
+    # export
+    scheduler: str = "DDIMScheduler"  # the bundled model's default sampler
+    guidance_scale: float = 4.0  # recommended CFG scale, recorded in the model card
+
+
+def config_from_args(cls, args: dict):
+    """Build ``cls`` from a dict of overrides, coercing strings the way the CLI writes them."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(args) - set(known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**args)
+
+
+def parse_value(text: str, default):
+    """A CLI string -> the type of ``default`` (tuples comma-separated; 'none' -> None)."""
+    if text.lower() == "none":
+        return None
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {text!r}")
+    if isinstance(default, tuple):
+        return tuple(int(v) for v in text.split(","))
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float) or default is None:
+        try:
+            return float(text) if default is not None or "." in text or "e" in text else int(text)
+        except ValueError:
+            return text
+    return text
+

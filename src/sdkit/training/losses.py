@@ -1,0 +1,110 @@
+"""Training maths: diffusion targets, loss weights, noise tricks, and the VAE loss.
+
+| code        | paper                                                              |
+| ----------- | ------------------------------------------------------------------ |
+| x0          | clean latent x_0                                                   |
+| eps         | Gaussian noise epsilon                                             |
+| alpha_bar   | bar-alpha_t; x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps    |
+| alpha, sigma| sqrt(alpha_bar), sqrt(1 - alpha_bar)                               |
+| snr         | alpha_bar / (1 - alpha_bar) = alpha^2 / sigma^2                    |
+| v           | alpha eps - sigma x0 (Salimans & Ho 2022)                           |
+
+The noise schedule and the noising itself come from :class:`sdkit.schedulers.DDPMScheduler`,
+so training and sampling share one definition of ``alphas_cumprod``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from sdkit.schedulers import DDPMScheduler
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def noise_scheduler(beta_schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085,
+                    beta_end=0.012, prediction_type="epsilon"):
+    """The training noise schedule, as the DDPM scheduler the sampling side reads (Ho et al. 2020)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported for training; "
+                         f"use one of {', '.join(PREDICTION_TYPES)}.")
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
+                         beta_end=beta_end, beta_schedule=beta_schedule, prediction_type=prediction_type)
+
+
+def _per_sample(values, like):
+    """(B,) -> (B, 1, ..., 1) shaped to broadcast against ``like``."""
+    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def diffusion_target(scheduler, x0, eps, timesteps):
+    """What the model learns to predict: eps (Ho et al. 2020) or v = alpha eps - sigma x0 (Salimans & Ho 2022)."""
+    if scheduler.config["prediction_type"] == "epsilon":
+        return eps
+    return scheduler.get_velocity(x0, eps, timesteps)
+
+
+def snr(scheduler, timesteps):
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer training timesteps, (B,)."""
+    alpha_bar = scheduler.alphas_cumprod[timesteps.cpu()].to(timesteps.device)
+    return alpha_bar / (1 - alpha_bar)
+
+
+def min_snr_weights(scheduler, timesteps, gamma):
+    """Min-SNR-gamma loss weights (Hang et al. 2023, arXiv 2303.09556), (B,).
+
+    The weight min(snr, gamma) is for an x0 loss; expressed for the model's target it is
+    min(snr, gamma) / snr for epsilon and min(snr, gamma) / (snr + 1) for v.
+    ``gamma=None`` gives weight 1 (plain MSE on the target).
+    """
+    s = snr(scheduler, timesteps)
+    if gamma is None:
+        return torch.ones_like(s)
+    clipped = torch.clamp(s, max=gamma)
+    if scheduler.config["prediction_type"] == "epsilon":
+        return clipped / s
+    return clipped / (s + 1)
+
+
+def offset_noise(shape, offset=0.0, generator=None, device=None):
+    """N(0, I) plus ``offset`` times one N(0, 1) draw per (sample, channel) (Guttenberg 2023).
+
+    The shared per-channel shift lets the model change an image's mean colour, which plain noise
+    (whose per-channel mean is ~0 at every level) teaches it badly. ``offset=0`` is plain noise.
+    """
+    eps = torch.randn(shape, generator=generator, device=device)
+    if offset:
+        eps = eps + offset * torch.randn((*shape[:2], *([1] * (len(shape) - 2))), generator=generator,
+                                         device=device)
+    return eps
+
+
+def immiscible_assignment(x0, eps):
+    """Permutation ``p`` pairing x0[i] with eps[p[i]] so the total distance is least (Li et al. 2024).
+
+    "Immiscible Diffusion" (arXiv 2406.12303): assigning each image the nearest noise within the
+    batch (a linear assignment on pairwise L2 distances) makes the noise-to-image map less tangled.
+    """
+    cost = torch.cdist(x0.flatten(1).double(), eps.flatten(1).double())  # (B, B)
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    perm = np.empty_like(cols)
+    perm[rows] = cols
+    return torch.as_tensor(perm, dtype=torch.long, device=x0.device)
+
+
+def diffusion_loss(model_output, target, weights):
+    """Per-sample mean squared error, weighted, then averaged over the batch."""
+    per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    return (weights * per_sample).mean()
+
+
+def vae_loss(reconstruction, image, posterior, kl_weight):
+    """L1 reconstruction + ``kl_weight`` * KL(q(z|x) || N(0, I)) per latent element (Kingma & Welling 2014).
+
+    Returns ``(loss, reconstruction_loss, kl)``. L1 keeps edges sharper than L2 on flat shapes.
+    """
+    rec = (reconstruction - image).abs().mean()
+    kl = posterior.kl().mean() / posterior.mean[0].numel()
+    return rec + kl_weight * kl, rec, kl

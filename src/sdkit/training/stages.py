@@ -1,0 +1,229 @@
+"""The two training stages of the bundled model: the VAE, then UNet + text encoder on cached latents.
+
+A stage gives the loop (``loop.train``) four things: ``setup`` (data preparation, run once per
+process, main process first), ``build_models``, ``batch(step, rank, world, batch_size, device)`` (every random
+draw seeded by ``(seed, step, rank)``) and ``loss(models, batch)``; ``finish`` saves the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import torch
+
+from sdkit.models import AutoencoderKL, UNet2DConditionModel
+
+from . import losses
+from .loop import seed_for
+from .shapes import (BACKGROUNDS, COLORS, OPTIONAL_PARTS, PLACES, SHAPES, SIZES, Attributes,
+                     ShapesDataset, caption, sample_attributes, vocabulary)
+from .tokenizer import build_clip_tokenizer
+
+STREAM_LENGTH = 2**62
+"""The VAE reads an endless stream of shapes items: batch ``(step, rank)`` takes its own slice."""
+
+_ATTRIBUTE_TABLES = (("color", list(COLORS)), ("shape", list(SHAPES)), ("place", list(PLACES)),
+                     ("size", list(SIZES)), ("background", list(BACKGROUNDS)))
+
+
+def vae_model_config(cfg) -> dict:
+    """diffusers-style AutoencoderKL config for a ``VAEConfig``."""
+    n = len(cfg.block_out_channels)
+    return dict(in_channels=3, out_channels=3, block_out_channels=tuple(cfg.block_out_channels),
+                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
+                norm_num_groups=cfg.norm_num_groups, sample_size=64, scaling_factor=1.0)
+
+
+def unet_model_config(cfg) -> dict:
+    """diffusers-style UNet2DConditionModel config for a ``UNetConfig`` (attention below the top level)."""
+    n = len(cfg.block_out_channels)
+    return dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=tuple(cfg.block_out_channels),
+                layers_per_block=cfg.layers_per_block,
+                down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+                cross_attention_dim=cfg.text_hidden_size, attention_head_dim=cfg.attention_head_dim,
+                norm_num_groups=cfg.norm_num_groups)
+
+
+def text_encoder_config(cfg, tokenizer):
+    """A small transformers CLIPTextConfig whose vocabulary and length match the tokenizer."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden_size,
+        intermediate_size=4 * cfg.text_hidden_size, num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.max_length,
+        hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+class VAEStage:
+    """AutoencoderKL on freshly rendered shapes: L1 reconstruction + small KL."""
+
+    name = "vae"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def setup(self, out_dir, accelerator):
+        pass
+
+    def build_models(self):
+        vae = AutoencoderKL.from_config(vae_model_config(self.cfg))
+        # Start the posterior almost deterministic (std = exp(init_logvar / 2)): with the default
+        # std ~1 the decoder first sees latents drowned in noise and learns only a blurry average.
+        # The KL term raises the variance later as far as it pays.
+        c = self.cfg.latent_channels
+        with torch.no_grad():
+            vae.quant_conv.bias[c:] = self.cfg.init_logvar
+        return {"vae": vae}
+
+    def batch(self, step, rank, world, B, device):
+        first = (step * world + rank) * B  # disjoint slices of the stream per (step, rank)
+        indices = torch.arange(first, first + B)
+        if self.cfg.num_images:
+            indices = indices % self.cfg.num_images
+        data = ShapesDataset(STREAM_LENGTH, seed=self.cfg.seed)
+        images = torch.stack([data[int(i)]["pixel_values"] for i in indices])  # (B, 3, 64, 64)
+        generator = torch.Generator().manual_seed(seed_for(self.cfg.seed, step, rank))
+        return {"images": images.to(device), "indices": indices,
+                "generator": generator}
+
+    def loss(self, models, batch):
+        vae = models["vae"]
+        posterior = vae.encode(batch["images"])
+        z = posterior.sample(batch["generator"])
+        reconstruction = vae.decode(z)
+        loss, rec, kl = losses.vae_loss(reconstruction, batch["images"], posterior, self.cfg.kl_weight)
+        return loss, {"rec": rec.detach(), "kl": kl.detach()}
+
+    def finish(self, models, out_dir):
+        """Save ``out_dir/vae`` with ``scaling_factor`` = 1 / std of the latents (unit-variance latents)."""
+        vae = models["vae"]
+        data = ShapesDataset(self.cfg.scale_samples, seed=self.cfg.seed + 10_000)
+        with torch.no_grad():
+            images = torch.stack([data[i]["pixel_values"] for i in range(len(data))])
+            z = torch.cat([vae.encode(chunk.to(vae.device)).mean for chunk in images.split(64)])
+        scale = float(1.0 / z.std())
+        final = AutoencoderKL.from_config({**vae.config, "scaling_factor": round(scale, 5)})
+        final.load_state_dict(vae.state_dict())
+        final.save_pretrained(os.path.join(out_dir, "vae"))
+
+
+def attribute_codes(attrs: Attributes) -> list[int]:
+    return [values.index(getattr(attrs, name)) for name, values in _ATTRIBUTE_TABLES]
+
+
+def attributes_from_codes(codes) -> Attributes:
+    return Attributes(**{name: values[int(c)] for (name, values), c in zip(_ATTRIBUTE_TABLES, codes)})
+
+
+@torch.no_grad()
+def encode_dataset(vae, num_images, seed, batch_size=64):
+    """VAE posterior (mean, std) and attribute codes of ShapesDataset(num_images, seed) items."""
+    data = ShapesDataset(num_images, seed=seed)
+    means, stds, codes = [], [], []
+    for start in range(0, num_images, batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, num_images))]
+        images = torch.stack([it["pixel_values"] for it in items]).to(vae.device)  # (b, 3, 64, 64)
+        posterior = vae.encode(images)
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
+        codes.extend(attribute_codes(Attributes(**it["attrs"])) for it in items)
+    return torch.cat(means), torch.cat(stds), torch.tensor(codes, dtype=torch.long)
+
+
+class UNetStage:
+    """UNet + CLIP text encoder on cached latents, with the diffusion options of ``UNetConfig``."""
+
+    name = "unet"
+
+    def __init__(self, cfg, vae_dir):
+        self.cfg, self.vae_dir = cfg, vae_dir
+        self.scheduler = losses.noise_scheduler(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start,
+                                                cfg.beta_end, cfg.prediction_type)
+        self._ids = {}
+
+    def setup(self, out_dir, accelerator):
+        """Build the tokenizer and cache the VAE latents of the training images (once per out_dir)."""
+        cfg = self.cfg
+        tok_dir = os.path.join(out_dir, "tokenizer")
+        if accelerator.is_main_process:
+            self.tokenizer = build_clip_tokenizer(vocabulary(), tok_dir, model_max_length=cfg.max_length)
+        else:
+            from transformers import CLIPTokenizer
+            self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+        vae = AutoencoderKL.from_pretrained(self.vae_dir, subfolder="vae")
+        self.scaling_factor = vae.config.scaling_factor
+        cache = os.path.join(out_dir, "latents.pt")
+        key = {"vae": os.path.abspath(self.vae_dir), "num_images": cfg.num_images, "seed": cfg.data_seed}
+        saved = torch.load(cache, weights_only=True) if os.path.isfile(cache) else None
+        if saved is None or saved["key"] != json.dumps(key, sort_keys=True):
+            if not accelerator.is_main_process:
+                raise RuntimeError(f"latent cache {cache} missing after the main process built it")
+            mean, std, codes = encode_dataset(vae.to(accelerator.device), cfg.num_images, cfg.data_seed)
+            saved = {"key": json.dumps(key, sort_keys=True), "mean": mean, "std": std, "codes": codes}
+            tmp = cache + ".tmp"
+            torch.save(saved, tmp)
+            os.replace(tmp, cache)
+        self.mean, self.std, self.codes = saved["mean"], saved["std"], saved["codes"]
+
+    def build_models(self):
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel(text_encoder_config(self.cfg, self.tokenizer))
+        unet = UNet2DConditionModel.from_config(unet_model_config(self.cfg))
+        return {"unet": unet, "text_encoder": text_encoder}
+
+    def input_ids(self, texts):
+        missing = [t for t in dict.fromkeys(texts) if t not in self._ids]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.cfg.max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            self._ids.update(zip(missing, ids))
+        return torch.stack([self._ids[t] for t in texts])  # (B, max_length)
+
+    def captions(self, indices, rng):
+        """A fresh caption per example: optional parts dropped, or "" (caption dropout)."""
+        cfg, texts = self.cfg, []
+        for i in indices:
+            keep = {part for part in sorted(OPTIONAL_PARTS) if rng.random() >= cfg.caption_drop_prob}
+            empty = rng.random() < cfg.empty_caption_prob
+            texts.append("" if empty else caption(attributes_from_codes(self.codes[i]), keep))
+        return texts
+
+    def batch(self, step, rank, world, B, device):
+        cfg = self.cfg
+        rng = np.random.default_rng(seed_for(cfg.seed, step, rank))
+        generator = torch.Generator().manual_seed(seed_for(cfg.seed, step, rank, 1))
+        indices = torch.as_tensor(rng.integers(0, len(self.mean), size=B))
+        texts = self.captions(indices.tolist(), rng)
+        z = self.mean[indices]  # (B, 4, 8, 8)
+        if cfg.sample_posterior:
+            z = z + self.std[indices] * torch.randn(z.shape, generator=generator)
+        x0 = z * self.scaling_factor
+        eps = losses.offset_noise(x0.shape, cfg.offset_noise, generator)
+        if cfg.immiscible:
+            eps = eps[losses.immiscible_assignment(x0, eps)]
+        timesteps = torch.randint(0, cfg.num_train_timesteps, (B,), generator=generator)
+        return {"x0": x0.to(device), "eps": eps.to(device), "timesteps": timesteps.to(device),
+                "input_ids": self.input_ids(texts).to(device), "indices": indices, "captions": texts}
+
+    def loss(self, models, batch):
+        x0, eps, t = batch["x0"], batch["eps"], batch["timesteps"]
+        context = models["text_encoder"](batch["input_ids"]).last_hidden_state  # (B, T, D)
+        x_t = self.scheduler.add_noise(x0, eps, t)
+        prediction = models["unet"](x_t, t, context)
+        target = losses.diffusion_target(self.scheduler, x0, eps, t)
+        weights = losses.min_snr_weights(self.scheduler, t, self.cfg.min_snr_gamma)
+        return losses.diffusion_loss(prediction, target, weights), {}
+
+    def finish(self, models, out_dir):
+        models["unet"].save_pretrained(os.path.join(out_dir, "unet"))
+        models["text_encoder"].save_pretrained(os.path.join(out_dir, "text_encoder"))
+        with open(os.path.join(out_dir, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(self.cfg), f, indent=2)

@@ -1,0 +1,345 @@
+"""Training: the maths of every option, the loop (loss goes down, clipping, LR, EMA), exact resume."""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sdkit.schedulers import DDPMScheduler
+from sdkit.training import losses
+from sdkit.training.config import LoopConfig, UNetConfig, VAEConfig
+from sdkit.training.ema import EMA, ema_decay
+from sdkit.training.loop import LOG_FILE, load_checkpoint, lr_at, seed_for, train
+
+TINY_VAE = dict(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, batch_size=4, lr=3e-3, warmup_steps=2,
+                scale_samples=16, save_every=1000, log_every=1, ema_decay=0.9)
+TINY_UNET = dict(block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=2, text_hidden_size=16,
+                 text_layers=1, text_heads=2, num_images=16, batch_size=8, warmup_steps=2, lr=3e-3,
+                 save_every=1000, log_every=1, ema_decay=0.9)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, LOG_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- option maths
+
+def _schedule(prediction_type="epsilon", beta_schedule="scaled_linear"):
+    return losses.noise_scheduler(beta_schedule=beta_schedule, prediction_type=prediction_type)
+
+
+def test_epsilon_and_v_targets_equal_their_formulas():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 300, 700, 999])
+    assert torch.equal(losses.diffusion_target(_schedule("epsilon"), x0, eps, t), eps)
+    alpha_bar = _schedule().alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    v = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0  # Salimans & Ho 2022
+    torch.testing.assert_close(losses.diffusion_target(_schedule("v_prediction"), x0, eps, t), v)
+    with pytest.raises(ValueError, match="prediction_type"):
+        losses.noise_scheduler(prediction_type="sample")
+
+
+def test_min_snr_weights_equal_the_formula_for_both_prediction_types():
+    t = torch.arange(0, 1000, 37)
+    alpha_bar = _schedule().alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    gamma = 5.0
+    torch.testing.assert_close(losses.min_snr_weights(_schedule("epsilon"), t, gamma),
+                               torch.minimum(snr, torch.tensor(gamma)) / snr)
+    torch.testing.assert_close(losses.min_snr_weights(_schedule("v_prediction"), t, gamma),
+                               torch.minimum(snr, torch.tensor(gamma)) / (snr + 1))
+    assert torch.equal(losses.min_snr_weights(_schedule(), t, None), torch.ones(len(t)))
+    # low-noise steps (snr > gamma) are down-weighted, noisy ones kept
+    w = losses.min_snr_weights(_schedule("epsilon"), t, gamma)
+    assert w[0] < 0.01 and w[-1] == 1.0
+
+
+def test_offset_noise_shifts_each_channel_by_one_shared_draw_and_is_off_by_default():
+    shape = (3, 4, 8, 8)
+    plain = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(losses.offset_noise(shape, 0.0, torch.Generator().manual_seed(1)), plain)
+    assert torch.equal(losses.offset_noise(shape, generator=torch.Generator().manual_seed(1)), plain)
+    g = torch.Generator().manual_seed(1)
+    torch.randn(shape, generator=g)
+    shift = torch.randn((3, 4, 1, 1), generator=g)  # the next draw: one per (sample, channel)
+    noisy = losses.offset_noise(shape, 0.1, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(noisy - plain, (0.1 * shift).expand(shape))
+    torch.testing.assert_close(noisy.mean((2, 3)) - plain.mean((2, 3)), 0.1 * shift[:, :, 0, 0])
+
+
+def test_immiscible_assignment_is_the_least_total_distance_permutation():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 4, 2, 2, generator=g), torch.randn(6, 4, 2, 2, generator=g)
+    perm = losses.immiscible_assignment(x0, eps)
+    assert sorted(perm.tolist()) == list(range(6))
+
+    def total(p):
+        return sum(float((x0[i] - eps[p[i]]).norm()) for i in range(6))
+
+    best = min(itertools.permutations(range(6)), key=total)
+    assert perm.tolist() == list(best)
+    assert total(perm.tolist()) <= total(list(range(6)))
+    # larger batch: never worse than the identity pairing
+    x0, eps = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    perm = losses.immiscible_assignment(x0, eps)
+    assert (x0 - eps[perm]).norm(dim=1).sum() <= (x0 - eps).norm(dim=1).sum()
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_beta_schedule_choice_reaches_the_noise_schedule(tmp_path, beta_schedule):
+    from sdkit.training.export import scheduler_config
+    from sdkit.training.stages import UNetStage
+
+    cfg = UNetConfig(beta_schedule=beta_schedule)
+    stage = UNetStage(cfg, vae_dir=str(tmp_path))
+    expected = DDPMScheduler(beta_schedule=beta_schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+    assert torch.equal(stage.scheduler.alphas_cumprod, expected.alphas_cumprod)
+    if beta_schedule == "linear":
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, 1000)
+        torch.testing.assert_close(stage.scheduler.alphas_cumprod, torch.cumprod(1 - betas, 0))
+    exported = scheduler_config(cfg, "DDIMScheduler")
+    assert exported["beta_schedule"] == beta_schedule and exported["_class_name"] == "DDIMScheduler"
+    assert exported["prediction_type"] == cfg.prediction_type
+
+
+def test_ema_update_equals_the_formula():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    ema = EMA(net, decay=0.99)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net, step=5)
+    d = min(0.99, 6 / 15)
+    assert ema_decay(5, 0.99) == d and ema_decay(10**6, 0.99) == 0.99 and ema_decay(5, 0.99, warmup=False) == 0.99
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(ema.shadow[name], d * before[name] + (1 - d) * p.detach())
+    copy = nn.Linear(3, 2)
+    ema.copy_to(copy)
+    assert torch.equal(copy.weight, ema.shadow["weight"])
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine():
+    lr, warmup, total, floor = 1e-3, 10, 110, 0.1
+    assert lr_at(0, lr, warmup, total, floor) == pytest.approx(1e-4)
+    assert lr_at(4, lr, warmup, total, floor) == pytest.approx(5e-4)
+    assert lr_at(9, lr, warmup, total, floor) == pytest.approx(1e-3)
+    assert lr_at(10, lr, warmup, total, floor) == pytest.approx(1e-3)
+    assert lr_at(60, lr, warmup, total, floor) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert lr_at(110, lr, warmup, total, floor) == pytest.approx(1e-4)
+    assert lr_at(35, lr, warmup, total, floor) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi / 4))))
+
+
+def test_seeds_differ_per_step_and_rank():
+    seeds = {seed_for(0, step, rank) for step in range(50) for rank in range(4)}
+    assert len(seeds) == 200 and seed_for(0, 3, 1) == seed_for(0, 3, 1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class ToyStage:
+    """Regression of sum(x) by a small MLP: the loop's mechanics without a diffusion model."""
+
+    name = "toy"
+
+    def setup(self, out_dir, accelerator):
+        pass
+
+    def build_models(self):
+        self.models = {"net": nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))}
+        return self.models
+
+    def batch(self, step, rank, world, batch_size, device):
+        g = torch.Generator().manual_seed(seed_for(0, step, rank))
+        x = torch.randn(batch_size, 4, generator=g)
+        return {"x": x, "y": 3 * x.sum(1, keepdim=True), "indices": torch.arange(batch_size)}
+
+    def loss(self, models, batch):
+        return (models["net"](batch["x"]) - batch["y"]).pow(2).mean(), {}
+
+    def finish(self, models, out_dir):
+        self.finished = True
+
+
+def test_loop_clips_gradients_follows_the_lr_schedule_and_logs(tmp_path):
+    stage = ToyStage()
+    cfg = LoopConfig(steps=6, batch_size=8, lr=0.01, warmup_steps=2, max_grad_norm=0.05, log_every=1,
+                     ema_decay=0.9)
+    norms = []
+
+    def callback(step, logs):
+        grads = [p.grad for p in stage.models["net"].parameters()]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    train(stage, cfg, str(tmp_path), callback=callback)
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert all(r["grad_norm"] > 0.05 for r in log)  # the raw norm is logged; the applied one is capped
+    assert max(norms) <= 0.05 * (1 + 1e-5)
+    assert [r["lr"] for r in log] == pytest.approx([lr_at(s, 0.01, 2, 6, cfg.min_lr_ratio) for s in range(6)])
+    assert stage.finished
+
+
+def test_loop_without_clipping_applies_the_raw_gradient(tmp_path):
+    stage = ToyStage()
+    norms = []
+    cfg = LoopConfig(steps=2, batch_size=8, max_grad_norm=None, log_every=1, ema_decay=None)
+    train(stage, cfg, str(tmp_path), callback=lambda step, logs: norms.append(
+        float(torch.sqrt(sum(p.grad.pow(2).sum() for p in stage.models["net"].parameters())))))
+    assert min(norms) > 0.05 and read_log(tmp_path)[0]["grad_norm"] is None
+
+
+def _states_equal(a, b):
+    assert a["step"] == b["step"]
+    for name in a["models"]:
+        for key, value in a["models"][name].items():
+            assert torch.equal(value, b["models"][name][key]), f"{name}.{key}"
+    for name in a["ema"]:
+        for key, value in a["ema"][name]["shadow"].items():
+            assert torch.equal(value, b["ema"][name]["shadow"][key]), f"ema {name}.{key}"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for key in sa[i]:
+            assert torch.equal(sa[i][key], sb[i][key]), f"optimizer state {i}.{key}"
+
+
+# ----------------------------------------------------------------------------- the real stages
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A tiny VAE run through the CLI: 40 steps on 4 fixed images."""
+    from sdkit.training.cli import main
+
+    out = str(tmp_path_factory.mktemp("vae"))
+    flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+             for k, v in TINY_VAE.items()]
+    assert main(["vae", "--out", out, "--steps", "40", "--num-images", "4", *flags]) == 0
+    return out
+
+
+def test_vae_stage_loss_goes_down_and_saves_a_scaled_vae(tiny_vae):
+    from sdkit.models import AutoencoderKL
+
+    log = read_log(tiny_vae)
+    first, last = np.mean([r["rec"] for r in log[:5]]), np.mean([r["rec"] for r in log[-5:]])
+    assert last < 0.7 * first, (first, last)
+    vae = AutoencoderKL.from_pretrained(tiny_vae, subfolder="vae")
+    assert vae.config.scaling_factor != 1.0 and vae.config.latent_channels == 4
+    z = vae.encode(torch.zeros(1, 3, 64, 64)).mean
+    assert z.shape == (1, 4, 8, 8)
+
+
+def _unet_cfg(**overrides):
+    return UNetConfig(**{**TINY_UNET, **overrides})
+
+
+def test_unet_stage_overfits_a_tiny_data_set(tiny_vae, tmp_path):
+    from accelerate import Accelerator
+
+    from sdkit.training.stages import UNetStage
+
+    cfg = _unet_cfg(steps=50, num_images=8, prediction_type="epsilon", min_snr_gamma=None, offset_noise=0.0,
+                    immiscible=False)
+    stage = UNetStage(cfg, tiny_vae)
+    stage.setup(str(tmp_path), Accelerator())
+    held = [stage.batch(10_000 + i, 0, 1, 32, "cpu") for i in range(4)]  # fixed noise, timesteps, captions
+
+    def held_loss(models):
+        with torch.no_grad():
+            return float(np.mean([stage.loss(models, b)[0].item() for b in held]))
+
+    torch.manual_seed(cfg.seed)
+    before = held_loss(stage.build_models())
+    after = held_loss(train(stage, cfg, str(tmp_path)))
+    assert after < 0.75 * before, (before, after)
+    assert os.path.isfile(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    assert os.path.isfile(tmp_path / "text_encoder" / "model.safetensors")
+
+
+def test_unet_batches_have_caption_dropout_and_fresh_captions(tiny_vae, tmp_path):
+    from accelerate import Accelerator
+
+    from sdkit.training.shapes import parse_prompt
+    from sdkit.training.stages import UNetStage
+
+    stage = UNetStage(_unet_cfg(num_images=16), tiny_vae)
+    stage.setup(str(tmp_path), Accelerator())
+    captions = [c for step in range(40) for c in stage.batch(step, 0, 1, 8, "cpu")["captions"]]
+    empty = sum(c == "" for c in captions) / len(captions)
+    assert 0.04 < empty < 0.2
+    assert all(parse_prompt(c).get("shape") for c in captions if c)
+    assert len(set(captions)) > 100
+    b1, b2 = stage.batch(3, 0, 1, 8, "cpu"), stage.batch(3, 0, 1, 8, "cpu")
+    assert torch.equal(b1["x0"], b2["x0"]) and torch.equal(b1["eps"], b2["eps"])  # a batch is a pure function of (step, rank)
+    assert not torch.equal(stage.batch(3, 1, 2, 8, "cpu")["indices"], b1["indices"])
+
+
+@pytest.mark.parametrize("options", [
+    dict(prediction_type="v_prediction", min_snr_gamma=5.0, offset_noise=0.1, immiscible=True),
+    dict(prediction_type="epsilon", min_snr_gamma=None, offset_noise=0.0, immiscible=False, ema_decay=None),
+])
+def test_resumed_unet_run_equals_the_uninterrupted_one(tiny_vae, tmp_path, options):
+    """k + m steps in one run == k steps, save, fresh objects, resume, m steps (weights, EMA, optimizer)."""
+    from sdkit.training.stages import UNetStage
+
+    cfg = _unet_cfg(steps=6, **options)
+    train(UNetStage(cfg, tiny_vae), cfg, str(tmp_path / "straight"))
+    first = _unet_cfg(steps=6, stop_at=3, **options)
+    train(UNetStage(first, tiny_vae), first, str(tmp_path / "resumed"))
+    assert load_checkpoint(str(tmp_path / "resumed"))["step"] == 3
+    assert not (tmp_path / "resumed" / "unet").exists()  # not finished yet
+    torch.manual_seed(1234)  # disturb the global RNG: the resumed run must not depend on it
+    train(UNetStage(cfg, tiny_vae), cfg, str(tmp_path / "resumed"))
+    _states_equal(load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "resumed")))
+    steps = [r["step"] for r in read_log(tmp_path / "resumed")]
+    assert steps == list(range(1, 7))
+
+
+def test_export_writes_a_diffusers_pipeline_folder(tiny_vae, tmp_path):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sdkit.models import AutoencoderKL, UNet2DConditionModel
+    from sdkit.training.cli import main
+
+    unet_dir = tmp_path / "unet-run"
+    cfg = _unet_cfg(steps=2)
+    flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+             for k, v in TINY_UNET.items()]
+    assert main(["unet", "--vae", tiny_vae, "--out", str(unet_dir), "--steps", "2", *flags]) == 0
+    out = tmp_path / "pipe"
+    assert main(["export", "--vae", tiny_vae, "--unet", str(unet_dir), "--out", str(out)]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert index["scheduler"] == ["diffusers", cfg.scheduler]
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    assert index["requires_safety_checker"] is False
+    files = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs]
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".ckpt", ".pth"))]
+    UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
+    AutoencoderKL.from_pretrained(str(out), subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(str(out / "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+    ids = tokenizer("a large red circle on the left on a white background").input_ids
+    assert len(ids) == 11 + 2  # one token per word
+    assert text_encoder.config.max_position_embeddings == tokenizer.model_max_length == cfg.max_length
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == cfg.prediction_type
+
+
+def test_configs_reject_unknown_cli_values():
+    from sdkit.training.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["vae", "--out", "x", "--steps", "many"])
+    assert VAEConfig().block_out_channels[0] * 8 > 0

@@ -1,0 +1,50 @@
+"""Text to image with any Stable Diffusion folder (diffusers layout), or the bundled tiny model.
+
+    python examples/txt2img.py [MODEL] -p "a large red circle on a white background" -o out.png
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+import sdkit
+from sdkit import StableDiffusionPipeline
+
+
+def model_argument(parser, model):
+    """The model folder or repo id to load; without one, the bundled tiny model (if it is there)."""
+    if model:
+        return model
+    if os.path.isdir(sdkit.TINY_MODEL):
+        return sdkit.TINY_MODEL
+    parser.error(f"no model was given and the bundled model is missing ({sdkit.TINY_MODEL}); pass a "
+                 f"Stable Diffusion folder in the diffusers layout or a Hub repo id.")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", help="pipeline folder or Hub repo id (default: sdkit.TINY_MODEL)")
+    parser.add_argument("-p", "--prompt", default="a large red circle on a white background")
+    parser.add_argument("-n", "--negative-prompt", default=None)
+    parser.add_argument("-o", "--output", default="txt2img.png", help="image file to write")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_argument(parser, args.model)).to(args.device)
+    image = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                 guidance_scale=args.guidance, height=args.height, width=args.width,
+                 generator=torch.Generator().manual_seed(args.seed)).images[0]
+    image.save(args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -142,6 +142,24 @@ def test_seeds_differ_per_step_and_rank():
     assert len(seeds) == 200 and seed_for(0, 3, 1) == seed_for(0, 3, 1)
 
 
+def test_vae_loss_weights_shape_pixels_and_adds_the_kl_term():
+    from sdkit.models.vae import DiagonalGaussian
+    from sdkit.training.shapes import ShapesDataset
+
+    item = ShapesDataset(1, seed=3)[0]
+    image = item["pixel_values"][None]  # (1, 3, 64, 64)
+    w = losses.foreground_weights(image, 4.0)
+    shape = (image - image[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.05
+    assert 100 < int(shape.sum()) < 64 * 64 / 2
+    assert torch.equal(w, torch.where(shape, 5.0, 1.0))
+    assert torch.equal(losses.foreground_weights(image, 0.0), torch.ones_like(w))
+    posterior = DiagonalGaussian(torch.zeros(1, 8, 8, 8))  # N(0, 1): KL 0
+    loss, rec, kl = losses.vae_loss(image + 0.1, image, posterior, kl_weight=1.0)
+    assert float(kl) == 0 and float(rec) == pytest.approx(0.01) and float(loss) == pytest.approx(0.01)
+    posterior = DiagonalGaussian(torch.cat([torch.ones(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)], 1))
+    assert float(losses.vae_loss(image, image, posterior, kl_weight=0.5)[0]) == pytest.approx(0.25)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 class ToyStage:

@@ -98,7 +98,8 @@ class VAEStage:
         posterior = vae.encode(batch["images"])
         z = posterior.sample(batch["generator"])
         reconstruction = vae.decode(z)
-        loss, rec, kl = losses.vae_loss(reconstruction, batch["images"], posterior, self.cfg.kl_weight)
+        loss, rec, kl = losses.vae_loss(reconstruction, batch["images"], posterior, self.cfg.kl_weight,
+                                         self.cfg.foreground_weight)
         return loss, {"rec": rec.detach(), "kl": kl.detach()}
 
     def finish(self, models, out_dir):

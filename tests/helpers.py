@@ -108,3 +108,17 @@ def sample_mask(size=64, box=(16, 16, 48, 40)):
     mask = Image.new("L", (size, size), 0)
     ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=255)
     return mask
+
+
+def one_torch_thread():
+    """Generator for a module-scoped fixture: run torch single-threaded, then restore the count.
+
+    On a small shared CPU, intra-op threads that spin while another process holds the other
+    core make tiny models tens of times slower; one thread keeps these tests fast.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -21,7 +21,8 @@ def folders(tmp_path_factory):
 
 
 def run(script, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny models: threads only spin
     return subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args], capture_output=True,
                           text=True, env=env, timeout=300)
 

@@ -11,11 +11,16 @@ import pytest
 import torch
 
 import sdkit.schedulers as sch
-from helpers import build_reference_pipeline, sample_image, sample_mask
+from helpers import build_reference_pipeline, one_torch_thread, sample_image, sample_mask
 from sdkit import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
 
 SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
               "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    yield from one_torch_thread()
 
 
 def gen(seed):
@@ -200,6 +205,14 @@ def test_txt2img_input_checks(pipe, kwargs, match):
     kwargs = {"prompt": "a red circle", "num_inference_steps": 1, **kwargs}
     with pytest.raises(ValueError, match=match):
         pipe(**kwargs)
+
+
+def test_long_prompts_warn_about_truncation_and_eta_without_ddim_warns(pipe):
+    with pytest.warns(UserWarning, match="Prompt truncated"):
+        pipe(" ".join(["a red circle"] * 10), num_inference_steps=1, output_type="latent")
+    with pytest.warns(UserWarning, match="eta=0.5 is ignored"):
+        pipe("a", num_inference_steps=1, output_type="latent", eta=0.5,
+             scheduler=scheduler(pipe, "EulerDiscreteScheduler"))
 
 
 def test_foreign_scheduler_is_refused(pipe):

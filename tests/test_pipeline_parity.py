@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sdkit.schedulers
-from helpers import build_reference_pipeline, sample_image, sample_mask
+from helpers import build_reference_pipeline, one_torch_thread, sample_image, sample_mask
 from sdkit import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
 
 TOL = 2e-3
@@ -27,6 +27,11 @@ def _record(group, a, b):
 def _report():
     yield
     print("\nworst max abs pixel difference per group:", {k: f"{v:.1e}" for k, v in sorted(WORST.items())})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    yield from one_torch_thread()
 
 
 def _quiet(pipe):

@@ -216,8 +216,9 @@ class DiffusionPipeline:
         f = self.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % f:
+                near = max(f, int(value) // f * f) if isinstance(value, (int, float)) else 64 * f
                 raise ValueError(f"{name}={value!r} must be a positive multiple of {f} (the VAE's "
-                                 f"downsampling factor); use e.g. {max(f, (int(value) // f) * f) if isinstance(value, (int, float)) else 8 * f}.")
+                                 f"downsampling factor); use e.g. {near}.")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:

@@ -24,6 +24,17 @@ def _download_patterns(variant):
             f"text_encoder/{weights}", "unet/*.index.json", "vae/*.index.json"]
 
 
+def _resolve(name_or_path, variant, local_files_only):
+    """A local folder, else the Hub cache, else (online and allowed) a download."""
+    patterns = _download_patterns(variant)
+    if local_files_only or os.path.exists(os.fspath(name_or_path)):
+        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=local_files_only)
+    try:
+        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=True)
+    except FileNotFoundError:
+        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=False)
+
+
 def read_model_index(folder):
     path = Path(folder) / MODEL_INDEX
     if not path.is_file():
@@ -61,8 +72,7 @@ def load_components(name_or_path, torch_dtype=None, variant=None, local_files_on
     from ..models import AutoencoderKL, UNet2DConditionModel
     from ..schedulers import get_scheduler_class
 
-    folder = resolve_folder(name_or_path, allow_patterns=_download_patterns(variant),
-                            local_files_only=local_files_only)
+    folder = _resolve(name_or_path, variant, local_files_only)
     index = read_model_index(folder)
     classes = component_classes(index, folder / MODEL_INDEX)
     missing = [n for n in REQUIRED if n not in classes and n not in skip]

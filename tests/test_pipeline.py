@@ -318,3 +318,17 @@ def test_missing_folder_and_offline_repo_errors(tmp_path):
         StableDiffusionPipeline.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="sdkit-tests/not-a-model.*hf download"):
         StableDiffusionPipeline.from_pretrained("sdkit-tests/not-a-model")
+
+
+def test_repo_id_loads_from_the_hub_cache(folder, tmp_path, monkeypatch):
+    """A repo id already in the huggingface_hub cache loads offline, without a download."""
+    import huggingface_hub.constants
+
+    revision = "0" * 40
+    repo = tmp_path / "models--sdkit-tests--tiny"
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    p = StableDiffusionPipeline.from_pretrained("sdkit-tests/tiny")
+    assert p.unet.config.sample_size == 8

@@ -302,3 +302,13 @@ def test_get_scheduler_class():
     assert ours.PLMSScheduler.from_config(plms.config).config == plms.config
     with pytest.raises(ValueError, match="UniPCMultistepScheduler.*sdkit has.*DDIMScheduler"):
         ours.get_scheduler_class("UniPCMultistepScheduler")
+
+
+def test_from_pretrained_folder_and_offline_repo(tmp_path):
+    from sdkit.schedulers import DDIMScheduler
+
+    DDIMScheduler(beta_schedule="scaled_linear", steps_offset=1).save_pretrained(tmp_path / "scheduler")
+    loaded = DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert loaded.config["steps_offset"] == 1 and loaded.config["beta_schedule"] == "scaled_linear"
+    with pytest.raises(FileNotFoundError, match="no-such-user/no-such-model.*not in the Hugging Face cache"):
+        DDIMScheduler.from_pretrained("no-such-user/no-such-model", subfolder="scheduler")

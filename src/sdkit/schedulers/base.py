@@ -139,15 +139,14 @@ class Scheduler:
         return path
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, subfolder=None):
-        """Load scheduler_config.json from a folder or hub repo id, optionally in ``subfolder``."""
-        path = os.fspath(path_or_repo_id)
-        folder = os.path.join(path, subfolder) if subfolder else path
-        if os.path.isdir(path):
-            return cls.from_config(folder)
-        from huggingface_hub import hf_hub_download
+    def from_pretrained(cls, path_or_repo_id, subfolder=None, local_files_only=None):
+        """Load scheduler_config.json from a folder or hub repo id (cache first), optionally in ``subfolder``."""
+        from ..hub import resolve_folder
 
-        return cls.from_config(hf_hub_download(path, CONFIG_NAME, subfolder=subfolder))
+        pattern = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
+        folder = resolve_folder(path_or_repo_id, subfolder, allow_patterns=[pattern],
+                                local_files_only=local_files_only)
+        return cls.from_config(str(folder))
 
     def __repr__(self):
         settings = (f"{k}={v!r}" for k, v in self._config.items() if k != "trained_betas")

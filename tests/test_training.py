@@ -255,6 +255,22 @@ def test_vae_stage_loss_goes_down_and_saves_a_scaled_vae(tiny_vae):
     assert z.shape == (1, 4, 8, 8)
 
 
+def test_vae_decoder_fine_tuning_keeps_the_latent_space(tiny_vae, tmp_path):
+    from sdkit.models import AutoencoderKL
+    from sdkit.training.cli import main
+
+    flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+             for k, v in TINY_VAE.items()]
+    out = str(tmp_path / "decoder")
+    assert main(["vae", "--out", out, "--steps", "3", *flags, "--init-from", os.path.join(tiny_vae, "vae"),
+                 "--train-encoder", "false"]) == 0
+    before = AutoencoderKL.from_pretrained(tiny_vae, subfolder="vae").state_dict()
+    after = AutoencoderKL.from_pretrained(out, subfolder="vae")
+    assert after.config.scaling_factor == AutoencoderKL.from_pretrained(tiny_vae, subfolder="vae").config.scaling_factor
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+
+
 def _unet_cfg(**overrides):
     return UNetConfig(**{**TINY_UNET, **overrides})
 

@@ -50,6 +50,8 @@ class VAEConfig(LoopConfig):
     # sooner but the background later in a 300-step trial, so the bundled recipe leaves it off
     init_logvar: float = -6.0  # initial posterior log-variance: near-deterministic latents train much faster
     ema_decay: Optional[float] = 0.995  # short run: a shorter average
+    init_from: Optional[str] = None  # start from this VAE folder (config.json + weights) instead of random
+    train_encoder: bool = True  # false: only the decoder learns, so latents (and a UNet trained on them) stay valid
     num_images: Optional[int] = None  # none: an endless stream of new images; N: cycle over N (overfitting tests)
     scale_samples: int = 512  # images encoded to measure the latent std -> scaling_factor
 

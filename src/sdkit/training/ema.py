@@ -17,17 +17,21 @@ def ema_decay(step, decay, warmup=True):
 
 
 class EMA:
-    """Shadow copies of a module's floating-point parameters: shadow = d * shadow + (1 - d) * param."""
+    """Shadow copies of a module's trainable parameters: shadow = d * shadow + (1 - d) * param.
+
+    Frozen parameters (``requires_grad=False``) are not averaged, so they stay bit-exact.
+    """
 
     def __init__(self, module: nn.Module, decay: float = 0.999, warmup: bool = True):
         self.decay, self.warmup = decay, warmup
-        self.shadow = {k: p.detach().clone() for k, p in module.named_parameters()}
+        self.shadow = {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
         d = ema_decay(step, self.decay, self.warmup)
         for name, p in module.named_parameters():
-            self.shadow[name].mul_(d).add_(p.detach(), alpha=1 - d)
+            if name in self.shadow:
+                self.shadow[name].mul_(d).add_(p.detach(), alpha=1 - d)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

@@ -73,13 +73,19 @@ class VAEStage:
         pass
 
     def build_models(self):
-        vae = AutoencoderKL.from_config(vae_model_config(self.cfg))
-        # Start the posterior almost deterministic (std = exp(init_logvar / 2)): with the default
-        # std ~1 the decoder first sees latents drowned in noise and learns only a blurry average.
-        # The KL term raises the variance later as far as it pays.
-        c = self.cfg.latent_channels
-        with torch.no_grad():
-            vae.quant_conv.bias[c:] = self.cfg.init_logvar
+        cfg = self.cfg
+        if cfg.init_from:
+            vae = AutoencoderKL.from_pretrained(cfg.init_from)
+        else:
+            vae = AutoencoderKL.from_config(vae_model_config(cfg))
+            # Start the posterior almost deterministic (std = exp(init_logvar / 2)): with the default
+            # std ~1 the decoder first sees latents drowned in noise and learns only a blurry average.
+            # The KL term raises the variance later as far as it pays.
+            with torch.no_grad():
+                vae.quant_conv.bias[cfg.latent_channels:] = cfg.init_logvar
+        if not cfg.train_encoder:  # decoder fine-tuning: the latent space stays exactly as it was
+            for module in (vae.encoder, vae.quant_conv):
+                module.requires_grad_(False)
         return {"vae": vae}
 
     def batch(self, step, rank, world, B, device):
@@ -95,7 +101,8 @@ class VAEStage:
 
     def loss(self, models, batch):
         vae = models["vae"]
-        posterior = vae.encode(batch["images"])
+        with torch.set_grad_enabled(self.cfg.train_encoder):
+            posterior = vae.encode(batch["images"])
         z = posterior.sample(batch["generator"])
         reconstruction = vae.decode(z)
         loss, rec, kl = losses.vae_loss(reconstruction, batch["images"], posterior, self.cfg.kl_weight,
@@ -109,8 +116,8 @@ class VAEStage:
         with torch.no_grad():
             images = torch.stack([data[i]["pixel_values"] for i in range(len(data))])
             z = torch.cat([vae.encode(chunk.to(vae.device)).mean for chunk in images.split(64)])
-        scale = float(1.0 / z.std())
-        final = AutoencoderKL.from_config({**vae.config, "scaling_factor": round(scale, 5)})
+        scale = round(float(1.0 / z.std()), 5) if self.cfg.train_encoder else vae.config.scaling_factor
+        final = AutoencoderKL.from_config({**vae.config, "scaling_factor": scale})
         final.load_state_dict(vae.state_dict())
         final.save_pretrained(os.path.join(out_dir, "vae"))
 

@@ -262,8 +262,7 @@ def test_vae_decoder_fine_tuning_keeps_the_latent_space(tiny_vae, tmp_path):
     flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
              for k, v in TINY_VAE.items()]
     out = str(tmp_path / "decoder")
-    assert main(["vae", "--out", out, "--steps", "3", *flags, "--init-from", os.path.join(tiny_vae, "vae"),
-                 "--train-encoder", "false"]) == 0
+    assert main(["decoder", "--vae", tiny_vae, "--out", out, "--steps", "3", *flags]) == 0
     before = AutoencoderKL.from_pretrained(tiny_vae, subfolder="vae").state_dict()
     after = AutoencoderKL.from_pretrained(out, subfolder="vae")
     assert after.config.scaling_factor == AutoencoderKL.from_pretrained(tiny_vae, subfolder="vae").config.scaling_factor

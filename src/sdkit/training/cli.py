@@ -1,8 +1,9 @@
 """``python -m sdkit.training`` (and ``sdkit train``): train the bundled model's stages.
 
     python -m sdkit.training vae --out runs/vae
+    python -m sdkit.training decoder --vae runs/vae --out runs/decoder      # optional: sharper colours
     python -m sdkit.training unet --vae runs/vae --out runs/unet
-    python -m sdkit.training export --vae runs/vae --unet runs/unet --out src/sdkit/assets/tiny-shapes
+    python -m sdkit.training export --vae runs/decoder --unet runs/unet --out src/sdkit/assets/tiny-shapes
     python -m sdkit.training all --work runs/tiny-shapes --out src/sdkit/assets/tiny-shapes
 
 Every field of ``VAEConfig`` / ``UNetConfig`` is a flag (``--batch-size 8``, ``--min-snr-gamma none``).
@@ -19,7 +20,7 @@ import os
 import sys
 import time
 
-from .config import UNetConfig, VAEConfig, parse_value
+from .config import UNetConfig, VAEConfig, decoder_config, parse_value
 
 
 def _add_config_flags(parser, cls):
@@ -29,8 +30,8 @@ def _add_config_flags(parser, cls):
                            default=None, help=f"default: {f.default}")
 
 
-def _config(cls, args):
-    defaults = cls()
+def _config(cls, args, defaults=None):
+    defaults = defaults or cls()
     overrides = {}
     for f in dataclasses.fields(cls):
         text = getattr(args, "cfg_" + f.name, None)
@@ -52,6 +53,12 @@ def build_parser():
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     _add_config_flags(p, VAEConfig)
 
+    p = sub.add_parser("decoder", help="stage 1b: fine-tune only the decoder of a VAE run (latents unchanged)")
+    p.add_argument("--vae", required=True, help="the VAE run folder (holding vae/)")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, log.jsonl, vae/)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    _add_config_flags(p, VAEConfig)
+
     p = sub.add_parser("unet", help="stage 2: train UNet + text encoder on the latents of a VAE run")
     p.add_argument("--vae", required=True, help="the VAE run folder (holding vae/)")
     p.add_argument("--out", required=True, help="run folder (checkpoint, latents.pt, unet/, text_encoder/, tokenizer/)")
@@ -63,7 +70,7 @@ def build_parser():
     p.add_argument("--unet", required=True)
     p.add_argument("--out", required=True, help="pipeline folder to write (diffusers layout)")
 
-    p = sub.add_parser("all", help="the whole bundled model from scratch: vae, unet, export")
+    p = sub.add_parser("all", help="the whole bundled model from scratch: vae, decoder, unet, export")
     p.add_argument("--work", required=True, help="folder for the two run folders (work/vae, work/unet)")
     p.add_argument("--out", required=True, help="pipeline folder to write")
     return parser
@@ -106,17 +113,22 @@ def main(argv=None) -> int:
     if args.command == "vae":
         seconds = _run_vae(args.out, _config(VAEConfig, args), not args.no_resume)
         print(f"vae stage: {seconds / 60:.1f} min")
+    elif args.command == "decoder":
+        defaults = decoder_config(os.path.join(args.vae, "vae"))
+        seconds = _run_vae(args.out, _config(VAEConfig, args, defaults), not args.no_resume)
+        print(f"decoder stage: {seconds / 60:.1f} min")
     elif args.command == "unet":
         seconds = _run_unet(args.vae, args.out, _config(UNetConfig, args), not args.no_resume)
         print(f"unet stage: {seconds / 60:.1f} min")
     elif args.command == "export":
         _export(args.vae, args.unet, args.out)
     elif args.command == "all":
-        vae_dir, unet_dir = os.path.join(args.work, "vae"), os.path.join(args.work, "unet")
+        vae_dir, decoder_dir, unet_dir = (os.path.join(args.work, n) for n in ("vae", "decoder", "unet"))
         t_vae = _run_vae(vae_dir, VAEConfig(), True)
+        t_decoder = _run_vae(decoder_dir, decoder_config(os.path.join(vae_dir, "vae")), True)
         t_unet = _run_unet(vae_dir, unet_dir, UNetConfig(), True)
-        _export(vae_dir, unet_dir, args.out)
-        print(f"vae stage {t_vae / 60:.1f} min, unet stage {t_unet / 60:.1f} min")
+        _export(decoder_dir, unet_dir, args.out)
+        print(f"vae {t_vae / 60:.1f} min, decoder {t_decoder / 60:.1f} min, unet {t_unet / 60:.1f} min")
     return 0
 
 

@@ -56,6 +56,17 @@ class VAEConfig(LoopConfig):
     scale_samples: int = 512  # images encoded to measure the latent std -> scaling_factor
 
 
+def decoder_config(vae_folder: str) -> VAEConfig:
+    """Stage 1b of the bundled recipe: fine-tune only the decoder of the stage-1 VAE in ``vae_folder``.
+
+    Reconstructed colours were still drifting towards their neighbours (red to orange, purple to
+    blue) when stage 1 ended; more decoder steps fix that without moving the latent space, so the
+    UNet can train on stage-1 latents at the same time. Shape pixels weigh 3x: colour is the error.
+    """
+    return VAEConfig(init_from=vae_folder, train_encoder=False, steps=1500, lr=1e-3, warmup_steps=20,
+                     foreground_weight=2.0)
+
+
 @dataclass
 class UNetConfig(LoopConfig):
     """Stage 2: the text encoder and UNet, trained together on cached VAE latents."""

@@ -329,6 +329,8 @@ def test_resumed_unet_run_equals_the_uninterrupted_one(tiny_vae, tmp_path, optio
     train(UNetStage(first, tiny_vae), first, str(tmp_path / "resumed"))
     assert load_checkpoint(str(tmp_path / "resumed"))["step"] == 3
     assert not (tmp_path / "resumed" / "unet").exists()  # not finished yet
+    with open(tmp_path / "resumed" / LOG_FILE, "a") as f:  # as if killed after logging step 4
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
     torch.manual_seed(1234)  # disturb the global RNG: the resumed run must not depend on it
     train(UNetStage(cfg, tiny_vae), cfg, str(tmp_path / "resumed"))
     _states_equal(load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "resumed")))

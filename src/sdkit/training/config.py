@@ -71,7 +71,8 @@ def decoder_config(vae_folder: str) -> VAEConfig:
 class UNetConfig(LoopConfig):
     """Stage 2: the text encoder and UNet, trained together on cached VAE latents."""
 
-    steps: int = 2500  # ~25 min on a loaded 2-core CPU with 2 processes
+    steps: int = 5000  # ~35 min on a loaded 2-core CPU with 2 processes; at 1500 colour and place were
+    # still near chance while shape and size were learned
     batch_size: int = 64  # 8x8 latents are cheap; bigger batches steady the many-attribute loss
     lr: float = 1e-3  # AdamW peak for both UNet and text encoder
     warmup_steps: int = 100

@@ -109,6 +109,16 @@ def weights_digest(modules) -> list[int]:
     return list(h.digest()[:8])
 
 
+def _truncate_log(path, step) -> None:
+    """Drop log lines written after the checkpoint (a run killed between checkpoints logged them)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
 def _average_gradients(params, accelerator) -> None:
     """Mean of every gradient over the processes (one flat all-reduce)."""
     if accelerator.num_processes == 1:
@@ -175,6 +185,7 @@ def train(stage, config, out_dir, accelerator=None, resume=True, callback=None):
         _set_rng_states(state["rng"])
         step = state["step"]
         if main:
+            _truncate_log(os.path.join(out_dir, LOG_FILE), step)
             tqdm.write(f"resumed {out_dir} at step {step}")
 
     end = config.steps if config.stop_at is None else min(config.stop_at, config.steps)

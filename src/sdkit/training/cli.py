@@ -4,7 +4,8 @@
     python -m sdkit.training decoder --vae runs/vae --out runs/decoder      # optional: sharper colours
     python -m sdkit.training unet --vae runs/vae --out runs/unet
     python -m sdkit.training export --vae runs/decoder --unet runs/unet --out src/sdkit/assets/tiny-shapes
-    python -m sdkit.training all --work runs/tiny-shapes --out src/sdkit/assets/tiny-shapes
+    accelerate launch --multi_gpu --num_processes 2 -m sdkit.training all --work runs/tiny-shapes \
+        --out src/sdkit/assets/tiny-shapes       # the bundled model (vae, decoder, unet phases, export)
 
 Every field of ``VAEConfig`` / ``UNetConfig`` is a flag (``--batch-size 8``, ``--min-snr-gamma none``).
 Runs resume from ``OUT/checkpoint`` when it exists (``--no-resume`` starts over). The same
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 
-from .config import UNetConfig, VAEConfig, decoder_config, parse_value
+from .config import BUNDLED_UNET_PHASES, UNetConfig, VAEConfig, decoder_config, parse_value
 
 
 def _add_config_flags(parser, cls):
@@ -126,8 +127,12 @@ def main(argv=None) -> int:
         vae_dir, decoder_dir, unet_dir = (os.path.join(args.work, n) for n in ("vae", "decoder", "unet"))
         t_vae = _run_vae(vae_dir, VAEConfig(), True)
         t_decoder = _run_vae(decoder_dir, decoder_config(os.path.join(vae_dir, "vae")), True)
-        t_unet = _run_unet(vae_dir, unet_dir, UNetConfig(), True)
-        _export(decoder_dir, unet_dir, args.out)
+        t_unet = sum(_run_unet(vae_dir, unet_dir, dataclasses.replace(UNetConfig(), **phase), True)
+                     for phase in BUNDLED_UNET_PHASES)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            _export(decoder_dir, unet_dir, args.out)
         print(f"vae {t_vae / 60:.1f} min, decoder {t_decoder / 60:.1f} min, unet {t_unet / 60:.1f} min")
     return 0
 

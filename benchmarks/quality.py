@@ -1,0 +1,120 @@
+"""Prompt adherence of the bundled tiny-shapes model, read back by the shapes judge.
+
+    python benchmarks/quality.py                 # the bundled model (sdkit.TINY_MODEL)
+    python benchmarks/quality.py --model DIR     # any shapes pipeline folder
+
+Prints one markdown table: for each setting, the fraction of images whose judged attribute equals
+the prompt's, per attribute the prompts name. Settings:
+
+* the judge on clean renders of the full prompts (must be 1.0: the judge itself is right);
+* 60 fully specified prompts, 25 steps, the model's default scheduler, at the recommended
+  guidance scale and at guidance 1.0 (no classifier-free guidance);
+* 36 short "a COLOR SHAPE" prompts with DDIM (20 steps), Euler ancestral (20) and DPM-Solver++ (12).
+
+Image i of a setting uses seed ``seed + i``, so every number is reproducible.
+"""
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+import sdkit  # noqa: E402
+from sdkit.schedulers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler  # noqa: E402
+from sdkit.training.judge import judge, score  # noqa: E402
+from sdkit.training.shapes import (COLORS, SHAPES, Attributes, all_attributes, caption, parse_prompt,  # noqa: E402
+                                   render)
+
+ATTRIBUTES = ("color", "shape", "background", "place", "size")
+RECOMMENDED_GUIDANCE = 2.5
+"""The guidance scale the model card recommends (best of 1.5, 2.5, 4, 7.5 on the 60 full prompts)."""
+
+
+def full_prompts(n=60):
+    """``n`` fully specified prompts spread over all 540 combinations (every 9th, in a fixed order)."""
+    combos = all_attributes()
+    step = len(combos) // n
+    return [caption(a) for a in combos[::step][:n]]
+
+
+def short_prompts(repeats=2):
+    return [f"a {c} {s}" for c, s in itertools.product(COLORS, SHAPES)] * repeats
+
+
+def accuracy(images, prompts):
+    hits = {}
+    for image, prompt in zip(images, prompts):
+        for name, ok in score(parse_prompt(prompt), judge(image)).items():
+            hits.setdefault(name, []).append(ok)
+    return {name: float(np.mean(v)) for name, v in hits.items()}
+
+
+def generate(pipe, prompts, steps, guidance, seed, scheduler=None, batch=30):
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                   output_type="np", scheduler=scheduler)
+        images.extend(out.images)
+    return images
+
+
+def clean_renders(prompts, seed):
+    images = []
+    for i, prompt in enumerate(prompts):
+        attrs = parse_prompt(prompt)
+        images.append(render(Attributes(**attrs), np.random.default_rng([seed, i])))
+    return images
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=sdkit.TINY_MODEL)
+    parser.add_argument("--guidance-scale", type=float, default=RECOMMENDED_GUIDANCE)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    pipe = sdkit.StableDiffusionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    full, short = full_prompts(), short_prompts()
+    default_name = type(pipe.scheduler).__name__
+    config = pipe.scheduler.config
+    rows = [("judge on clean renders (60 full prompts)", len(full), accuracy(clean_renders(full, args.seed), full))]
+    settings = [
+        (f"60 full prompts, {default_name} 25 steps, guidance {args.guidance_scale:g}", full, 25,
+         args.guidance_scale, None),
+        (f"60 full prompts, {default_name} 25 steps, guidance 1.0", full, 25, 1.0, None),
+        (f"36 short prompts, DDIM 20 steps, guidance {args.guidance_scale:g}", short, 20, args.guidance_scale,
+         DDIMScheduler.from_config(config)),
+        (f"36 short prompts, Euler a 20 steps, guidance {args.guidance_scale:g}", short, 20, args.guidance_scale,
+         EulerAncestralDiscreteScheduler.from_config(config)),
+        (f"36 short prompts, DPM++ 12 steps, guidance {args.guidance_scale:g}", short, 12, args.guidance_scale,
+         DPMSolverMultistepScheduler.from_config(config)),
+    ]
+    started = time.time()
+    for name, prompts, steps, guidance, scheduler in settings:
+        images = generate(pipe, prompts, steps, guidance, args.seed, scheduler)
+        rows.append((name, len(prompts), accuracy(images, prompts)))
+
+    print(f"model: {os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT) else args.model}")
+    print("| setting | n | " + " | ".join(ATTRIBUTES) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in ATTRIBUTES) + " |")
+    for name, n, acc in rows:
+        cells = [f"{acc[a]:.2f}" if a in acc else "" for a in ATTRIBUTES]
+        print(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    print(f"({time.time() - started:.0f} s of sampling)")
+
+
+if __name__ == "__main__":
+    main()

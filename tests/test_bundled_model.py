@@ -1,0 +1,70 @@
+"""The bundled tiny-shapes model: layout, size, and that it follows prompts (so a broken model or
+pipeline fails CI). The full quality numbers come from benchmarks/quality.py (see MODEL_CARD.md)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import sdkit
+from sdkit.training.judge import judge, score
+from sdkit.training.shapes import parse_prompt
+
+MODEL = sdkit.TINY_MODEL
+GUIDANCE = 2.5  # the model card's recommended scale
+PROMPTS = [
+    "a large red circle on the left on a white background",
+    "a small blue square at the top on a black background",
+    "a large yellow triangle in the center on a gray background",
+    "a small green circle at the bottom on a white background",
+    "a large purple square on the right on a white background",
+    "a large orange triangle at the top on a black background",
+    "a small red triangle on the right on a gray background",
+    "a large blue circle at the bottom on a gray background",
+]
+
+
+def test_bundled_model_is_a_small_safetensors_diffusers_folder():
+    index = json.loads(open(os.path.join(MODEL, "model_index.json")).read())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part, library, cls in [("unet", "diffusers", "UNet2DConditionModel"), ("vae", "diffusers", "AutoencoderKL"),
+                               ("text_encoder", "transformers", "CLIPTextModel"),
+                               ("tokenizer", "transformers", "CLIPTokenizer")]:
+        assert index[part] == [library, cls]
+        assert os.path.isdir(os.path.join(MODEL, part))
+    assert index["scheduler"][0] == "diffusers" and os.path.isfile(
+        os.path.join(MODEL, "scheduler", "scheduler_config.json"))
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+    files = [os.path.join(root, f) for root, _, names in os.walk(MODEL) for f in names]
+    assert sum(os.path.getsize(f) for f in files) <= 30 * 10**6
+    weights = [f for f in files if f.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".pkl"))]
+    assert weights and all(f.endswith(".safetensors") for f in weights)
+    assert os.path.isfile(os.path.join(os.path.dirname(MODEL), "tiny-shapes", "MODEL_CARD.md"))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = sdkit.StableDiffusionPipeline.from_pretrained(MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def adherence(pipe, prompts, guidance_scale, steps=15):
+    generators = [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
+                  output_type="np").images
+    hits = {}
+    for image, prompt in zip(images, prompts):
+        for name, ok in score(parse_prompt(prompt), judge(image)).items():
+            hits.setdefault(name, []).append(ok)
+    return {name: float(np.mean(v)) for name, v in hits.items()}
+
+
+def test_bundled_model_follows_prompts(pipe):
+    # measured 2026-11-23 (15 steps, guidance 2.5): shape, size, background 8/8, colour 5/8,
+    # place 1/8 (the model does not follow place words; see MODEL_CARD.md), so place is not asserted
+    acc = adherence(pipe, PROMPTS, GUIDANCE)
+    assert acc["shape"] >= 7 / 8 and acc["size"] >= 7 / 8 and acc["background"] >= 7 / 8, acc
+    assert acc["color"] >= 3 / 8, acc

@@ -9,7 +9,10 @@
 
 Every field of ``VAEConfig`` / ``UNetConfig`` is a flag (``--batch-size 8``, ``--min-snr-gamma none``).
 Runs resume from ``OUT/checkpoint`` when it exists (``--no-resume`` starts over). The same
-commands run multi-process with ``accelerate launch --num_processes 2 --cpu -m sdkit.training ...``.
+commands run multi-process with ``accelerate launch --multi_gpu --num_processes 2 -m sdkit.training ...``
+(or ``torchrun --nproc_per_node 2 -m sdkit.training ...``); without a GPU the processes use the CPU.
+``accelerate launch --cpu --num_processes 2`` starts only one process unless mpirun is configured
+(accelerate issue #2741).
 """
 
 from __future__ import annotations

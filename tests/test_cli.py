@@ -140,3 +140,14 @@ def test_console_script(model, tmp_path):
     proc = subprocess.run([exe, "generate", "x", "-o", str(tmp_path / "y.png"), "--model", "/nope"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_bundled_model_is_the_default(tmp_path, capsys):
+    """No --model: the bundled tiny-shapes model, at its model card's guidance scale."""
+    out = tmp_path / "default.png"
+    code, _, err = run(capsys, "generate", "a large blue square on the left on a white background",
+                       "-o", str(out), "--steps", "5", "--seed", "0", "-q")
+    assert code == 0, err
+    params = parse_parameters(Image.open(out).info["parameters"])
+    assert (params["Model"], params["CFG scale"], params["Size"], params["Sampler"]) == \
+           ("tiny-shapes", "2.5", "64x64", "DDIM")

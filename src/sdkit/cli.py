@@ -12,6 +12,8 @@ import sys
 import tempfile
 
 EXIT_USAGE = 2
+DEFAULT_GUIDANCE = 7.5  # diffusers' default CFG scale
+BUNDLED_GUIDANCE = 2.5  # the bundled model's best measured scale (assets/tiny-shapes/MODEL_CARD.md)
 
 
 class CLIError(Exception):
@@ -153,6 +155,8 @@ def generate(args):
     from sdkit.pipelines import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
 
     model = args.model or _default_model()
+    if args.guidance is None:
+        args.guidance = BUNDLED_GUIDANCE if _model_label(model) == "tiny-shapes" else DEFAULT_GUIDANCE
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar is noise here
@@ -213,7 +217,8 @@ def build_parser():
     g.add_argument("--model", help="model folder or Hugging Face repo id (default: the bundled tiny-shapes model)")
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (CFG)")
+    g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (CFG); default "
+                                                   f"{DEFAULT_GUIDANCE:g}, {BUNDLED_GUIDANCE:g} for the bundled model")
     g.add_argument("--seed", type=int, help="random seed (random and printed when not given; image k of a "
                                             "batch uses seed + k)")
     g.add_argument("--scheduler", help="scheduler class name or A1111 sampler name, e.g. 'Euler a', "

@@ -151,3 +151,12 @@ def test_bundled_model_is_the_default(tmp_path, capsys):
     params = parse_parameters(Image.open(out).info["parameters"])
     assert (params["Model"], params["CFG scale"], params["Size"], params["Sampler"]) == \
            ("tiny-shapes", "2.5", "64x64", "DDIM")
+
+
+def test_missing_bundled_model_is_one_line(tmp_path, capsys, monkeypatch):
+    import sdkit
+
+    monkeypatch.setattr(sdkit, "TINY_MODEL", str(tmp_path / "missing"))
+    code, _, err = run(capsys, "generate", "a circle", "-o", str(tmp_path / "x.png"))
+    assert code == 2 and "bundled model is missing" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()

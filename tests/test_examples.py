@@ -52,11 +52,18 @@ def test_inpaint_example_with_image_and_mask_files(folders, tmp_path):
     assert Image.open(out).size == (64, 64)
 
 
-@pytest.mark.skipif(os.path.isdir(sdkit.TINY_MODEL), reason="the bundled model is there")
-def test_without_a_model_the_example_says_the_bundled_one_is_missing(tmp_path):
-    result = run("txt2img.py", "-o", str(tmp_path / "out.png"))
-    assert result.returncode != 0
-    assert "no model was given" in result.stderr and "bundled model is missing" in result.stderr
+def test_without_a_model_the_example_says_the_bundled_one_is_missing(tmp_path, monkeypatch, capsys):
+    """A broken install (no bundled model): a plain message, no traceback, no output file."""
+    import runpy
+
+    monkeypatch.setattr(sdkit, "TINY_MODEL", str(tmp_path / "missing"))
+    example = runpy.run_path(os.path.join(EXAMPLES, "txt2img.py"))  # defines main() without running it
+    with pytest.raises(SystemExit) as exit_info:
+        example["main"](["-o", str(tmp_path / "out.png")])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "no model was given" in err and "bundled model is missing" in err
+    assert not (tmp_path / "out.png").exists()
 
 
 @pytest.mark.skipif(not os.path.isdir(sdkit.TINY_MODEL), reason="the bundled model is not built yet")

@@ -160,6 +160,16 @@ class Scheduler:
         train_steps = self._config["num_train_timesteps"]
         S.check_num_steps(num_inference_steps, train_steps, type(self).__name__)
 
+    def set_timesteps(self, num_inference_steps, device=None, strength=1.0):
+        """The run's state (DDPM, DDIM): int64 timesteps for ``num_inference_steps`` (fewer when ``strength`` < 1)."""
+        self._check_steps(num_inference_steps)
+        c = self._config
+        timesteps = S.spaced_timesteps(
+            c["timestep_spacing"], num_inference_steps, c["num_train_timesteps"], c["steps_offset"]
+        )
+        schedule = torch.from_numpy(np.round(timesteps).astype(np.int64))
+        return self._make_state(schedule, num_inference_steps, device, strength)
+
     def _make_state(self, schedule, num_inference_steps, device, strength, init_noise_sigma=1.0,
                     sigmas=None, state_class=SchedulerState, **extra):
         """A state that starts where the reference img2img pipeline starts for ``strength``.

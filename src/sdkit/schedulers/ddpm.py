@@ -8,7 +8,6 @@
 | x0, eps         | predicted x_0 and epsilon               |
 """
 
-import numpy as np
 import torch
 
 from . import schedules as S
@@ -42,16 +41,6 @@ class DDPMScheduler(Scheduler):
         self.alphas_cumprod = S.make_alphas_cumprod(self._config)
         self.one = torch.tensor(1.0)
         self._freeze()
-
-    def set_timesteps(self, num_inference_steps, device=None, strength=1.0):
-        """The run's state: int64 timesteps for ``num_inference_steps`` (fewer when ``strength`` < 1)."""
-        self._check_steps(num_inference_steps)
-        c = self._config
-        timesteps = S.spaced_timesteps(
-            c["timestep_spacing"], num_inference_steps, c["num_train_timesteps"], c["steps_offset"]
-        )
-        schedule = torch.from_numpy(np.round(timesteps).astype(np.int64))
-        return self._make_state(schedule, num_inference_steps, device, strength)
 
     def step(self, model_output, timestep, sample, state, generator=None):
         """One ancestral step x_t -> x_{t-1} (Ho et al. 2020, eqs. 6-7)."""

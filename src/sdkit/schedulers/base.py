@@ -296,6 +296,15 @@ class SigmaScheduler(Scheduler):
         sigma = state.sigmas[state.step_index]
         return sample / (sigma**2 + 1) ** 0.5
 
+    def set_timesteps(self, num_inference_steps, device=None, strength=1.0):
+        """The run's state: float32 timesteps and float32 sigmas (with a final 0)."""
+        self._check_steps(num_inference_steps)
+        c = self._config
+        timesteps, sigmas = S.sampler_sigmas(
+            c, self.alphas_cumprod, num_inference_steps, c.get("sigma_min"), c.get("sigma_max")
+        )
+        return self._sigma_state(timesteps, sigmas, num_inference_steps, device, strength)
+
     def _sigma_state(self, timesteps, sigmas, num_inference_steps, device, strength, **extra):
         """A state for a sigma schedule: timesteps (torch), sigmas float32 with the final 0 appended."""
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))

@@ -42,15 +42,6 @@ class EulerDiscreteScheduler(SigmaScheduler):
         self.alphas_cumprod = S.make_alphas_cumprod(self._config, clamp_terminal=True)
         self._freeze()
 
-    def set_timesteps(self, num_inference_steps, device=None, strength=1.0):
-        """The run's state: float32 timesteps and float32 sigmas (with a final 0)."""
-        self._check_steps(num_inference_steps)
-        c = self._config
-        timesteps, sigmas = S.sampler_sigmas(
-            c, self.alphas_cumprod, num_inference_steps, c["sigma_min"], c["sigma_max"]
-        )
-        return self._sigma_state(timesteps, sigmas, num_inference_steps, device, strength)
-
     def step(self, model_output, timestep, sample, state, generator=None):
         """One Euler step from sigma_i to sigma_{i+1} (Karras et al. 2022, Alg. 1 without churn).
 

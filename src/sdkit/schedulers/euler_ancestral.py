@@ -43,12 +43,6 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         self.alphas_cumprod = S.make_alphas_cumprod(self._config, clamp_terminal=True)
         self._freeze()
 
-    def set_timesteps(self, num_inference_steps, device=None, strength=1.0):
-        """The run's state: float32 timesteps and float32 sigmas (with a final 0)."""
-        self._check_steps(num_inference_steps)
-        timesteps, sigmas = S.sampler_sigmas(self._config, self.alphas_cumprod, num_inference_steps)
-        return self._sigma_state(timesteps, sigmas, num_inference_steps, device, strength)
-
     def step(self, model_output, timestep, sample, state, generator=None):
         """One ancestral Euler step from sigma_i to sigma_{i+1}."""
         i = self._check_timestep(timestep, state)

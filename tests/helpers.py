@@ -18,6 +18,10 @@ SD2_UNET = dict(
 
 INPAINT_UNET = {**SD1_UNET, "in_channels": 9}
 
+# FiLM resnets and the pooled prompt in the timestep embedding (the bundled model's UNet options)
+FILM_UNET = {**SD1_UNET, "resnet_time_scale_shift": "scale_shift", "addition_embed_type": "text",
+             "addition_embed_type_num_heads": 4}
+
 VAE_F2 = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
               up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4,
               layers_per_block=1, sample_size=16)

@@ -7,7 +7,7 @@ import warnings
 import diffusers
 import pytest
 import torch
-from helpers import INPAINT_UNET, SD1_UNET, SD2_UNET, VAE_F2, VAE_F8, perturb, rel_err
+from helpers import FILM_UNET, INPAINT_UNET, SD1_UNET, SD2_UNET, VAE_F2, VAE_F8, perturb, rel_err
 
 from sdkit.models import AutoencoderKL, UNet2DConditionModel
 
@@ -19,7 +19,8 @@ def reference_unet(tmp_path, config, seed=0):
     return ref
 
 
-@pytest.mark.parametrize("config", [SD1_UNET, SD2_UNET, INPAINT_UNET], ids=["sd1", "sd2", "inpaint9"])
+@pytest.mark.parametrize("config", [SD1_UNET, SD2_UNET, INPAINT_UNET, FILM_UNET],
+                         ids=["sd1", "sd2", "inpaint9", "film-text"])
 def test_unet_matches_reference(tmp_path, config):
     ref = reference_unet(tmp_path, config)
     ours = UNet2DConditionModel.from_pretrained(tmp_path)
@@ -218,7 +219,9 @@ def test_pickle_needs_opt_in(saved_vae):
 
 def test_unsupported_config_value_names_key():
     with pytest.raises(ValueError, match="resnet_time_scale_shift"):
-        UNet2DConditionModel.from_config({**SD1_UNET, "resnet_time_scale_shift": "scale_shift"})
+        UNet2DConditionModel.from_config({**SD1_UNET, "resnet_time_scale_shift": "spatial"})
+    with pytest.raises(ValueError, match="addition_embed_type"):
+        UNet2DConditionModel.from_config({**SD1_UNET, "addition_embed_type": "text_time"})
     with pytest.raises(ValueError, match="down_block_types"):
         UNet2DConditionModel.from_config({**SD1_UNET, "down_block_types": ("SimpleCrossAttnDownBlock2D",) * 3})
 

@@ -34,15 +34,69 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class AttentionPooling(nn.Module):
+    """One query (the mean token + a learned offset) attends over [query, tokens]: (B, T, D) -> (B, D).
+
+    The pooling of DeepFloyd IF; diffusers' checkpoint names (q_proj, k_proj, v_proj,
+    positional_embedding).
+    """
+
+    def __init__(self, heads, dim):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention pooling: width {dim} is not divisible by {heads} heads.")
+        self.heads = heads
+        self.positional_embedding = nn.Parameter(torch.randn(1, dim) / dim**0.5)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        query = x.mean(dim=1, keepdim=True) + self.positional_embedding.to(x.dtype)  # (B, 1, D)
+        tokens = torch.cat([query, x], dim=1)  # (B, 1 + T, D)
+
+        def split(t):  # (B, L, D) -> (B, heads, L, D / heads)
+            return t.view(B, t.shape[1], self.heads, D // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(query)), split(self.k_proj(tokens)), split(self.v_proj(tokens))
+        weights = torch.softmax((q @ k.transpose(-1, -2)).float() / (D // self.heads) ** 0.5, dim=-1)
+        return (weights.to(v.dtype) @ v).transpose(1, 2).reshape(B, D)  # (B, D)
+
+
+class TextTimeEmbedding(nn.Module):
+    """The prompt's pooled embedding, added to the timestep embedding (``addition_embed_type="text"``).
+
+    Every resnet then sees the prompt directly, not only through the cross-attention layers.
+    """
+
+    def __init__(self, encoder_dim, time_embed_dim, heads=64):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(encoder_dim)
+        self.pool = AttentionPooling(heads, encoder_dim)
+        self.proj = nn.Linear(encoder_dim, time_embed_dim)
+        self.norm2 = nn.LayerNorm(time_embed_dim)
+
+    def forward(self, context):
+        return self.norm2(self.proj(self.pool(self.norm1(context))))
+
+
 class ResnetBlock2D(nn.Module):
-    """GroupNorm-SiLU-conv residual block; the timestep embedding is added after the first conv."""
+    """GroupNorm-SiLU-conv residual block, conditioned on the (timestep [+ text]) embedding.
+
+    ``time_embedding_norm="default"`` adds the embedding after the first conv (SD 1.x/2.x);
+    ``"scale_shift"`` makes it a FiLM of the second norm instead: ``norm2(h) * (1 + scale) + shift``
+    (Dhariwal & Nichol 2021), which can switch feature maps on and off per prompt.
+    """
 
     def __init__(self, in_channels, out_channels, temb_channels=None, groups=32, eps=1e-6,
-                 dropout=0.0, output_scale_factor=1.0):
+                 dropout=0.0, output_scale_factor=1.0, time_embedding_norm="default"):
         super().__init__()
+        if time_embedding_norm not in ("default", "scale_shift"):
+            raise ValueError(f"time_embedding_norm {time_embedding_norm!r}: use 'default' or 'scale_shift'.")
+        self.scale_shift = time_embedding_norm == "scale_shift"
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        proj_out = 2 * out_channels if self.scale_shift else out_channels
+        self.time_emb_proj = nn.Linear(temb_channels, proj_out) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -51,9 +105,17 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x, temb=None):
         h = self.conv1(F.silu(self.norm1(x)))
+        cond = None
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+            cond = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        if cond is None:
+            h = self.norm2(h)
+        elif self.scale_shift:
+            scale, shift = cond.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + cond)
+        h = self.conv2(self.dropout(F.silu(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return (x + h) / self.output_scale_factor

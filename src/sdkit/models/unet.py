@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel, Upsample2D,
-                     timestep_embedding)
+from .blocks import (Downsample2D, ResnetBlock2D, TextTimeEmbedding, TimestepEmbedding, Transformer2DModel,
+                     Upsample2D, timestep_embedding)
 from .modeling import ModelMixin
 
 IntOrTuple = Union[int, Tuple[int, ...]]
@@ -38,6 +38,9 @@ class UNet2DConditionConfig:
     attention_head_dim: IntOrTuple = 8      # the reference uses this as the NUMBER of heads per level
     use_linear_projection: bool = False     # SD2: Linear instead of 1x1 conv around the transformer
     upcast_attention: bool = False          # SD2.1: attention in fp32 when running in half precision
+    resnet_time_scale_shift: str = "default"  # "scale_shift": the embedding scales and shifts (FiLM)
+    addition_embed_type: Optional[str] = None  # "text": add the pooled prompt to the timestep embedding
+    addition_embed_type_num_heads: int = 64   # heads of that pooling
 
 
 def _per_level(value, n, name):
@@ -66,7 +69,8 @@ class DownBlock2D(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
-                          cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
+                          cfg.norm_num_groups, cfg.norm_eps, cfg.dropout,
+                          time_embedding_norm=cfg.resnet_time_scale_shift)
             for i in range(num_layers))
         self.attentions = _transformers(out_channels, num_layers, heads, cross_attention_dim,
                                         transformer_layers, cfg) if with_attention else None
@@ -96,7 +100,8 @@ class UpBlock2D(nn.Module):
             skip_channels = in_channels if i == num_layers - 1 else out_channels
             resnet_in = prev_channels if i == 0 else out_channels
             self.resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, temb_channels,
-                                              cfg.norm_num_groups, cfg.norm_eps, cfg.dropout))
+                                              cfg.norm_num_groups, cfg.norm_eps, cfg.dropout,
+                          time_embedding_norm=cfg.resnet_time_scale_shift))
         self.attentions = _transformers(out_channels, num_layers, heads, cross_attention_dim,
                                         transformer_layers, cfg) if with_attention else None
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
@@ -115,7 +120,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     def __init__(self, channels, temb_channels, heads, cross_attention_dim, transformer_layers, cfg):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(channels, channels, temb_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout)
+            ResnetBlock2D(channels, channels, temb_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout,
+                          time_embedding_norm=cfg.resnet_time_scale_shift)
             for _ in range(2))
         self.attentions = _transformers(channels, 1, heads, cross_attention_dim, transformer_layers, cfg)
 
@@ -138,8 +144,8 @@ class UNet2DConditionModel(ModelMixin):
         "mid_block_type": ("UNetMidBlock2DCrossAttn",), "only_cross_attention": (False,),
         "dual_cross_attention": (False,), "act_fn": ("silu",), "downsample_padding": (1,),
         "mid_block_scale_factor": (1, 1.0), "num_attention_heads": (None,),
-        "class_embed_type": (None,), "addition_embed_type": (None,), "num_class_embeds": (None,),
-        "addition_time_embed_dim": (None,), "resnet_time_scale_shift": ("default",),
+        "class_embed_type": (None,), "num_class_embeds": (None,),
+        "addition_time_embed_dim": (None,),
         "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1, 1.0),
         "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
         "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
@@ -149,7 +155,6 @@ class UNet2DConditionModel(ModelMixin):
         "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
         "reverse_transformer_layers_per_block": (None,),
     }
-    _neutral = ("addition_embed_type_num_heads",)
 
     def __init__(self, config: UNet2DConditionConfig = None, **kwargs):
         super().__init__()
@@ -178,6 +183,14 @@ class UNet2DConditionModel(ModelMixin):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
+        if cfg.addition_embed_type not in (None, "text"):
+            raise ValueError(f"UNet2DConditionModel: config key 'addition_embed_type' is "
+                             f"{cfg.addition_embed_type!r}; sdkit supports None and 'text'.")
+        if cfg.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ValueError(f"UNet2DConditionModel: config key 'resnet_time_scale_shift' is "
+                             f"{cfg.resnet_time_scale_shift!r}; sdkit supports 'default' and 'scale_shift'.")
+        self.add_embedding = (TextTimeEmbedding(context_dims[0], temb, cfg.addition_embed_type_num_heads)
+                              if cfg.addition_embed_type == "text" else None)
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
@@ -224,6 +237,8 @@ class UNet2DConditionModel(ModelMixin):
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(emb.to(sample.dtype))
         context = encoder_hidden_states.to(sample.dtype)
+        if self.add_embedding is not None:
+            emb = emb + self.add_embedding(context)
 
         # 2. down: keep every intermediate for the skip connections
         if cfg.center_input_sample:

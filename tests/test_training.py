@@ -96,7 +96,7 @@ def test_beta_schedule_choice_reaches_the_noise_schedule(tmp_path, beta_schedule
     from sdkit.training.export import scheduler_config
     from sdkit.training.stages import UNetStage
 
-    cfg = UNetConfig(beta_schedule=beta_schedule)
+    cfg = UNetConfig(beta_schedule=beta_schedule, rescale_betas_zero_snr=False)
     stage = UNetStage(cfg, vae_dir=str(tmp_path))
     expected = DDPMScheduler(beta_schedule=beta_schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end)
     assert torch.equal(stage.scheduler.alphas_cumprod, expected.alphas_cumprod)
@@ -106,6 +106,67 @@ def test_beta_schedule_choice_reaches_the_noise_schedule(tmp_path, beta_schedule
     exported = scheduler_config(cfg, "DDIMScheduler")
     assert exported["beta_schedule"] == beta_schedule and exported["_class_name"] == "DDIMScheduler"
     assert exported["prediction_type"] == cfg.prediction_type
+
+
+def test_zero_terminal_snr_reaches_training_and_the_exported_scheduler(tmp_path):
+    """rescale_betas_zero_snr: the last training step is pure noise (as in diffusers), v-target only,
+    and the exported sampler starts at t = T ("trailing") with the same rescaled schedule."""
+    import diffusers
+
+    from sdkit.schedulers import DDIMScheduler
+    from sdkit.training.export import scheduler_config
+    from sdkit.training.stages import UNetStage
+
+    cfg = UNetConfig(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    stage = UNetStage(cfg, vae_dir=str(tmp_path))
+    reference = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=cfg.beta_start,
+                                        beta_end=cfg.beta_end, rescale_betas_zero_snr=True)
+    torch.testing.assert_close(stage.scheduler.alphas_cumprod, reference.alphas_cumprod, rtol=0, atol=1e-7)
+    assert float(stage.scheduler.alphas_cumprod[-1]) < 1e-7  # x_T = eps exactly
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 999])
+    torch.testing.assert_close(stage.scheduler.add_noise(x0, eps, t), eps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(losses.diffusion_target(stage.scheduler, x0, eps, t), -x0, rtol=0, atol=1e-3)
+    assert torch.isfinite(losses.min_snr_weights(stage.scheduler, t, 5.0)).all()
+
+    exported = scheduler_config(cfg, "DDIMScheduler")
+    assert exported["rescale_betas_zero_snr"] is True and exported["timestep_spacing"] == "trailing"
+    state = DDIMScheduler.from_config(exported).set_timesteps(25)
+    assert int(state.timesteps[0]) == 999
+    assert scheduler_config(UNetConfig(rescale_betas_zero_snr=False), "DDIMScheduler")["timestep_spacing"] == "leading"
+    with pytest.raises(ValueError, match="v_prediction"):
+        losses.noise_scheduler(prediction_type="epsilon", rescale_betas_zero_snr=True)
+
+
+def test_later_timestep_bias_draws_the_noisiest_portion_multiplier_times_as_often():
+    g = torch.Generator().manual_seed(0)
+    t = losses.sample_timesteps(200_000, 1000, g, "later", portion=0.25, multiplier=3.0)
+    assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.int64
+    # weights 1 on [0, 750) and 3 on [750, 1000): P(t >= 750) = 750 / (750 + 750) = 0.5
+    assert abs(float((t >= 750).float().mean()) - 0.5) < 0.01
+    low, high = torch.bincount(t, minlength=1000)[:750].float().mean(), torch.bincount(t)[750:].float().mean()
+    assert abs(float(high / low) - 3.0) < 0.1
+    # "none" (or multiplier 1) is exactly the uniform draw, so older runs resume unchanged
+    for kwargs in (dict(bias="none"), dict(bias="later", multiplier=1.0)):
+        uniform = losses.sample_timesteps(64, 1000, torch.Generator().manual_seed(3), **kwargs)
+        assert torch.equal(uniform, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="timestep bias"):
+        losses.sample_timesteps(4, 1000, bias="earlier")
+    with pytest.raises(ValueError, match="portion"):
+        losses.sample_timesteps(4, 1000, bias="later", portion=1.5, multiplier=2.0)
+
+
+def test_unet_architecture_options_reach_the_model(tmp_path):
+    """FiLM resnets and the pooled-prompt embedding are UNetConfig options (diffusers config keys)."""
+    from sdkit.training.stages import unet_model_config
+    from sdkit.models import UNet2DConditionModel
+
+    cfg = _unet_cfg(resnet_time_scale_shift="scale_shift", addition_embed_type="text", addition_embed_type_num_heads=2)
+    unet = UNet2DConditionModel.from_config(unet_model_config(cfg))
+    assert unet.config.resnet_time_scale_shift == "scale_shift" and unet.add_embedding is not None
+    assert unet.down_blocks[0].resnets[0].time_emb_proj.out_features == 2 * cfg.block_out_channels[0]
+    plain = UNet2DConditionModel.from_config(unet_model_config(_unet_cfg()))
+    assert plain.add_embedding is None
 
 
 def test_ema_update_equals_the_formula():
@@ -279,7 +340,8 @@ def test_unet_stage_overfits_a_tiny_data_set(tiny_vae, tmp_path):
 
     from sdkit.training.stages import UNetStage
 
-    cfg = _unet_cfg(steps=50, num_images=8, prediction_type="epsilon", min_snr_gamma=None, offset_noise=0.0,
+    cfg = _unet_cfg(steps=50, num_images=8, prediction_type="epsilon", rescale_betas_zero_snr=False,
+                    timestep_bias="none", min_snr_gamma=None, offset_noise=0.0,
                     immiscible=False)
     stage = UNetStage(cfg, tiny_vae)
     stage.setup(str(tmp_path), Accelerator())
@@ -316,8 +378,10 @@ def test_unet_batches_have_caption_dropout_and_fresh_captions(tiny_vae, tmp_path
 
 
 @pytest.mark.parametrize("options", [
-    dict(prediction_type="v_prediction", min_snr_gamma=5.0, offset_noise=0.1, immiscible=True),
-    dict(prediction_type="epsilon", min_snr_gamma=None, offset_noise=0.0, immiscible=False, ema_decay=None),
+    dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_bias="later", min_snr_gamma=5.0,
+         offset_noise=0.1, immiscible=True),
+    dict(prediction_type="epsilon", rescale_betas_zero_snr=False, timestep_bias="none", min_snr_gamma=None,
+         offset_noise=0.0, immiscible=False, ema_decay=None),
 ])
 def test_resumed_unet_run_equals_the_uninterrupted_one(tiny_vae, tmp_path, options):
     """k + m steps in one run == k steps, save, fresh objects, resume, m steps (weights, EMA, optimizer)."""

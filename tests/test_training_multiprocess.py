@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -45,3 +46,20 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(tmp_pat
     digests = [r for r in log if "weights_digest" in r][-1]["weights_digest"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_accelerate_cpu_launch_that_starts_one_process_warns(monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` runs one process without MPI: say so, don't hide it."""
+    from sdkit.training.loop import make_accelerator
+
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # the environment accelerate's simple launcher sets
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.warns(UserWarning, match="--multi_gpu --num_processes N"):
+        accelerator = make_accelerator()
+    assert accelerator.num_processes == 1
+    monkeypatch.delenv("MASTER_ADDR")  # a plain single-process --cpu launch: nothing to warn about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_accelerator()

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from .config import BUNDLED_UNET_PHASES, UNetConfig, VAEConfig, decoder_config, parse_value
+from .config import UNetConfig, VAEConfig, decoder_config, parse_value
 
 
 def _add_config_flags(parser, cls):
@@ -130,8 +130,7 @@ def main(argv=None) -> int:
         vae_dir, decoder_dir, unet_dir = (os.path.join(args.work, n) for n in ("vae", "decoder", "unet"))
         t_vae = _run_vae(vae_dir, VAEConfig(), True)
         t_decoder = _run_vae(decoder_dir, decoder_config(os.path.join(vae_dir, "vae")), True)
-        t_unet = sum(_run_unet(vae_dir, unet_dir, dataclasses.replace(UNetConfig(), **phase), True)
-                     for phase in BUNDLED_UNET_PHASES)
+        t_unet = _run_unet(vae_dir, unet_dir, UNetConfig(), True)
         from accelerate import PartialState
 
         if PartialState().is_main_process:

@@ -18,10 +18,12 @@ from .losses import noise_scheduler
 def scheduler_config(cfg, scheduler_class: str) -> dict:
     """The scheduler_config.json of the training noise schedule, for ``scheduler_class``."""
     ddpm = noise_scheduler(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
-                           cfg.prediction_type)
+                           cfg.prediction_type, cfg.rescale_betas_zero_snr)
     config = {k: v for k, v in ddpm.config.items() if k != "_class_name"}
     config.update(_class_name=scheduler_class, _diffusers_version=DIFFUSERS_VERSION,
-                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                  # zero terminal SNR: sampling must start at t = T, which "trailing" spacing includes
+                  timestep_spacing="trailing" if cfg.rescale_betas_zero_snr else "leading",
                   skip_prk_steps=True)
     return config
 

@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -142,6 +143,12 @@ def make_accelerator():
     from accelerate import Accelerator
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+    if (not launched and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
+            and "MASTER_ADDR" in os.environ):  # what `accelerate launch --cpu --num_processes N>1` leaves
+        warnings.warn("accelerate started one CPU process, not the --num_processes asked for (it needs "
+                      "mpirun for that, accelerate issue #2741); training runs single-process. For N "
+                      "processes use `accelerate launch --multi_gpu --num_processes N` or `torchrun "
+                      "--nproc_per_node N`, which work without a GPU.", stacklevel=2)
     return Accelerator(cpu=launched and not torch.cuda.is_available())
 
 

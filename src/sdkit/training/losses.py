@@ -25,13 +25,22 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def noise_scheduler(beta_schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085,
-                    beta_end=0.012, prediction_type="epsilon"):
-    """The training noise schedule, as the DDPM scheduler the sampling side reads (Ho et al. 2020)."""
+                    beta_end=0.012, prediction_type="epsilon", rescale_betas_zero_snr=False):
+    """The training noise schedule, as the DDPM scheduler the sampling side reads (Ho et al. 2020).
+
+    ``rescale_betas_zero_snr`` rescales the betas so the last timestep is pure noise (Lin et al.
+    2024, arXiv 2305.08891): the model then learns, at t = T, to draw the layout from the prompt
+    alone, exactly as it must when sampling starts from pure noise. It needs v-prediction.
+    """
+    if rescale_betas_zero_snr and prediction_type != "v_prediction":
+        raise ValueError("rescale_betas_zero_snr needs prediction_type='v_prediction': at zero SNR the "
+                         "noise is the input itself, so an epsilon target teaches nothing there.")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type {prediction_type!r} is not supported for training; "
                          f"use one of {', '.join(PREDICTION_TYPES)}.")
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
-                         beta_end=beta_end, beta_schedule=beta_schedule, prediction_type=prediction_type)
+                         beta_end=beta_end, beta_schedule=beta_schedule, prediction_type=prediction_type,
+                         rescale_betas_zero_snr=rescale_betas_zero_snr)
 
 
 def _per_sample(values, like):
@@ -66,6 +75,27 @@ def min_snr_weights(scheduler, timesteps, gamma):
     if scheduler.config["prediction_type"] == "epsilon":
         return clipped / s
     return clipped / (s + 1)
+
+
+TIMESTEP_BIASES = ("none", "later")
+
+
+def sample_timesteps(batch_size, num_train_timesteps, generator=None, bias="none", portion=0.25, multiplier=1.0):
+    """Training timesteps, (B,) int64: uniform, or with the noisiest ``portion`` drawn ``multiplier`` x as often.
+
+    ``bias="later"`` (the "later" timestep bias of diffusers' SDXL training script) spends more of
+    the batch where the layout is decided: near t = T the input is almost pure noise, so where
+    the shape goes (the prompt's place words) can only be learned there.
+    """
+    if bias not in TIMESTEP_BIASES:
+        raise ValueError(f"timestep bias {bias!r} is not supported; use one of {', '.join(TIMESTEP_BIASES)}.")
+    if bias == "none" or multiplier == 1.0:
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+    if not 0 < portion < 1 or multiplier <= 0:
+        raise ValueError(f"timestep bias needs 0 < portion < 1 and multiplier > 0, got {portion}, {multiplier}.")
+    weights = torch.ones(num_train_timesteps, dtype=torch.float64)
+    weights[num_train_timesteps - int(round(portion * num_train_timesteps)):] = multiplier
+    return torch.multinomial(weights, batch_size, replacement=True, generator=generator)
 
 
 def offset_noise(shape, offset=0.0, generator=None, device=None):

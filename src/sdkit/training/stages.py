@@ -46,7 +46,9 @@ def unet_model_config(cfg) -> dict:
                 down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
                 cross_attention_dim=cfg.text_hidden_size, attention_head_dim=cfg.attention_head_dim,
-                norm_num_groups=cfg.norm_num_groups)
+                norm_num_groups=cfg.norm_num_groups, resnet_time_scale_shift=cfg.resnet_time_scale_shift,
+                addition_embed_type=cfg.addition_embed_type,
+                addition_embed_type_num_heads=cfg.addition_embed_type_num_heads)
 
 
 def text_encoder_config(cfg, tokenizer):
@@ -153,7 +155,7 @@ class UNetStage:
     def __init__(self, cfg, vae_dir):
         self.cfg, self.vae_dir = cfg, vae_dir
         self.scheduler = losses.noise_scheduler(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start,
-                                                cfg.beta_end, cfg.prediction_type)
+                                                cfg.beta_end, cfg.prediction_type, cfg.rescale_betas_zero_snr)
         self._ids = {}
 
     def setup(self, out_dir, accelerator):
@@ -217,7 +219,8 @@ class UNetStage:
         eps = losses.offset_noise(x0.shape, cfg.offset_noise, generator)
         if cfg.immiscible:
             eps = eps[losses.immiscible_assignment(x0, eps)]
-        timesteps = torch.randint(0, cfg.num_train_timesteps, (B,), generator=generator)
+        timesteps = losses.sample_timesteps(B, cfg.num_train_timesteps, generator, cfg.timestep_bias,
+                                            cfg.timestep_bias_portion, cfg.timestep_bias_multiplier)
         return {"x0": x0.to(device), "eps": eps.to(device), "timesteps": timesteps.to(device),
                 "input_ids": self.input_ids(texts).to(device), "indices": indices, "captions": texts}
 

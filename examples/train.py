@@ -1,10 +1,11 @@
 """Train a shapes text-to-image model from scratch, then generate with it.
 
     python examples/train.py --out runs/demo --quick      # a few minutes: a rough model
-    python examples/train.py --out runs/tiny-shapes       # the bundled model's full recipe (~60-70 min)
+    python examples/train.py --out runs/tiny-shapes       # the bundled model's full recipe (~50 min)
 
-The full recipe is the one that produced ``sdkit.TINY_MODEL`` (see its MODEL_CARD.md). Each stage
-resumes from its checkpoint, so an interrupted run continues where it stopped. For two processes:
+The full recipe is ``python -m sdkit.training all``, the one that produced ``sdkit.TINY_MODEL`` (see
+its MODEL_CARD.md). Each stage resumes from its checkpoint, so an interrupted run continues where
+it stopped. For two processes:
 
     accelerate launch --multi_gpu --num_processes 2 examples/train.py --out runs/tiny-shapes
 """
@@ -26,14 +27,18 @@ def main():
     args = parser.parse_args()
 
     vae, unet, pipeline = (os.path.join(args.out, name) for name in ("vae", "unet", "pipeline"))
-    train(["vae", "--out", vae, *(QUICK_VAE if args.quick else [])])
-    train(["unet", "--vae", vae, "--out", unet, *(QUICK_UNET if args.quick else [])])
+    if args.quick:
+        train(["vae", "--out", vae, *QUICK_VAE])
+        train(["unet", "--vae", vae, "--out", unet, *QUICK_UNET])
+    else:  # vae, decoder fine-tuning, unet, export
+        train(["all", "--work", args.out, "--out", pipeline])
 
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return
-    train(["export", "--vae", vae, "--unet", unet, "--out", pipeline])
+    if args.quick:
+        train(["export", "--vae", vae, "--unet", unet, "--out", pipeline])
 
     import torch
 

@@ -5,7 +5,7 @@
     python -m sdkit.training unet --vae runs/vae --out runs/unet
     python -m sdkit.training export --vae runs/decoder --unet runs/unet --out src/sdkit/assets/tiny-shapes
     accelerate launch --multi_gpu --num_processes 2 -m sdkit.training all --work runs/tiny-shapes \
-        --out src/sdkit/assets/tiny-shapes       # the bundled model (vae, decoder, unet phases, export)
+        --out src/sdkit/assets/tiny-shapes       # the bundled model (vae, decoder, unet, export)
 
 Every field of ``VAEConfig`` / ``UNetConfig`` is a flag (``--batch-size 8``, ``--min-snr-gamma none``).
 Runs resume from ``OUT/checkpoint`` when it exists (``--no-resume`` starts over). The same

@@ -252,7 +252,7 @@ def test_image_that_is_not_rgb(pipe, image, match):
 def test_image_inputs_accepted_alike(pipe):
     p = Img2ImgPipeline.from_pipe(pipe)
     image = sample_image()
-    array = np.asarray(image)
+    array = np.array(image)  # a writable copy: torch.from_numpy warns on read-only arrays
     kwargs = dict(strength=0.5, num_inference_steps=2, output_type="np")
     a = p("a", image=image, generator=gen(0), **kwargs).images
     b = p("a", image=array.astype(np.float32) / 255, generator=gen(0), **kwargs).images

@@ -1,5 +1,6 @@
 """UNet2DConditionModel and AutoencoderKL against diffusers 0.42.1, and their I/O."""
 
+import dataclasses
 import json
 import os
 import warnings
@@ -222,6 +223,8 @@ def test_unsupported_config_value_names_key():
         UNet2DConditionModel.from_config({**SD1_UNET, "resnet_time_scale_shift": "spatial"})
     with pytest.raises(ValueError, match="addition_embed_type"):
         UNet2DConditionModel.from_config({**SD1_UNET, "addition_embed_type": "text_time"})
+    with pytest.raises(ValueError, match="addition_embed_type"):  # a config dataclass given directly
+        UNet2DConditionModel(dataclasses.replace(UNet2DConditionModel.parse_config(SD1_UNET), addition_embed_type="x"))
     with pytest.raises(ValueError, match="down_block_types"):
         UNet2DConditionModel.from_config({**SD1_UNET, "down_block_types": ("SimpleCrossAttnDownBlock2D",) * 3})
 

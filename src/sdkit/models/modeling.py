@@ -142,7 +142,8 @@ class ModelMixin(nn.Module):
     """from_config / from_pretrained / save_pretrained for a model with a config dataclass.
 
     Subclasses set ``config_class`` (a dataclass), ``_fixed`` (known reference keys sdkit supports
-    only at the listed values) and ``_neutral`` (known keys that do not change the architecture).
+    only at the listed values; a key may also be a dataclass field with a few supported values) and
+    ``_neutral`` (known keys that do not change the architecture).
     """
 
     config_class = None
@@ -158,13 +159,11 @@ class ModelMixin(nn.Module):
         for key, value in dict(config).items():
             if key.startswith("_") or key in cls._neutral:
                 continue
+            if key in cls._fixed:
+                cls._check_supported(key, value)
             if key in fields:
                 kwargs[key] = _as_tuple(value)
-            elif key in cls._fixed:
-                if value not in cls._fixed[key]:
-                    raise ValueError(f"{cls.__name__}: config key {key!r} = {value!r} is not supported "
-                                     f"by sdkit (supported: {' or '.join(map(repr, cls._fixed[key]))}).")
-            else:
+            elif key not in cls._fixed:
                 ignored.append(key)
         if ignored:
             warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(ignored)}", stacklevel=3)
@@ -176,8 +175,18 @@ class ModelMixin(nn.Module):
         config = {**dict(config or {}), **overrides}
         return cls(cls.parse_config(config))
 
+    @classmethod
+    def _check_supported(cls, key, value):
+        if value not in cls._fixed[key]:
+            raise ValueError(f"{cls.__name__}: config key {key!r} = {value!r} is not supported "
+                             f"by sdkit (supported: {' or '.join(map(repr, cls._fixed[key]))}).")
+
     def _set_config(self, config):
-        self.config = Config({"_class_name": type(self).__name__, **dataclasses.asdict(config)})
+        """Store ``config`` (checking the fields listed in ``_fixed``: a dataclass may come directly)."""
+        values = dataclasses.asdict(config)
+        for key in self._fixed.keys() & values.keys():
+            self._check_supported(key, values[key])
+        self.config = Config({"_class_name": type(self).__name__, **values})
 
     @property
     def dtype(self):

@@ -53,6 +53,12 @@ def _per_level(value, n, name):
     return tuple(value)
 
 
+def _resnet(in_channels, out_channels, temb_channels, cfg):
+    """A resnet with the config's norm, dropout and timestep-conditioning (default or FiLM)."""
+    return ResnetBlock2D(in_channels, out_channels, temb_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout,
+                         time_embedding_norm=cfg.resnet_time_scale_shift)
+
+
 def _transformers(channels, count, heads, cross_attention_dim, transformer_layers, cfg):
     """`count` spatial transformers at one level (one after each resnet)."""
     return nn.ModuleList(
@@ -68,9 +74,7 @@ class DownBlock2D(nn.Module):
                  with_attention, heads, cross_attention_dim, transformer_layers, cfg):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
-                          cfg.norm_num_groups, cfg.norm_eps, cfg.dropout,
-                          time_embedding_norm=cfg.resnet_time_scale_shift)
+            _resnet(in_channels if i == 0 else out_channels, out_channels, temb_channels, cfg)
             for i in range(num_layers))
         self.attentions = _transformers(out_channels, num_layers, heads, cross_attention_dim,
                                         transformer_layers, cfg) if with_attention else None
@@ -99,9 +103,7 @@ class UpBlock2D(nn.Module):
         for i in range(num_layers):
             skip_channels = in_channels if i == num_layers - 1 else out_channels
             resnet_in = prev_channels if i == 0 else out_channels
-            self.resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, temb_channels,
-                                              cfg.norm_num_groups, cfg.norm_eps, cfg.dropout,
-                          time_embedding_norm=cfg.resnet_time_scale_shift))
+            self.resnets.append(_resnet(resnet_in + skip_channels, out_channels, temb_channels, cfg))
         self.attentions = _transformers(out_channels, num_layers, heads, cross_attention_dim,
                                         transformer_layers, cfg) if with_attention else None
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
@@ -120,9 +122,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     def __init__(self, channels, temb_channels, heads, cross_attention_dim, transformer_layers, cfg):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(channels, channels, temb_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout,
-                          time_embedding_norm=cfg.resnet_time_scale_shift)
-            for _ in range(2))
+            _resnet(channels, channels, temb_channels, cfg) for _ in range(2))
         self.attentions = _transformers(channels, 1, heads, cross_attention_dim, transformer_layers, cfg)
 
     def forward(self, x, temb, context):
@@ -144,8 +144,8 @@ class UNet2DConditionModel(ModelMixin):
         "mid_block_type": ("UNetMidBlock2DCrossAttn",), "only_cross_attention": (False,),
         "dual_cross_attention": (False,), "act_fn": ("silu",), "downsample_padding": (1,),
         "mid_block_scale_factor": (1, 1.0), "num_attention_heads": (None,),
-        "class_embed_type": (None,), "num_class_embeds": (None,),
-        "addition_time_embed_dim": (None,),
+        "class_embed_type": (None,), "num_class_embeds": (None,), "addition_time_embed_dim": (None,),
+        "resnet_time_scale_shift": ("default", "scale_shift"), "addition_embed_type": (None, "text"),
         "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1, 1.0),
         "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
         "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
@@ -183,12 +183,6 @@ class UNet2DConditionModel(ModelMixin):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
-        if cfg.addition_embed_type not in (None, "text"):
-            raise ValueError(f"UNet2DConditionModel: config key 'addition_embed_type' is "
-                             f"{cfg.addition_embed_type!r}; sdkit supports None and 'text'.")
-        if cfg.resnet_time_scale_shift not in ("default", "scale_shift"):
-            raise ValueError(f"UNet2DConditionModel: config key 'resnet_time_scale_shift' is "
-                             f"{cfg.resnet_time_scale_shift!r}; sdkit supports 'default' and 'scale_shift'.")
         self.add_embedding = (TextTimeEmbedding(context_dims[0], temb, cfg.addition_embed_type_num_heads)
                               if cfg.addition_embed_type == "text" else None)
 

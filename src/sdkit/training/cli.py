@@ -75,7 +75,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="pipeline folder to write (diffusers layout)")
 
     p = sub.add_parser("all", help="the whole bundled model from scratch: vae, decoder, unet, export")
-    p.add_argument("--work", required=True, help="folder for the two run folders (work/vae, work/unet)")
+    p.add_argument("--work", required=True, help="folder for the three run folders (work/vae, work/decoder, work/unet)")
     p.add_argument("--out", required=True, help="pipeline folder to write")
     return parser
 

@@ -200,6 +200,8 @@ def test_nan_guard_decodes_again_in_float32(pipe):
     (dict(output_type="jpeg"), "output_type"),
     (dict(prompt=3), "prompt must be"),
     (dict(latents=torch.zeros(1, 4, 4, 4)), "latents have shape"),
+    (dict(guidance_rescale=1.5), r"guidance_rescale must be a number in \[0, 1\]"),
+    (dict(guidance_rescale="0.7"), r"guidance_rescale must be a number in \[0, 1\]"),
 ])
 def test_txt2img_input_checks(pipe, kwargs, match):
     kwargs = {"prompt": "a red circle", "num_inference_steps": 1, **kwargs}

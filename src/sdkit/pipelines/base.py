@@ -57,10 +57,21 @@ class Start:
     finish: Optional[Callable] = None  # finish(images in [0, 1]) -> images, after decoding
 
 
-def classifier_free_guidance(prediction, guidance_scale):
-    """eps = eps_uncond + s (eps_cond - eps_uncond) (Ho & Salimans 2022, arXiv 2207.12598)."""
+def classifier_free_guidance(prediction, guidance_scale, guidance_rescale=0.0):
+    """eps = eps_uncond + s (eps_cond - eps_uncond) (Ho & Salimans 2022, arXiv 2207.12598).
+
+    ``guidance_rescale`` = phi > 0 pulls each guided prediction's standard deviation back towards
+    the conditional one's: eps = phi * eps * std(eps_cond) / std(eps) + (1 - phi) * eps (Lin et al.
+    2024, arXiv 2305.08891, section 3.4; they use phi = 0.7). Large scales otherwise overshoot,
+    most visibly with zero-terminal-SNR models.
+    """
     uncond, cond = prediction.chunk(2)  # (2B, ...) -> two (B, ...)
-    return uncond + guidance_scale * (cond - uncond)
+    guided = uncond + guidance_scale * (cond - uncond)
+    if guidance_rescale:
+        dims = tuple(range(1, guided.ndim))
+        matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        guided = guidance_rescale * matched + (1 - guidance_rescale) * guided
+    return guided
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,12 +243,16 @@ class DiffusionPipeline:
     # -- the shared run ---------------------------------------------------------------------------
     def _generate(self, start, *, prompt, negative_prompt, height, width, num_inference_steps,
                   guidance_scale, num_images_per_prompt, generator, eta, output_type, callback,
-                  scheduler, strength=1.0):
+                  scheduler, strength=1.0, guidance_rescale=0.0):
         """Check, encode the prompts, set the timesteps, start (``start(run)``), denoise, decode."""
         prompts, negatives = self._check_common(prompt, negative_prompt, height, width, num_inference_steps,
                                                 num_images_per_prompt, output_type, callback)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"strength must be a number in [0, 1], got {strength!r}.")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
+                or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1] (0: off; 0.7 in Lin et al. 2024), "
+                             f"got {guidance_rescale!r}.")
         if int(num_inference_steps * strength) < 1:
             raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} runs "
                              f"int({num_inference_steps} * {strength}) = 0 denoising steps; raise strength "
@@ -256,7 +271,7 @@ class DiffusionPipeline:
             run = Run(batch_size, num_images_per_prompt, height, width, generator, scheduler, state,
                       guidance, device, dtype)
             begin = start(run)
-            latents, interrupted = self._denoise(begin, context, run, guidance_scale, eta, callback)
+            latents, interrupted = self._denoise(begin, context, run, guidance_scale, guidance_rescale, eta, callback)
             if output_type == "latent":
                 return PipelineOutput(latents, interrupted)
             images = (self._decode(latents) * 0.5 + 0.5).clamp(0, 1)
@@ -264,7 +279,7 @@ class DiffusionPipeline:
                 images = begin.finish(images)
             return PipelineOutput(to_output(images, output_type), interrupted)
 
-    def _denoise(self, begin, context, run, guidance_scale, eta, callback):
+    def _denoise(self, begin, context, run, guidance_scale, guidance_rescale, eta, callback):
         """The denoising loop every pipeline shares. Returns (latents, interrupted)."""
         scheduler, state, latents = run.scheduler, run.state, begin.latents
         accepted = _step_parameters(type(scheduler))
@@ -285,7 +300,7 @@ class DiffusionPipeline:
                     x = torch.cat([x, begin.unet_extra], dim=1)
                 prediction = self.unet(x, t, context)
                 if run.guidance:
-                    prediction = classifier_free_guidance(prediction, guidance_scale)
+                    prediction = classifier_free_guidance(prediction, guidance_scale, guidance_rescale)
                 out = scheduler.step(prediction, t, latents, state, **step_kwargs)
                 latents, state = out.prev_sample, out.state
                 if begin.blend is not None:

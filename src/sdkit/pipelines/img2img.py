@@ -12,7 +12,7 @@ class Img2ImgPipeline(DiffusionPipeline):
 
     def __call__(self, prompt, image, strength=0.8, negative_prompt=None, height=None, width=None,
                  num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, generator=None,
-                 eta=0.0, output_type="pil", callback=None, scheduler=None):
+                 eta=0.0, output_type="pil", callback=None, scheduler=None, guidance_rescale=0.0):
         """Generate images for `prompt` starting from `image`.
 
         image: PIL image, (H, W, 3) array or (3, H, W) tensor in [0, 1] (or uint8), or a list or
@@ -37,6 +37,6 @@ class Img2ImgPipeline(DiffusionPipeline):
                               width=width, num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
                               generator=generator, eta=eta, output_type=output_type, callback=callback,
-                              scheduler=scheduler, strength=strength)
+                              scheduler=scheduler, guidance_rescale=guidance_rescale, strength=strength)
 
     __call__.__doc__ += CALL_DOC

@@ -19,7 +19,7 @@ class InpaintPipeline(DiffusionPipeline):
 
     def __call__(self, prompt, image, mask_image, strength=1.0, negative_prompt=None, height=None,
                  width=None, num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1,
-                 generator=None, eta=0.0, output_type="pil", callback=None, scheduler=None,
+                 generator=None, eta=0.0, output_type="pil", callback=None, scheduler=None, guidance_rescale=0.0,
                  paste_back=None, mask_blur=4):
         """Repaint the masked part of `image` guided by `prompt`.
 
@@ -86,7 +86,7 @@ class InpaintPipeline(DiffusionPipeline):
                               width=width, num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
                               generator=generator, eta=eta, output_type=output_type, callback=callback,
-                              scheduler=scheduler, strength=strength)
+                              scheduler=scheduler, guidance_rescale=guidance_rescale, strength=strength)
 
     __call__.__doc__ += CALL_DOC
 

@@ -17,6 +17,8 @@ CALL_DOC = """
             from 0, latents are the new ones); return False to stop the run there. A stopped run
             decodes the latents it has and returns ``interrupted=True``.
         scheduler: an sdkit scheduler for this call only (default: ``pipe.scheduler``).
+        guidance_rescale: in [0, 1]; matches the guided prediction's std to the conditional one's
+            by this fraction (Lin et al. 2024; 0.7 there, 0 = off as in diffusers).
 
         Returns a PipelineOutput with ``.images`` and ``.interrupted``.
 """
@@ -29,7 +31,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
     def __call__(self, prompt, negative_prompt=None, height=None, width=None, num_inference_steps=50,
                  guidance_scale=7.5, num_images_per_prompt=1, generator=None, eta=0.0, latents=None,
-                 output_type="pil", callback=None, scheduler=None):
+                 output_type="pil", callback=None, scheduler=None, guidance_rescale=0.0):
         """Generate images for `prompt`.
 
         height, width: image size, multiples of the VAE factor (default: the UNet's sample_size
@@ -56,7 +58,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                               width=width, num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
                               generator=generator, eta=eta, output_type=output_type, callback=callback,
-                              scheduler=scheduler)
+                              scheduler=scheduler, guidance_rescale=guidance_rescale)
 
     __call__.__doc__ += CALL_DOC
 

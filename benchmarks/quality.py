@@ -29,19 +29,30 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 import sdkit  # noqa: E402
 from sdkit.schedulers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler  # noqa: E402
 from sdkit.training.judge import judge, score  # noqa: E402
-from sdkit.training.shapes import (COLORS, SHAPES, Attributes, all_attributes, caption, parse_prompt,  # noqa: E402
-                                   render)
+from sdkit.training.shapes import (BACKGROUNDS, COLORS, PLACES, SHAPES, SIZES, Attributes, caption,  # noqa: E402
+                                   parse_prompt, render)
 
 ATTRIBUTES = ("color", "shape", "background", "place", "size")
-RECOMMENDED_GUIDANCE = 2.5
-"""The guidance scale the model card recommends (best of 1.5, 2.5, 4, 7.5 on the 60 full prompts)."""
+RECOMMENDED_GUIDANCE = 3.0
+RECOMMENDED_GUIDANCE_RESCALE = 0.7
+"""The guidance scale and rescale the model card recommends (see its sweep)."""
 
 
-def full_prompts(n=60):
-    """``n`` fully specified prompts spread over all 540 combinations (every 9th, in a fixed order)."""
-    combos = all_attributes()
-    step = len(combos) // n
-    return [caption(a) for a in combos[::step][:n]]
+def full_prompts(n=60, seed=0):
+    """``n`` distinct fully specified prompts in which every value of every attribute appears equally often.
+
+    Each attribute's column holds its values in equal numbers (for n = 60: 10 per colour, 20 per shape
+    and background, 12 per place, 30 per size), shuffled independently by a fixed seed, so every
+    value meets many values of the others.
+    """
+    tables = {"color": list(COLORS), "shape": list(SHAPES), "place": list(PLACES), "size": list(SIZES),
+              "background": list(BACKGROUNDS)}
+    rng = np.random.default_rng(seed)
+    while True:
+        columns = {name: rng.permutation(np.resize(np.arange(len(values)), n)) for name, values in tables.items()}
+        combos = [Attributes(**{name: tables[name][columns[name][i]] for name in tables}) for i in range(n)]
+        if len(set(combos)) == n:
+            return [caption(a) for a in combos]
 
 
 def short_prompts(repeats=2):
@@ -56,13 +67,13 @@ def accuracy(images, prompts):
     return {name: float(np.mean(v)) for name, v in hits.items()}
 
 
-def generate(pipe, prompts, steps, guidance, seed, scheduler=None, batch=30):
+def generate(pipe, prompts, steps, guidance, seed, scheduler=None, batch=30, guidance_rescale=0.0):
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                   output_type="np", scheduler=scheduler)
+                   output_type="np", scheduler=scheduler, guidance_rescale=guidance_rescale)
         images.extend(out.images)
     return images
 
@@ -79,6 +90,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=sdkit.TINY_MODEL)
     parser.add_argument("--guidance-scale", type=float, default=RECOMMENDED_GUIDANCE)
+    parser.add_argument("--guidance-rescale", type=float, default=RECOMMENDED_GUIDANCE_RESCALE,
+                        help="guidance_rescale (0: off)")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -104,10 +117,11 @@ def main(argv=None):
     ]
     started = time.time()
     for name, prompts, steps, guidance, scheduler in settings:
-        images = generate(pipe, prompts, steps, guidance, args.seed, scheduler)
+        images = generate(pipe, prompts, steps, guidance, args.seed, scheduler, guidance_rescale=args.guidance_rescale)
         rows.append((name, len(prompts), accuracy(images, prompts)))
 
-    print(f"model: {os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT) else args.model}")
+    print(f"model: {os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT) else args.model}"
+          + (f", guidance_rescale {args.guidance_rescale:g}" if args.guidance_rescale else ""))
     print("| setting | n | " + " | ".join(ATTRIBUTES) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in ATTRIBUTES) + " |")
     for name, n, acc in rows:

@@ -52,22 +52,19 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("vae", help="stage 1: train the autoencoder into OUT/vae")
-    p.add_argument("--out", required=True, help="run folder (checkpoint, log.jsonl, vae/)")
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    _add_config_flags(p, VAEConfig)
+    def stage(name, help, cls, out_help, needs_vae=False):
+        p = sub.add_parser(name, help=help)
+        if needs_vae:
+            p.add_argument("--vae", required=True, help="the VAE run folder (holding vae/)")
+        p.add_argument("--out", required=True, help=out_help)
+        p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+        _add_config_flags(p, cls)
 
-    p = sub.add_parser("decoder", help="stage 1b: fine-tune only the decoder of a VAE run (latents unchanged)")
-    p.add_argument("--vae", required=True, help="the VAE run folder (holding vae/)")
-    p.add_argument("--out", required=True, help="run folder (checkpoint, log.jsonl, vae/)")
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    _add_config_flags(p, VAEConfig)
-
-    p = sub.add_parser("unet", help="stage 2: train UNet + text encoder on the latents of a VAE run")
-    p.add_argument("--vae", required=True, help="the VAE run folder (holding vae/)")
-    p.add_argument("--out", required=True, help="run folder (checkpoint, latents.pt, unet/, text_encoder/, tokenizer/)")
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    _add_config_flags(p, UNetConfig)
+    stage("vae", "stage 1: train the autoencoder into OUT/vae", VAEConfig, "run folder (checkpoint, log.jsonl, vae/)")
+    stage("decoder", "stage 1b: fine-tune only the decoder of a VAE run (latents unchanged)", VAEConfig,
+          "run folder (checkpoint, log.jsonl, vae/)", needs_vae=True)
+    stage("unet", "stage 2: train UNet + text encoder on the latents of a VAE run", UNetConfig,
+          "run folder (checkpoint, latents.pt, unet/, text_encoder/, tokenizer/)", needs_vae=True)
 
     p = sub.add_parser("export", help="assemble a pipeline folder from a VAE run and a UNet run")
     p.add_argument("--vae", required=True)

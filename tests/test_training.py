@@ -331,6 +331,33 @@ def test_vae_decoder_fine_tuning_keeps_the_latent_space(tiny_vae, tmp_path):
     assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
 
 
+def test_vae_latent_noise_is_added_to_what_the_decoder_reads_scaled_by_the_latent_std():
+    from sdkit.models import AutoencoderKL
+    from sdkit.training.stages import VAEStage, vae_model_config
+
+    cfg = VAEConfig(**{**TINY_VAE, "latent_noise": 0.5})
+    stage = VAEStage(cfg)
+    vae = AutoencoderKL.from_config(vae_model_config(cfg))
+    batch = stage.batch(step=3, rank=0, world=1, B=2, device="cpu")
+    replay = torch.Generator().set_state(batch["generator"].get_state())
+    seen = []
+    decode = vae.decode
+    vae.decode = lambda z: seen.append(z) or decode(z)
+    stage.loss({"vae": vae}, batch)
+    with torch.no_grad():
+        z = vae.encode(batch["images"]).sample(replay)
+        noise = torch.randn(z.shape, generator=replay)
+    torch.testing.assert_close(seen[0].detach(), z + 0.5 * z.std() * noise)
+    # and 0 turns it off: the decoder reads the posterior sample itself
+    stage = VAEStage(VAEConfig(**{**TINY_VAE, "latent_noise": 0.0}))
+    batch = stage.batch(step=3, rank=0, world=1, B=2, device="cpu")
+    replay = torch.Generator().set_state(batch["generator"].get_state())
+    seen.clear()
+    stage.loss({"vae": vae}, batch)
+    with torch.no_grad():
+        torch.testing.assert_close(seen[0].detach(), vae.encode(batch["images"]).sample(replay))
+
+
 def _unet_cfg(**overrides):
     return UNetConfig(**{**TINY_UNET, **overrides})
 

@@ -106,6 +106,9 @@ class VAEStage:
         with torch.set_grad_enabled(self.cfg.train_encoder):
             posterior = vae.encode(batch["images"])
         z = posterior.sample(batch["generator"])
+        if self.cfg.latent_noise:  # the decoder must read latents as imprecise as a UNet's samples
+            noise = torch.randn(z.shape, generator=batch["generator"]).to(z.device)
+            z = z + self.cfg.latent_noise * z.detach().std() * noise
         reconstruction = vae.decode(z)
         loss, rec, kl = losses.vae_loss(reconstruction, batch["images"], posterior, self.cfg.kl_weight,
                                          self.cfg.foreground_weight)

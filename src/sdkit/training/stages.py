@@ -157,8 +157,7 @@ class UNetStage:
 
     def __init__(self, cfg, vae_dir):
         self.cfg, self.vae_dir = cfg, vae_dir
-        self.scheduler = losses.noise_scheduler(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start,
-                                                cfg.beta_end, cfg.prediction_type, cfg.rescale_betas_zero_snr)
+        self.scheduler = losses.config_noise_scheduler(cfg)
         self._ids = {}
 
     def setup(self, out_dir, accelerator):

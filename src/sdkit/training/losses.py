@@ -147,6 +147,23 @@ def foreground_weights(image, foreground_weight):
     return 1 + foreground_weight * mask.to(image.dtype)
 
 
+def channel_correlation_loss(latents):
+    """Mean squared off-diagonal correlation between the channels of ``latents`` (B, C, H, W).
+
+    Every position of every image is one sample. 0 when the channels are uncorrelated, 1 when they
+    are all the same signal: an autoencoder left alone tends to write one scalar per position into
+    all of its channels, which leaves the attributes that matter little to the pixel loss (the
+    shape's hue) as small wiggles on that one axis.
+    """
+    x = latents.transpose(0, 1).flatten(1).float()  # (C, N)
+    x = x - x.mean(1, keepdim=True)
+    x = x / (x.pow(2).mean(1, keepdim=True).sqrt() + 1e-6)
+    corr = x @ x.T / x.shape[1]  # (C, C)
+    channels = corr.shape[0]
+    off_diagonal = corr - torch.diag(torch.diagonal(corr))
+    return off_diagonal.pow(2).sum() / (channels * (channels - 1))
+
+
 def vae_loss(reconstruction, image, posterior, kl_weight, foreground_weight=0.0):
     """Squared error + ``kl_weight`` * KL(q(z|x) || N(0, I)) per latent element (Kingma & Welling 2014).
 

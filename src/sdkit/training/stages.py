@@ -112,7 +112,12 @@ class VAEStage:
         reconstruction = vae.decode(z)
         loss, rec, kl = losses.vae_loss(reconstruction, batch["images"], posterior, self.cfg.kl_weight,
                                          self.cfg.foreground_weight)
-        return loss, {"rec": rec.detach(), "kl": kl.detach()}
+        logs = {"rec": rec.detach(), "kl": kl.detach()}
+        if self.cfg.train_encoder and self.cfg.channel_decorrelation:
+            corr = losses.channel_correlation_loss(posterior.mean)
+            loss = loss + self.cfg.channel_decorrelation * corr
+            logs["corr"] = corr.detach()
+        return loss, logs
 
     def finish(self, models, out_dir):
         """Save ``out_dir/vae`` with ``scaling_factor`` = 1 / std of the latents (unit-variance latents)."""

@@ -221,6 +221,46 @@ def test_vae_loss_weights_shape_pixels_and_adds_the_kl_term():
     assert float(losses.vae_loss(image, image, posterior, kl_weight=0.5)[0]) == pytest.approx(0.25)
 
 
+def test_channel_correlation_loss_is_the_mean_squared_off_diagonal_correlation():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 4, 8, 8, generator=g)
+    z[:, 1] = 0.5 * z[:, 0] + z[:, 1]  # channels 0 and 1 correlated
+    samples = z.transpose(0, 1).flatten(1).double().numpy()  # (4, 384): every position a sample
+    corr = np.corrcoef(samples)
+    expected = (corr ** 2).sum() - 4  # the diagonal is 1
+    assert float(losses.channel_correlation_loss(z)) == pytest.approx(expected / 12, rel=1e-4)
+    # scale and offset per channel do not matter; one signal in every channel is the maximum, 1
+    scaled = z * torch.tensor([1.0, 30.0, 0.01, 2.0])[:, None, None] + 5
+    assert float(losses.channel_correlation_loss(scaled)) == pytest.approx(expected / 12, rel=1e-4)
+    same = z[:, :1].repeat(1, 4, 1, 1) * torch.tensor([1.0, -2.0, 3.0, 0.5])[:, None, None]
+    assert float(losses.channel_correlation_loss(same)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_vae_stage_adds_the_channel_decorrelation_term_only_while_the_encoder_trains():
+    from sdkit.models import AutoencoderKL
+    from sdkit.training.stages import VAEStage, vae_model_config
+
+    cfg = VAEConfig(**{**TINY_VAE, "channel_decorrelation": 0.0})
+    vae = AutoencoderKL.from_config(vae_model_config(cfg))
+    base = VAEStage(cfg)
+    batch = base.batch(step=1, rank=0, world=1, B=4, device="cpu")
+    state = batch["generator"].get_state()
+    loss0, logs0 = base.loss({"vae": vae}, batch)
+    assert "corr" not in logs0
+    batch["generator"].set_state(state)
+    loss, logs = VAEStage(VAEConfig(**{**TINY_VAE, "channel_decorrelation": 0.3})).loss({"vae": vae}, batch)
+    with torch.no_grad():
+        corr = losses.channel_correlation_loss(vae.encode(batch["images"]).mean)
+    assert float(logs["corr"]) == pytest.approx(float(corr)) and float(corr) > 0
+    assert float(loss.detach()) == pytest.approx(float(loss0.detach()) + 0.3 * float(corr), rel=1e-5)
+    # the decoder stage (frozen encoder) cannot change the correlation: no term
+    batch["generator"].set_state(state)
+    frozen = VAEStage(VAEConfig(**{**TINY_VAE, "channel_decorrelation": 0.3, "train_encoder": False}))
+    loss_frozen, logs_frozen = frozen.loss({"vae": vae}, batch)
+    assert "corr" not in logs_frozen
+    assert float(loss_frozen.detach()) == pytest.approx(float(loss0.detach()), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 class ToyStage:

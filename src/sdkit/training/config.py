@@ -52,10 +52,11 @@ class VAEConfig(LoopConfig):
     latent_noise: float = 0.6  # Gaussian noise added to the latents the decoder sees, as a fraction of
     # their std (so of the unit-variance latents the UNet models): to survive it the encoder must
     # spread what it encodes over all channels and keep attribute values apart
-    channel_decorrelation: float = 0.1  # weight of the mean squared correlation between latent channels:
-    # without it the four channels carried one signal, and at a shape's pixels red, orange and yellow
-    # on white sat within 0.1 of each other (unit-variance latents); with it the colours spread over
-    # a plane and the 10th-percentile gap to the nearest other colour there grew from 0.42 to 1.16
+    channel_decorrelation: float = 0.0  # weight of the mean squared correlation between latent channels.
+    # Unweighted, the four channels carry one signal. In a 1-process screening run, 0.1 spread the six
+    # colours over a plane (10th-percentile gap to the nearest other colour at shape pixels 0.42 -> 1.16,
+    # unit-variance latents); in the 2-process recipe the colours fell back onto one channel (0.18), so
+    # the bundled recipe leaves it off until that is understood
     init_logvar: float = -6.0  # initial posterior log-variance: near-deterministic latents train much faster
     ema_decay: Optional[float] = 0.995  # short run: a shorter average
     init_from: Optional[str] = None  # start from this VAE folder (config.json + weights) instead of random
@@ -82,7 +83,7 @@ def decoder_config(vae_folder: str) -> VAEConfig:
 class UNetConfig(LoopConfig):
     """Stage 2: the text encoder and UNet, trained together on cached VAE latents."""
 
-    steps: int = 5000  # ~33 min with 2 processes on an idle 2-core CPU: the whole recipe fits in an hour
+    steps: int = 8000  # ~38 min with 2 processes on an idle 2-core CPU: the whole recipe fits in an hour
     batch_size: int = 64  # 8x8 latents are cheap; bigger batches steady the many-attribute loss
     lr: float = 1e-3  # AdamW peak for both UNet and text encoder
     warmup_steps: int = 100

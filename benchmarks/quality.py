@@ -9,7 +9,8 @@ the prompt's, per attribute the prompts name. Settings:
 * the judge on clean renders of the full prompts (must be 1.0: the judge itself is right);
 * 60 fully specified prompts, 25 steps, the model's default scheduler, at the recommended
   guidance scale and at guidance 1.0 (no classifier-free guidance);
-* 36 short "a COLOR SHAPE" prompts with DDIM (20 steps), Euler ancestral (20) and DPM-Solver++ (12).
+* 36 short "a COLOR SHAPE" prompts with DDIM (20 steps), Euler ancestral (20) and DPM-Solver++ (12),
+  and for each of these which colours were drawn instead of which.
 
 Image i of a setting uses seed ``seed + i``, so every number is reproducible.
 """
@@ -78,6 +79,16 @@ def generate(pipe, prompts, steps, guidance, seed, scheduler=None, batch=30, gui
     return images
 
 
+def colour_misses(images, prompts):
+    """``{"asked->drawn": count}`` over the images whose judged colour differs from the prompt's."""
+    counts = {}
+    for image, prompt in zip(images, prompts):
+        asked, drawn = parse_prompt(prompt)["color"], judge(image).color
+        if drawn != asked:
+            counts[f"{asked}->{drawn}"] = counts.get(f"{asked}->{drawn}", 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def clean_renders(prompts, seed):
     images = []
     for i, prompt in enumerate(prompts):
@@ -116,9 +127,12 @@ def main(argv=None):
          DPMSolverMultistepScheduler.from_config(config)),
     ]
     started = time.time()
+    misses = {}
     for name, prompts, steps, guidance, scheduler in settings:
         images = generate(pipe, prompts, steps, guidance, args.seed, scheduler, guidance_rescale=args.guidance_rescale)
         rows.append((name, len(prompts), accuracy(images, prompts)))
+        if prompts is short:
+            misses[name.split(", ")[1]] = colour_misses(images, prompts)
 
     print(f"model: {os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT) else args.model}"
           + (f", guidance_rescale {args.guidance_rescale:g}" if args.guidance_rescale else ""))
@@ -128,6 +142,8 @@ def main(argv=None):
         cells = [f"{acc[a]:.2f}" if a in acc else "" for a in ATTRIBUTES]
         print(f"| {name} | {n} | " + " | ".join(cells) + " |")
     print(f"({time.time() - started:.0f} s of sampling)")
+    for name, counts in misses.items():
+        print(f"short-prompt colour misses, {name}: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
 
 
 if __name__ == "__main__":

@@ -48,15 +48,16 @@ class VAEConfig(LoopConfig):
     kl_weight: float = 1e-5  # per latent element: just enough to keep the posterior well scaled
     foreground_weight: float = 5.0  # extra loss weight on shape pixels (5-30% of the image): unweighted,
     # the encoder spent its latent range on the background and put orange 1.6 from yellow (median
-    # latent distance of one layout drawn in both colours; 3.8-4.0 for the closest pairs with 5.0)
+    # latent distance of one layout drawn in both colours); with 5.0 the closest pairs are 3.2-4.2
+    # apart (benchmarks/vae_colours.py on the bundled model)
     latent_noise: float = 0.6  # Gaussian noise added to the latents the decoder sees, as a fraction of
     # their std (so of the unit-variance latents the UNet models): to survive it the encoder must
     # spread what it encodes over all channels and keep attribute values apart
     channel_decorrelation: float = 0.0  # weight of the mean squared correlation between latent channels.
     # Unweighted, the four channels carry one signal. In a 1-process screening run, 0.1 spread the six
     # colours over a plane (10th-percentile gap to the nearest other colour at shape pixels 0.42 -> 1.16,
-    # unit-variance latents); in the 2-process recipe the colours fell back onto one channel (0.18), so
-    # the bundled recipe leaves it off until that is understood
+    # unit-variance latents); in three 2-process runs it was 0.18-0.77, the channels decorrelated but
+    # the colours still on one of them, so the bundled recipe leaves it off
     init_logvar: float = -6.0  # initial posterior log-variance: near-deterministic latents train much faster
     ema_decay: Optional[float] = 0.995  # short run: a shorter average
     init_from: Optional[str] = None  # start from this VAE folder (config.json + weights) instead of random

@@ -28,15 +28,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 import sdkit  # noqa: E402
+from sdkit.cli import BUNDLED_GUIDANCE, BUNDLED_GUIDANCE_RESCALE  # noqa: E402  (the model card's recommendation)
 from sdkit.schedulers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler  # noqa: E402
 from sdkit.training.judge import judge, score  # noqa: E402
 from sdkit.training.shapes import (BACKGROUNDS, COLORS, PLACES, SHAPES, SIZES, Attributes, caption,  # noqa: E402
                                    parse_prompt, render)
 
 ATTRIBUTES = ("color", "shape", "background", "place", "size")
-RECOMMENDED_GUIDANCE = 3.0
-RECOMMENDED_GUIDANCE_RESCALE = 0.7
-"""The guidance scale and rescale the model card recommends (see its sweep)."""
 
 
 def full_prompts(n=60, seed=0):
@@ -100,8 +98,8 @@ def clean_renders(prompts, seed):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=sdkit.TINY_MODEL)
-    parser.add_argument("--guidance-scale", type=float, default=RECOMMENDED_GUIDANCE)
-    parser.add_argument("--guidance-rescale", type=float, default=RECOMMENDED_GUIDANCE_RESCALE,
+    parser.add_argument("--guidance-scale", type=float, default=BUNDLED_GUIDANCE)
+    parser.add_argument("--guidance-rescale", type=float, default=BUNDLED_GUIDANCE_RESCALE,
                         help="guidance_rescale (0: off)")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

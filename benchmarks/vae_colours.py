@@ -34,14 +34,11 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 import sdkit  # noqa: E402
 from sdkit.models import AutoencoderKL  # noqa: E402
 from sdkit.training.judge import judge  # noqa: E402
-from sdkit.training.shapes import (BACKGROUNDS, COLORS, ShapesDataset, coverage, layout, render,  # noqa: E402
-                                   sample_attributes)
+from sdkit.training.shapes import (BACKGROUNDS, COLORS, coverage, layout, render, sample_attributes,  # noqa: E402
+                                   to_pixel_values)
+from sdkit.training.stages import attributes_from_codes, encode_dataset  # noqa: E402
 
 COLOR_NAMES, BACKGROUND_NAMES = list(COLORS), list(BACKGROUNDS)
-
-
-def to_tensor(images):
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @torch.no_grad()
@@ -55,7 +52,7 @@ def pair_gaps(vae, layouts=120):
     for i in range(layouts):
         attrs = sample_attributes(rng)
         images += [render(dataclasses.replace(attrs, color=c), np.random.default_rng([9, i])) for c in COLOR_NAMES]
-    z = encode(vae, to_tensor(images)).reshape(layouts, len(COLOR_NAMES), -1)
+    z = encode(vae, to_pixel_values(np.stack(images))).reshape(layouts, len(COLOR_NAMES), -1)
     distance = torch.cdist(z, z).median(0).values  # (6, 6)
     return {(a, b): float(distance[i, j]) for (i, a), (j, b) in itertools.combinations(enumerate(COLOR_NAMES), 2)}
 
@@ -70,7 +67,7 @@ def shape_pixel_gaps(vae, layouts=40):
         cx, cy, size = layout(attrs, np.random.default_rng([9, i]))
         covered = torch.from_numpy(coverage(attrs.shape, cx, cy, size)).float()[None, None]
         masks.append(torch.nn.functional.avg_pool2d(covered, 8)[0, 0] > 0.5)  # latent positions inside the shape
-    z = encode(vae, to_tensor(images)).reshape(layouts, len(COLOR_NAMES), len(BACKGROUND_NAMES), 4, 8, 8)
+    z = encode(vae, to_pixel_values(np.stack(images))).reshape(layouts, len(COLOR_NAMES), len(BACKGROUND_NAMES), 4, 8, 8)
     same, any_background = [], []
     for zi, mask in zip(z, masks):
         if not mask.any():
@@ -89,15 +86,15 @@ def centre_latents(vae):
 
     images = [render(Attributes(color=c, shape="square", place="center", size="large", background=b),
                      np.random.default_rng(0)) for c, b in itertools.product(COLOR_NAMES, BACKGROUND_NAMES)]
-    z = encode(vae, to_tensor(images))[:, :, 3:5, 3:5].mean((2, 3))  # (18, 4)
+    z = encode(vae, to_pixel_values(np.stack(images)))[:, :, 3:5, 3:5].mean((2, 3))  # (18, 4)
     return z.reshape(len(COLOR_NAMES), len(BACKGROUND_NAMES), -1)
 
 
 @torch.no_grad()
 def decoded_colour(vae, n=600, noise_levels=(0.0, 0.3, 0.5)):
-    data = ShapesDataset(n, seed=77)
-    items = [data[i] for i in range(n)]
-    z = encode(vae, torch.stack([it["pixel_values"] for it in items]), chunk=100)
+    means, _, codes = encode_dataset(vae, n, seed=77, batch_size=100)
+    z = means * vae.config.scaling_factor
+    asked = [attributes_from_codes(c).color for c in codes]
     generator = torch.Generator().manual_seed(0)
     rows = {}
     for std in noise_levels:
@@ -105,8 +102,8 @@ def decoded_colour(vae, n=600, noise_levels=(0.0, 0.3, 0.5)):
         images = torch.cat([vae.decode(c / vae.config.scaling_factor) for c in noisy.split(100)])
         images = ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
         hits = {c: [] for c in COLOR_NAMES}
-        for image, item in zip(images, items):
-            hits[item["attrs"]["color"]].append(judge(image).color == item["attrs"]["color"])
+        for image, colour in zip(images, asked):
+            hits[colour].append(judge(image).color == colour)
         rows[std] = {c: float(np.mean(v)) for c, v in hits.items()}
     return rows
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import sdkit
+from sdkit.cli import BUNDLED_GUIDANCE, BUNDLED_GUIDANCE_RESCALE
 from sdkit.training.judge import judge, score
 from sdkit.training.shapes import parse_prompt
 
 MODEL = sdkit.TINY_MODEL
-GUIDANCE = 3.0  # the model card's recommended scale and guidance rescale
-RESCALE = 0.7
+GUIDANCE, RESCALE = BUNDLED_GUIDANCE, BUNDLED_GUIDANCE_RESCALE  # the model card's recommendation
 PROMPTS = [
     "a large red circle on the left on a white background",
     "a small blue square at the top on a black background",

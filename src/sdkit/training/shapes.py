@@ -269,6 +269,11 @@ def sample(
     return image, text, attrs
 
 
+def to_pixel_values(image: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) image(s) -> float tensor (..., 3, H, W) in [-1, 1], the VAE's input."""
+    return torch.from_numpy(np.asarray(image)).movedim(-1, -3).float() / 127.5 - 1
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """``length`` shapes examples; item ``i`` depends only on ``(seed, i)``.
 
@@ -290,5 +295,4 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"ShapesDataset: index {index} out of range for length {self.length}")
         rng = np.random.default_rng([self.seed, int(index)])
         image, text, attrs = sample(rng, self.drop_prob, self.empty_prob)
-        pixel_values = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
-        return {"pixel_values": pixel_values, "caption": text, "attrs": dataclasses.asdict(attrs)}
+        return {"pixel_values": to_pixel_values(image), "caption": text, "attrs": dataclasses.asdict(attrs)}

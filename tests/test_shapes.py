@@ -224,3 +224,28 @@ def test_triangle_is_upright():
     filled = np.nonzero(rows > 0.5)[0]
     top, bottom = rows[filled[:5]].mean(), rows[filled[-6:-1]].mean()
     assert bottom > 4 * top  # narrow apex above, wide base below
+
+
+@pytest.mark.parametrize("change", ["background", "color"])
+def test_twins_are_the_dataset_item_and_the_same_drawing_with_one_attribute_changed(change):
+    from sdkit.training.shapes import to_pixel_values, twins
+
+    data = ShapesDataset(50, seed=4)
+    changed_values = set()
+    for index in range(12):
+        image, twin, alpha = twins(4, index, change)
+        assert torch.equal(to_pixel_values(image), data[index]["pixel_values"])
+        item = data[index]["attrs"]
+        inside, outside = alpha == 1.0, alpha == 0.0
+        assert inside.sum() > 50 and outside.sum() > 1000
+        table = BACKGROUNDS if change == "background" else COLORS
+        kept_region, changed_region = (inside, outside) if change == "background" else (outside, inside)
+        assert np.array_equal(image[kept_region], twin[kept_region])  # same geometry, other part untouched
+        new = tuple(twin[changed_region][0])
+        assert new != tuple(image[changed_region][0])
+        value = next(name for name, rgb in table.items() if tuple(rgb) == new)
+        assert value != item[change]
+        changed_values.add(value)
+    assert len(changed_values) >= 2  # the new value varies with the index
+    with pytest.raises(ValueError, match="change must be one of"):
+        twins(4, 0, "shape")

@@ -261,6 +261,58 @@ def test_vae_stage_adds_the_channel_decorrelation_term_only_while_the_encoder_tr
     assert float(loss_frozen.detach()) == pytest.approx(float(loss0.detach()), rel=1e-6)
 
 
+def test_invariance_loss_is_the_weighted_pair_difference_in_units_of_the_latent_variance():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 2, 8, 8, generator=g), torch.randn(3, 2, 8, 8, generator=g)
+    w = torch.rand(3, 1, 8, 8, generator=g) * (torch.rand(3, 1, 8, 8, generator=g) > 0.5)
+    an, bn, wn = a.double().numpy(), b.double().numpy(), w.double().numpy()
+    expected = (wn * (an - bn) ** 2).sum() / (wn.sum() * 2) / 0.5
+    assert float(losses.invariance_loss(a, b, w, 0.5)) == pytest.approx(expected, rel=1e-5)
+    assert 2.0 < expected < 6.0  # independent unit-variance latents differ by 2 per element, / 0.5
+    assert float(losses.invariance_loss(a, a.clone(), w, 0.5)) == 0.0  # identical twins
+    assert float(losses.invariance_loss(5 * a, 5 * b, w, 25 * 0.5)) == pytest.approx(expected, rel=1e-4)
+    # positions the shape does not cover do not count
+    moved = b.clone()
+    moved[w.expand_as(b) == 0] += 100.0
+    assert float(losses.invariance_loss(a, moved, w, 0.5)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_vae_stage_pairs_twins_and_adds_the_colour_factorization_terms():
+    from sdkit.models import AutoencoderKL
+    from sdkit.training.shapes import twins
+    from sdkit.training.stages import VAEStage, vae_model_config
+
+    cfg = VAEConfig(**{**TINY_VAE, "colour_factorization": 0.2, "colour_channels": 1})
+    vae = AutoencoderKL.from_config(vae_model_config(cfg))
+    stage = VAEStage(cfg)
+    batch = stage.batch(step=2, rank=1, world=2, B=8, device="cpu")
+    images, coverage = batch["images"], batch["coverage"]
+    assert images.shape == (8, 3, 64, 64) and coverage.shape == (4, 1, 64, 64)
+    for k, index in enumerate(batch["indices"].tolist()):  # two background pairs, then two colour pairs
+        image, twin, alpha = twins(cfg.seed, index, "background" if k < 2 else "color")
+        assert np.array_equal(((images[k] + 1) * 127.5).round().permute(1, 2, 0).numpy(), image)
+        assert np.array_equal(((images[4 + k] + 1) * 127.5).round().permute(1, 2, 0).numpy(), twin)
+        assert np.array_equal(coverage[k, 0].numpy(), alpha.astype(np.float32))
+    state = batch["generator"].get_state()
+    loss, logs = stage.loss({"vae": vae}, batch)
+    batch["generator"].set_state(state)
+    loss0, logs0 = VAEStage(VAEConfig(**{**TINY_VAE, "colour_factorization": 0.0})).loss({"vae": vae}, batch)
+    assert "inv_bg" not in logs0
+    with torch.no_grad():
+        z = vae.encode(images).mean
+    w, scale = torch.nn.functional.avg_pool2d(coverage, 8), z.var()
+    inv_bg = losses.invariance_loss(z[:2, :1], z[4:6, :1], w[:2], scale)  # colour channel vs background change
+    inv_col = losses.invariance_loss(z[2:4, 1:], z[6:8, 1:], w[2:], scale)  # other channels vs colour change
+    assert float(logs["inv_bg"]) == pytest.approx(float(inv_bg), rel=1e-5)
+    assert float(logs["inv_col"]) == pytest.approx(float(inv_col), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(loss0.detach()) + 0.2 * float(inv_bg + inv_col), rel=1e-5)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        stage.batch(step=0, rank=0, world=1, B=6, device="cpu")
+    # the decoder stage (frozen encoder) reads plain batches: the latents cannot change
+    frozen = VAEStage(VAEConfig(**{**TINY_VAE, "colour_factorization": 0.2, "train_encoder": False}))
+    assert "coverage" not in frozen.batch(step=0, rank=0, world=1, B=6, device="cpu")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 class ToyStage:

@@ -38,7 +38,8 @@ class VAEConfig(LoopConfig):
     """Stage 1: the autoencoder. 64x64x3 images <-> 8x8x4 latents (factor 8)."""
 
     steps: int = 1500  # ~17 min on a loaded 2-core CPU; reconstructions then keep every attribute
-    batch_size: int = 12  # an autoencoder needs many steps more than big batches
+    batch_size: int = 16  # an autoencoder needs many steps more than big batches; a multiple of 4 per
+    # process for colour_factorization (8 each with 2 processes: 2 background and 2 colour pairs)
     lr: float = 2e-3  # GroupNorm'd small conv nets tolerate a high rate with warm-up and clipping
     block_out_channels: Tuple[int, ...] = (16, 32, 32, 64)  # 4 levels = factor 8; thin at 64x64 for speed
     layers_per_block: int = 1  # one resnet per encoder level (two per decoder level)
@@ -58,6 +59,13 @@ class VAEConfig(LoopConfig):
     # colours over a plane (10th-percentile gap to the nearest other colour at shape pixels 0.42 -> 1.16,
     # unit-variance latents); in three 2-process runs it was 0.18-0.77, the channels decorrelated but
     # the colours still on one of them, so the bundled recipe leaves it off
+    colour_factorization: float = 0.05  # weight of two losses.invariance_loss terms. Batches are pairs of
+    # drawings that differ only in background or only in colour; at the shape's positions the first
+    # ``colour_channels`` latent channels must not see the background and the others not the colour,
+    # so a hue gets one code whatever the background. Without it the encoder writes the background
+    # into the shape's positions too and a hue's code depends on it (orange on black lies nearer red
+    # on white than orange on white does): prompts that leave the background open miss the colour
+    colour_channels: int = 2  # the channels that carry the colour (the rest carry the background)
     init_logvar: float = -6.0  # initial posterior log-variance: near-deterministic latents train much faster
     ema_decay: Optional[float] = 0.995  # short run: a shorter average
     init_from: Optional[str] = None  # start from this VAE folder (config.json + weights) instead of random

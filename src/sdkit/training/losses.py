@@ -164,6 +164,20 @@ def channel_correlation_loss(latents):
     return off_diagonal.pow(2).sum() / (channels * (channels - 1))
 
 
+def invariance_loss(latents, twin_latents, weights, scale):
+    """How far latents move between twin drawings, in units of the latents' spread.
+
+    ``latents`` and ``twin_latents`` (B, C, h, w) encode the same drawings with one attribute changed;
+    ``weights`` (B, 1, h, w) is the shape's coverage of each latent position. Returns the weighted
+    mean squared difference of the pairs divided by ``scale``, the variance of all latents (what the
+    ``scaling_factor`` divides out; pass it detached): the distance in the unit-variance latents the
+    UNet models. Dividing by a variance measured at the shape alone, with gradient, let the encoder
+    win by collapsing every latent to a constant; a plain difference by shrinking the latents.
+    """
+    a, b, w = latents.float(), twin_latents.float(), weights.float()
+    return (w * (a - b).pow(2)).sum() / (w.sum() * a.shape[1]) / scale
+
+
 def vae_loss(reconstruction, image, posterior, kl_weight, foreground_weight=0.0):
     """Squared error + ``kl_weight`` * KL(q(z|x) || N(0, I)) per latent element (Kingma & Welling 2014).
 

@@ -247,8 +247,12 @@ def coverage(shape: str, cx: float, cy: float, size: float) -> np.ndarray:
 
 def render(attrs: Attributes, rng: np.random.Generator) -> np.ndarray:
     """Draw one image of ``attrs`` (size and jitter from ``rng``): uint8 array (64, 64, 3)."""
-    cx, cy, size = layout(attrs, rng)
-    alpha = coverage(attrs.shape, cx, cy, size)[:, :, None]  # (H, W, 1)
+    return draw(attrs, coverage(attrs.shape, *layout(attrs, rng)))
+
+
+def draw(attrs: Attributes, alpha: np.ndarray) -> np.ndarray:
+    """The shape's colour over the background, mixed by the coverage ``alpha`` (64, 64): uint8 (64, 64, 3)."""
+    alpha = alpha[:, :, None]  # (H, W, 1)
     fg = np.asarray(COLORS[attrs.color], dtype=np.float64)
     bg = np.asarray(BACKGROUNDS[attrs.background], dtype=np.float64)
     return np.rint(bg * (1 - alpha) + fg * alpha).astype(np.uint8)
@@ -272,6 +276,24 @@ def sample(
 def to_pixel_values(image: np.ndarray) -> torch.Tensor:
     """uint8 (..., H, W, 3) image(s) -> float tensor (..., 3, H, W) in [-1, 1], the VAE's input."""
     return torch.from_numpy(np.asarray(image)).movedim(-1, -3).float() / 127.5 - 1
+
+
+def twins(seed: int, index: int, change: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Item ``index`` of ``ShapesDataset(seed=seed)`` and the same drawing with one attribute changed.
+
+    ``change`` is "background" or "color". Returns ``(image, twin, alpha)``: uint8 (64, 64, 3)
+    twice and the shape's coverage (64, 64). The twin keeps everything else, the exact geometry
+    (size, jitter) included; its new value is one of the others, chosen by ``index``.
+    """
+    tables = {"background": BACKGROUNDS, "color": COLORS}
+    if change not in tables:
+        raise ValueError(f"twins: change must be one of {sorted(tables)}, got {change!r}")
+    rng = np.random.default_rng([int(seed), int(index)])  # the dataset item's stream, in its order
+    attrs = sample_attributes(rng)
+    alpha = coverage(attrs.shape, *layout(attrs, rng))
+    others = [name for name in tables[change] if name != getattr(attrs, change)]
+    twin = dataclasses.replace(attrs, **{change: others[int(index) // 2 % len(others)]})
+    return draw(attrs, alpha), draw(twin, alpha), alpha
 
 
 class ShapesDataset(torch.utils.data.Dataset):

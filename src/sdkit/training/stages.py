@@ -19,7 +19,8 @@ from sdkit.models import AutoencoderKL, UNet2DConditionModel
 from . import losses
 from .loop import seed_for
 from .shapes import (BACKGROUNDS, COLORS, OPTIONAL_PARTS, PLACES, SHAPES, SIZES, Attributes,
-                     ShapesDataset, caption, sample_attributes, vocabulary)
+                     ShapesDataset, caption, sample_attributes, to_pixel_values,
+                     twins, vocabulary)
 from .tokenizer import build_clip_tokenizer
 
 STREAM_LENGTH = 2**62
@@ -90,14 +91,33 @@ class VAEStage:
                 module.requires_grad_(False)
         return {"vae": vae}
 
+    def pairs(self):
+        """True when batches are twin drawings (the colour-factorization term is on)."""
+        return bool(self.cfg.colour_factorization) and self.cfg.train_encoder
+
     def batch(self, step, rank, world, B, device):
         first = (step * world + rank) * B  # disjoint slices of the stream per (step, rank)
+        generator = torch.Generator().manual_seed(seed_for(self.cfg.seed, step, rank))
+        if self.pairs():
+            if B < 4 or B % 4:
+                raise ValueError(f"colour_factorization needs a batch of 4, 8, 12, ... per process, got {B}: "
+                                 f"make batch_size a multiple of 4 x the number of processes")
+            indices = torch.arange(first, first + B // 2)
+            if self.cfg.num_images:
+                indices = indices % self.cfg.num_images
+            # the first half of the pairs changes the background, the second half the colour
+            made = [twins(self.cfg.seed, int(i), "background" if k < B // 4 else "color")
+                    for k, i in enumerate(indices)]
+            images, changed, alphas = zip(*made)
+            images = to_pixel_values(np.stack(images + changed))  # (B, 3, 64, 64): drawings, then twins
+            coverage = torch.from_numpy(np.stack(alphas)).float()[:, None]  # (B / 2, 1, 64, 64)
+            return {"images": images.to(device), "indices": indices, "generator": generator,
+                    "coverage": coverage.to(device)}
         indices = torch.arange(first, first + B)
         if self.cfg.num_images:
             indices = indices % self.cfg.num_images
         data = ShapesDataset(STREAM_LENGTH, seed=self.cfg.seed)
         images = torch.stack([data[int(i)]["pixel_values"] for i in indices])  # (B, 3, 64, 64)
-        generator = torch.Generator().manual_seed(seed_for(self.cfg.seed, step, rank))
         return {"images": images.to(device), "indices": indices,
                 "generator": generator}
 
@@ -117,7 +137,22 @@ class VAEStage:
             corr = losses.channel_correlation_loss(posterior.mean)
             loss = loss + self.cfg.channel_decorrelation * corr
             logs["corr"] = corr.detach()
+        if self.pairs():
+            loss = loss + self.cfg.colour_factorization * self.factorization(posterior.mean, batch, logs)
         return loss, logs
+
+    def factorization(self, latents, batch, logs):
+        """The colour channels' invariance to the background plus the other channels' to the colour."""
+        drawings, changed = latents.chunk(2)
+        factor = batch["coverage"].shape[-1] // latents.shape[-1]
+        weights = torch.nn.functional.avg_pool2d(batch["coverage"], factor)  # shape's share of each position
+        k, half = self.cfg.colour_channels, len(weights) // 2  # pairs [:half] changed background, [half:] colour
+        scale = latents.detach().var()
+        logs["inv_bg"] = losses.invariance_loss(drawings[:half, :k], changed[:half, :k], weights[:half], scale)
+        logs["inv_col"] = losses.invariance_loss(drawings[half:, k:], changed[half:, k:], weights[half:], scale)
+        total = logs["inv_bg"] + logs["inv_col"]
+        logs["inv_bg"], logs["inv_col"] = logs["inv_bg"].detach(), logs["inv_col"].detach()
+        return total
 
     def finish(self, models, out_dir):
         """Save ``out_dir/vae`` with ``scaling_factor`` = 1 / std of the latents (unit-variance latents)."""

@@ -240,7 +240,8 @@ def test_vae_stage_adds_the_channel_decorrelation_term_only_while_the_encoder_tr
     from sdkit.models import AutoencoderKL
     from sdkit.training.stages import VAEStage, vae_model_config
 
-    cfg = VAEConfig(**{**TINY_VAE, "channel_decorrelation": 0.0})
+    plain = {**TINY_VAE, "colour_factorization": 0.0}  # this term alone
+    cfg = VAEConfig(**{**plain, "channel_decorrelation": 0.0})
     vae = AutoencoderKL.from_config(vae_model_config(cfg))
     base = VAEStage(cfg)
     batch = base.batch(step=1, rank=0, world=1, B=4, device="cpu")
@@ -248,14 +249,14 @@ def test_vae_stage_adds_the_channel_decorrelation_term_only_while_the_encoder_tr
     loss0, logs0 = base.loss({"vae": vae}, batch)
     assert "corr" not in logs0
     batch["generator"].set_state(state)
-    loss, logs = VAEStage(VAEConfig(**{**TINY_VAE, "channel_decorrelation": 0.3})).loss({"vae": vae}, batch)
+    loss, logs = VAEStage(VAEConfig(**{**plain, "channel_decorrelation": 0.3})).loss({"vae": vae}, batch)
     with torch.no_grad():
         corr = losses.channel_correlation_loss(vae.encode(batch["images"]).mean)
     assert float(logs["corr"]) == pytest.approx(float(corr)) and float(corr) > 0
     assert float(loss.detach()) == pytest.approx(float(loss0.detach()) + 0.3 * float(corr), rel=1e-5)
     # the decoder stage (frozen encoder) cannot change the correlation: no term
     batch["generator"].set_state(state)
-    frozen = VAEStage(VAEConfig(**{**TINY_VAE, "channel_decorrelation": 0.3, "train_encoder": False}))
+    frozen = VAEStage(VAEConfig(**{**plain, "channel_decorrelation": 0.3, "train_encoder": False}))
     loss_frozen, logs_frozen = frozen.loss({"vae": vae}, batch)
     assert "corr" not in logs_frozen
     assert float(loss_frozen.detach()) == pytest.approx(float(loss0.detach()), rel=1e-6)
@@ -430,7 +431,7 @@ def test_vae_latent_noise_is_added_to_what_the_decoder_reads_scaled_by_the_laten
     cfg = VAEConfig(**{**TINY_VAE, "latent_noise": 0.5})
     stage = VAEStage(cfg)
     vae = AutoencoderKL.from_config(vae_model_config(cfg))
-    batch = stage.batch(step=3, rank=0, world=1, B=2, device="cpu")
+    batch = stage.batch(step=3, rank=0, world=1, B=4, device="cpu")
     replay = torch.Generator().set_state(batch["generator"].get_state())
     seen = []
     decode = vae.decode
@@ -442,7 +443,7 @@ def test_vae_latent_noise_is_added_to_what_the_decoder_reads_scaled_by_the_laten
     torch.testing.assert_close(seen[0].detach(), z + 0.5 * z.std() * noise)
     # and 0 turns it off: the decoder reads the posterior sample itself
     stage = VAEStage(VAEConfig(**{**TINY_VAE, "latent_noise": 0.0}))
-    batch = stage.batch(step=3, rank=0, world=1, B=2, device="cpu")
+    batch = stage.batch(step=3, rank=0, world=1, B=4, device="cpu")
     replay = torch.Generator().set_state(batch["generator"].get_state())
     seen.clear()
     stage.loss({"vae": vae}, batch)

@@ -309,6 +309,9 @@ def test_vae_stage_pairs_twins_and_adds_the_colour_factorization_terms():
     assert float(loss.detach()) == pytest.approx(float(loss0.detach()) + 0.2 * float(inv_bg + inv_col), rel=1e-5)
     with pytest.raises(ValueError, match="multiple of 4"):
         stage.batch(step=0, rank=0, world=1, B=6, device="cpu")
+    for channels in (0, 4):  # no channel left for the colour, or none for the background
+        with pytest.raises(ValueError, match="colour_channels must leave channels on both sides"):
+            VAEStage(VAEConfig(**{**TINY_VAE, "colour_factorization": 0.2, "colour_channels": channels}))
     # the decoder stage (frozen encoder) reads plain batches: the latents cannot change
     frozen = VAEStage(VAEConfig(**{**TINY_VAE, "colour_factorization": 0.2, "train_encoder": False}))
     assert "coverage" not in frozen.batch(step=0, rank=0, world=1, B=6, device="cpu")
@@ -562,3 +565,20 @@ def test_configs_reject_unknown_cli_values():
     with pytest.raises(SystemExit):
         main(["vae", "--out", "x", "--steps", "many"])
     assert VAEConfig().block_out_channels[0] * 8 > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["vae", "--colour-factorization", "0.1", "--colour-channels", "4"], "colour_channels must leave channels"),
+    (["vae", "--colour-factorization", "0.1", "--batch-size", "6"], "a batch of 4, 8, 12, ... per process, got 6"),
+    (["unet", "--vae", "missing-vae", "--prediction-type", "epsilon"], "needs prediction_type='v_prediction'"),
+    (["unet", "--vae", "missing-vae", "--timestep-bias", "sooner"], "timestep bias 'sooner' is not supported"),
+])
+def test_train_cli_reports_options_that_cannot_work_in_one_line_and_writes_nothing(tmp_path, argv, message):
+    from sdkit.training.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as raised:
+        main([*argv, "--out", str(out)])
+    text = str(raised.value.code)
+    assert text.startswith(f"sdkit train {argv[0]}: ") and message in text and "\n" not in text
+    assert not out.exists()

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from .config import UNetConfig, VAEConfig, decoder_config, parse_value
+from .config import ConfigError, UNetConfig, VAEConfig, decoder_config, parse_value
 
 
 def _add_config_flags(parser, cls):
@@ -111,6 +111,13 @@ def _export(vae, unet, out):
 def main(argv=None) -> int:
     """Entry point of ``python -m sdkit.training`` and ``sdkit train``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except ConfigError as e:  # options that cannot work: one line, before anything is written
+        raise SystemExit(f"sdkit train {args.command}: {e}") from None
+
+
+def _main(args) -> int:
     if args.command == "vae":
         seconds = _run_vae(args.out, _config(VAEConfig, args), not args.no_resume)
         print(f"vae stage: {seconds / 60:.1f} min")

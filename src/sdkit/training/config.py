@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 
+class ConfigError(ValueError):
+    """A training option (or combination) that cannot work; the CLI prints it as one line."""
+
+
 @dataclass
 class LoopConfig:
     """What every stage's optimisation loop needs."""

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import ConfigError
 from .ema import EMA
 
 CHECKPOINT = "checkpoint"
@@ -165,9 +166,11 @@ def train(stage, config, out_dir, accelerator=None, resume=True, callback=None):
     main = accelerator.is_main_process
     device = accelerator.device
     if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} does not split evenly over {world} processes; "
+        raise ConfigError(f"batch_size {config.batch_size} does not split evenly over {world} processes; "
                          f"use a multiple of {world}.")
     per_process = config.batch_size // world
+    if hasattr(stage, "check_batch"):  # before anything is written
+        stage.check_batch(per_process)
     os.makedirs(out_dir, exist_ok=True)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)

@@ -21,6 +21,8 @@ from scipy.optimize import linear_sum_assignment
 
 from sdkit.schedulers import DDPMScheduler
 
+from .config import ConfigError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -33,10 +35,10 @@ def noise_scheduler(beta_schedule="scaled_linear", num_train_timesteps=1000, bet
     alone, exactly as it must when sampling starts from pure noise. It needs v-prediction.
     """
     if rescale_betas_zero_snr and prediction_type != "v_prediction":
-        raise ValueError("rescale_betas_zero_snr needs prediction_type='v_prediction': at zero SNR the "
+        raise ConfigError("rescale_betas_zero_snr needs prediction_type='v_prediction': at zero SNR the "
                          "noise is the input itself, so an epsilon target teaches nothing there.")
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type {prediction_type!r} is not supported for training; "
+        raise ConfigError(f"prediction_type {prediction_type!r} is not supported for training; "
                          f"use one of {', '.join(PREDICTION_TYPES)}.")
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
                          beta_end=beta_end, beta_schedule=beta_schedule, prediction_type=prediction_type,
@@ -93,15 +95,20 @@ def sample_timesteps(batch_size, num_train_timesteps, generator=None, bias="none
     the batch where the layout is decided: near t = T the input is almost pure noise, so where
     the shape goes (the prompt's place words) can only be learned there.
     """
-    if bias not in TIMESTEP_BIASES:
-        raise ValueError(f"timestep bias {bias!r} is not supported; use one of {', '.join(TIMESTEP_BIASES)}.")
+    check_timestep_bias(bias, portion, multiplier)
     if bias == "none" or multiplier == 1.0:
         return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
-    if not 0 < portion < 1 or multiplier <= 0:
-        raise ValueError(f"timestep bias needs 0 < portion < 1 and multiplier > 0, got {portion}, {multiplier}.")
     weights = torch.ones(num_train_timesteps, dtype=torch.float64)
     weights[num_train_timesteps - int(round(portion * num_train_timesteps)):] = multiplier
     return torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+
+
+def check_timestep_bias(bias, portion, multiplier):
+    """Raise ``ConfigError`` unless ``sample_timesteps`` can use these options."""
+    if bias not in TIMESTEP_BIASES:
+        raise ConfigError(f"timestep bias {bias!r} is not supported; use one of {', '.join(TIMESTEP_BIASES)}.")
+    if bias != "none" and multiplier != 1.0 and (not 0 < portion < 1 or multiplier <= 0):
+        raise ConfigError(f"timestep bias needs 0 < portion < 1 and multiplier > 0, got {portion}, {multiplier}.")
 
 
 def offset_noise(shape, offset=0.0, generator=None, device=None):

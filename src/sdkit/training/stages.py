@@ -17,6 +17,7 @@ import torch
 from sdkit.models import AutoencoderKL, UNet2DConditionModel
 
 from . import losses
+from .config import ConfigError
 from .loop import seed_for
 from .shapes import (BACKGROUNDS, COLORS, OPTIONAL_PARTS, PLACES, SHAPES, SIZES, Attributes,
                      ShapesDataset, caption, sample_attributes, to_pixel_values,
@@ -70,6 +71,9 @@ class VAEStage:
     name = "vae"
 
     def __init__(self, cfg):
+        if cfg.colour_factorization and not 0 < cfg.colour_channels < cfg.latent_channels:
+            raise ConfigError(f"colour_channels must leave channels on both sides: 1 to {cfg.latent_channels - 1} "
+                             f"of the {cfg.latent_channels} latent channels, got {cfg.colour_channels}")
         self.cfg = cfg
 
     def setup(self, out_dir, accelerator):
@@ -95,13 +99,17 @@ class VAEStage:
         """True when batches are twin drawings (the colour-factorization term is on)."""
         return bool(self.cfg.colour_factorization) and self.cfg.train_encoder
 
+    def check_batch(self, B):
+        """Raise ``ConfigError`` unless ``B`` examples per process fit this stage's batches."""
+        if self.pairs() and (B < 4 or B % 4):
+            raise ConfigError(f"colour_factorization needs a batch of 4, 8, 12, ... per process, got {B}: "
+                              f"make batch_size a multiple of 4 x the number of processes")
+
     def batch(self, step, rank, world, B, device):
         first = (step * world + rank) * B  # disjoint slices of the stream per (step, rank)
         generator = torch.Generator().manual_seed(seed_for(self.cfg.seed, step, rank))
         if self.pairs():
-            if B < 4 or B % 4:
-                raise ValueError(f"colour_factorization needs a batch of 4, 8, 12, ... per process, got {B}: "
-                                 f"make batch_size a multiple of 4 x the number of processes")
+            self.check_batch(B)
             indices = torch.arange(first, first + B // 2)
             if self.cfg.num_images:
                 indices = indices % self.cfg.num_images
@@ -138,21 +146,19 @@ class VAEStage:
             loss = loss + self.cfg.channel_decorrelation * corr
             logs["corr"] = corr.detach()
         if self.pairs():
-            loss = loss + self.cfg.colour_factorization * self.factorization(posterior.mean, batch, logs)
+            inv_bg, inv_col = self.factorization(posterior.mean, batch["coverage"])
+            loss = loss + self.cfg.colour_factorization * (inv_bg + inv_col)
+            logs.update(inv_bg=inv_bg.detach(), inv_col=inv_col.detach())
         return loss, logs
 
-    def factorization(self, latents, batch, logs):
-        """The colour channels' invariance to the background plus the other channels' to the colour."""
+    def factorization(self, latents, coverage):
+        """(the colour channels' change with the background, the other channels' change with the colour)."""
         drawings, changed = latents.chunk(2)
-        factor = batch["coverage"].shape[-1] // latents.shape[-1]
-        weights = torch.nn.functional.avg_pool2d(batch["coverage"], factor)  # shape's share of each position
+        weights = torch.nn.functional.avg_pool2d(coverage, coverage.shape[-1] // latents.shape[-1])
         k, half = self.cfg.colour_channels, len(weights) // 2  # pairs [:half] changed background, [half:] colour
         scale = latents.detach().var()
-        logs["inv_bg"] = losses.invariance_loss(drawings[:half, :k], changed[:half, :k], weights[:half], scale)
-        logs["inv_col"] = losses.invariance_loss(drawings[half:, k:], changed[half:, k:], weights[half:], scale)
-        total = logs["inv_bg"] + logs["inv_col"]
-        logs["inv_bg"], logs["inv_col"] = logs["inv_bg"].detach(), logs["inv_col"].detach()
-        return total
+        return (losses.invariance_loss(drawings[:half, :k], changed[:half, :k], weights[:half], scale),
+                losses.invariance_loss(drawings[half:, k:], changed[half:, k:], weights[half:], scale))
 
     def finish(self, models, out_dir):
         """Save ``out_dir/vae`` with ``scaling_factor`` = 1 / std of the latents (unit-variance latents)."""
@@ -198,6 +204,7 @@ class UNetStage:
     def __init__(self, cfg, vae_dir):
         self.cfg, self.vae_dir = cfg, vae_dir
         self.scheduler = losses.config_noise_scheduler(cfg)
+        losses.check_timestep_bias(cfg.timestep_bias, cfg.timestep_bias_portion, cfg.timestep_bias_multiplier)
         self._ids = {}
 
     def setup(self, out_dir, accelerator):

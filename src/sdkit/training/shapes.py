@@ -258,6 +258,17 @@ def draw(attrs: Attributes, alpha: np.ndarray) -> np.ndarray:
     return np.rint(bg * (1 - alpha) + fg * alpha).astype(np.uint8)
 
 
+def drawing(rng: np.random.Generator) -> tuple[Attributes, np.ndarray]:
+    """The attributes and shape coverage (64, 64) of one example, drawn from ``rng`` in the dataset's order."""
+    attrs = sample_attributes(rng)
+    return attrs, coverage(attrs.shape, *layout(attrs, rng))
+
+
+def item_rng(seed: int, index: int) -> np.random.Generator:
+    """The random stream of item ``index`` of ``ShapesDataset(seed=seed)``."""
+    return np.random.default_rng([int(seed), int(index)])
+
+
 def sample(
     rng: np.random.Generator, drop_prob: float = 0.5, empty_prob: float = 0.1
 ) -> tuple[np.ndarray, str, Attributes]:
@@ -266,8 +277,8 @@ def sample(
     Each optional caption part is left out independently with probability ``drop_prob``; with
     probability ``empty_prob`` the caption is "" (caption dropout for classifier-free guidance).
     """
-    attrs = sample_attributes(rng)
-    image = render(attrs, rng)
+    attrs, alpha = drawing(rng)
+    image = draw(attrs, alpha)
     keep = {part for part in sorted(OPTIONAL_PARTS) if rng.random() >= drop_prob}
     text = "" if rng.random() < empty_prob else caption(attrs, keep)
     return image, text, attrs
@@ -288,9 +299,7 @@ def twins(seed: int, index: int, change: str) -> tuple[np.ndarray, np.ndarray, n
     tables = {"background": BACKGROUNDS, "color": COLORS}
     if change not in tables:
         raise ValueError(f"twins: change must be one of {sorted(tables)}, got {change!r}")
-    rng = np.random.default_rng([int(seed), int(index)])  # the dataset item's stream, in its order
-    attrs = sample_attributes(rng)
-    alpha = coverage(attrs.shape, *layout(attrs, rng))
+    attrs, alpha = drawing(item_rng(seed, index))  # exactly the dataset item's drawing
     others = [name for name in tables[change] if name != getattr(attrs, change)]
     twin = dataclasses.replace(attrs, **{change: others[int(index) // 2 % len(others)]})
     return draw(attrs, alpha), draw(twin, alpha), alpha
@@ -315,6 +324,5 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(f"ShapesDataset: index {index} out of range for length {self.length}")
-        rng = np.random.default_rng([self.seed, int(index)])
-        image, text, attrs = sample(rng, self.drop_prob, self.empty_prob)
+        image, text, attrs = sample(item_rng(self.seed, index), self.drop_prob, self.empty_prob)
         return {"pixel_values": to_pixel_values(image), "caption": text, "attrs": dataclasses.asdict(attrs)}

@@ -108,11 +108,12 @@ class VAEStage:
     def batch(self, step, rank, world, B, device):
         first = (step * world + rank) * B  # disjoint slices of the stream per (step, rank)
         generator = torch.Generator().manual_seed(seed_for(self.cfg.seed, step, rank))
-        if self.pairs():
-            self.check_batch(B)
-            indices = torch.arange(first, first + B // 2)
-            if self.cfg.num_images:
-                indices = indices % self.cfg.num_images
+        self.check_batch(B)
+        pairs = self.pairs()
+        indices = torch.arange(first, first + (B // 2 if pairs else B))  # pairs: drawings, each with a twin
+        if self.cfg.num_images:
+            indices = indices % self.cfg.num_images
+        if pairs:
             # the first half of the pairs changes the background, the second half the colour
             made = [twins(self.cfg.seed, int(i), "background" if k < B // 4 else "color")
                     for k, i in enumerate(indices)]
@@ -121,9 +122,6 @@ class VAEStage:
             coverage = torch.from_numpy(np.stack(alphas)).float()[:, None]  # (B / 2, 1, 64, 64)
             return {"images": images.to(device), "indices": indices, "generator": generator,
                     "coverage": coverage.to(device)}
-        indices = torch.arange(first, first + B)
-        if self.cfg.num_images:
-            indices = indices % self.cfg.num_images
         data = ShapesDataset(STREAM_LENGTH, seed=self.cfg.seed)
         images = torch.stack([data[int(i)]["pixel_values"] for i in indices])  # (B, 3, 64, 64)
         return {"images": images.to(device), "indices": indices,

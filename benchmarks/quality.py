@@ -58,10 +58,11 @@ def short_prompts(repeats=2):
     return [f"a {c} {s}" for c, s in itertools.product(COLORS, SHAPES)] * repeats
 
 
-def accuracy(images, prompts):
+def accuracy(judged, prompts):
+    """Per attribute the prompts name, the fraction of judged images (``judge`` results) that have it."""
     hits = {}
-    for image, prompt in zip(images, prompts):
-        for name, ok in score(parse_prompt(prompt), judge(image)).items():
+    for attrs, prompt in zip(judged, prompts):
+        for name, ok in score(parse_prompt(prompt), attrs).items():
             hits.setdefault(name, []).append(ok)
     return {name: float(np.mean(v)) for name, v in hits.items()}
 
@@ -77,11 +78,11 @@ def generate(pipe, prompts, steps, guidance, seed, scheduler=None, batch=30, gui
     return images
 
 
-def colour_misses(images, prompts):
-    """``{"asked->drawn": count}`` over the images whose judged colour differs from the prompt's."""
+def colour_misses(judged, prompts):
+    """``{"asked->drawn": count}`` over the judged images whose colour differs from the prompt's."""
     counts = {}
-    for image, prompt in zip(images, prompts):
-        asked, drawn = parse_prompt(prompt)["color"], judge(image).color
+    for attrs, prompt in zip(judged, prompts):
+        asked, drawn = parse_prompt(prompt)["color"], attrs.color
         if drawn != asked:
             counts[f"{asked}->{drawn}"] = counts.get(f"{asked}->{drawn}", 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -112,25 +113,26 @@ def main(argv=None):
     full, short = full_prompts(), short_prompts()
     default_name = type(pipe.scheduler).__name__
     config = pipe.scheduler.config
-    rows = [("judge on clean renders (60 full prompts)", len(full), accuracy(clean_renders(full, args.seed), full))]
+    clean = [judge(image) for image in clean_renders(full, args.seed)]
+    rows = [("judge on clean renders (60 full prompts)", len(full), accuracy(clean, full))]
+    # (label, prompts, steps, guidance, scheduler, sampler: set for the short prompts, whose colour misses are listed)
     settings = [
         (f"60 full prompts, {default_name} 25 steps, guidance {args.guidance_scale:g}", full, 25,
-         args.guidance_scale, None),
-        (f"60 full prompts, {default_name} 25 steps, guidance 1.0", full, 25, 1.0, None),
-        (f"36 short prompts, DDIM 20 steps, guidance {args.guidance_scale:g}", short, 20, args.guidance_scale,
-         DDIMScheduler.from_config(config)),
-        (f"36 short prompts, Euler a 20 steps, guidance {args.guidance_scale:g}", short, 20, args.guidance_scale,
-         EulerAncestralDiscreteScheduler.from_config(config)),
-        (f"36 short prompts, DPM++ 12 steps, guidance {args.guidance_scale:g}", short, 12, args.guidance_scale,
-         DPMSolverMultistepScheduler.from_config(config)),
+         args.guidance_scale, None, None),
+        (f"60 full prompts, {default_name} 25 steps, guidance 1.0", full, 25, 1.0, None, None),
     ]
+    for sampler, steps, cls in (("DDIM", 20, DDIMScheduler), ("Euler a", 20, EulerAncestralDiscreteScheduler),
+                                ("DPM++", 12, DPMSolverMultistepScheduler)):
+        settings.append((f"36 short prompts, {sampler} {steps} steps, guidance {args.guidance_scale:g}", short,
+                         steps, args.guidance_scale, cls.from_config(config), f"{sampler} {steps} steps"))
     started = time.time()
     misses = {}
-    for name, prompts, steps, guidance, scheduler in settings:
+    for name, prompts, steps, guidance, scheduler, sampler in settings:
         images = generate(pipe, prompts, steps, guidance, args.seed, scheduler, guidance_rescale=args.guidance_rescale)
-        rows.append((name, len(prompts), accuracy(images, prompts)))
-        if prompts is short:
-            misses[name.split(", ")[1]] = colour_misses(images, prompts)
+        judged = [judge(image) for image in images]
+        rows.append((name, len(prompts), accuracy(judged, prompts)))
+        if sampler:
+            misses[sampler] = colour_misses(judged, prompts)
 
     print(f"model: {os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT) else args.model}"
           + (f", guidance_rescale {args.guidance_rescale:g}" if args.guidance_rescale else ""))

@@ -59,7 +59,8 @@ def pair_gaps(vae, layouts=120):
     return {(a, b): float(distance[i, j]) for (i, a), (j, b) in itertools.combinations(enumerate(COLOR_NAMES), 2)}
 
 
-def shape_pixel_gaps(vae, layouts=40, channels=4):
+def shape_pixel_gaps(vae, channel_counts, layouts=40):
+    """For each count k of ``channel_counts``: (same-background gaps, any-background gaps) in channels [:k]."""
     rng = np.random.default_rng(5)
     images, masks = [], []
     for i in range(layouts):
@@ -69,18 +70,22 @@ def shape_pixel_gaps(vae, layouts=40, channels=4):
         cx, cy, size = layout(attrs, np.random.default_rng([9, i]))
         covered = torch.from_numpy(coverage(attrs.shape, cx, cy, size)).float()[None, None]
         masks.append(torch.nn.functional.avg_pool2d(covered, 8)[0, 0] > 0.5)  # latent positions inside the shape
-    z = encode(vae, to_pixel_values(np.stack(images))).reshape(layouts, len(COLOR_NAMES), len(BACKGROUND_NAMES), 4, 8, 8)
-    same, any_background = [], []
-    for zi, mask in zip(z, masks):
-        if not mask.any():
-            continue
-        inside = zi[:, :, :channels][..., mask].flatten(2)  # (colours, backgrounds, channels * positions)
-        for c, b in itertools.product(range(len(COLOR_NAMES)), range(len(BACKGROUND_NAMES))):
-            d = (inside - inside[c, b]).norm(dim=-1)
-            d[c] = float("inf")  # only other colours
-            same.append(float(d[:, b].min()))
-            any_background.append(float(d.min()))
-    return np.array(same), np.array(any_background)
+    z = encode(vae, to_pixel_values(np.stack(images)))
+    z = z.reshape(layouts, len(COLOR_NAMES), len(BACKGROUND_NAMES), *z.shape[1:])
+    gaps = {}
+    for channels in channel_counts:
+        same, any_background = [], []
+        for zi, mask in zip(z, masks):
+            if not mask.any():
+                continue
+            inside = zi[:, :, :channels][..., mask].flatten(2)  # (colours, backgrounds, channels * positions)
+            for c, b in itertools.product(range(len(COLOR_NAMES)), range(len(BACKGROUND_NAMES))):
+                d = (inside - inside[c, b]).norm(dim=-1)
+                d[c] = float("inf")  # only other colours
+                same.append(float(d[:, b].min()))
+                any_background.append(float(d.min()))
+        gaps[channels] = np.array(same), np.array(any_background)
+    return gaps
 
 
 def centre_latents(vae):
@@ -122,14 +127,16 @@ def main(argv=None):
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
         gaps = pair_gaps(vae)
         closest = sorted(gaps.items(), key=lambda kv: kv[1])[:3]
-        same, any_background = shape_pixel_gaps(vae)
+        all_channels = vae.config.latent_channels
+        gaps_at_shape = shape_pixel_gaps(vae, (all_channels, args.colour_channels))
+        same, any_background = gaps_at_shape[all_channels]
         print(f"## {os.path.relpath(folder, ROOT) if folder.startswith(ROOT) else folder}")
         print("closest colour pairs (median latent distance, same layout): "
               + ", ".join(f"{a}-{b} {d:.2f}" for (a, b), d in closest))
         print(f"gap to the nearest other colour at shape pixels: same background median {np.median(same):.2f}, "
               f"p10 {np.percentile(same, 10):.2f}; any background median {np.median(any_background):.2f}, "
               f"p10 {np.percentile(any_background, 10):.2f}")
-        same, any_background = shape_pixel_gaps(vae, channels=args.colour_channels)
+        same, any_background = gaps_at_shape[args.colour_channels]
         print(f"the same in the first {args.colour_channels} channels alone (the colour channels of "
               f"--colour-factorization): same background p10 {np.percentile(same, 10):.2f}; "
               f"any background p10 {np.percentile(any_background, 10):.2f}")

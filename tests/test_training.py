@@ -278,12 +278,34 @@ def test_invariance_loss_is_the_weighted_pair_difference_in_units_of_the_latent_
     assert float(losses.invariance_loss(a, moved, w, 0.5)) == pytest.approx(expected, rel=1e-4)
 
 
+def test_separation_loss_charges_only_pairs_closer_than_the_margin():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(3, 2, 8, 8, generator=g), torch.randn(3, 2, 8, 8, generator=g)
+    w = torch.rand(3, 1, 8, 8, generator=g) * (torch.rand(3, 1, 8, 8, generator=g) > 0.5)
+    an, bn, wn = a.double().numpy(), b.double().numpy(), w.double().numpy()
+    distance = np.sqrt(((an - bn) ** 2).sum(1, keepdims=True) / 0.5)
+    expected = (wn * np.maximum(2.5 - distance, 0) ** 2).sum() / wn.sum()
+    assert float(losses.separation_loss(a, b, w, 0.5, 2.5)) == pytest.approx(expected, rel=1e-5)
+    assert 0.1 < expected < 2.5 ** 2  # some positions are closer than the margin, some are not
+    assert float(losses.separation_loss(a, a.clone(), w, 0.5, 2.5)) == pytest.approx(2.5 ** 2)  # no gap at all
+    far = b + 10.0 * torch.sign(b - a)  # every pair moved well past the margin
+    assert float(losses.separation_loss(a, far, w, 0.5, 2.5)) == 0.0
+    assert float(losses.separation_loss(3 * a, 3 * b, w, 9 * 0.5, 2.5)) == pytest.approx(expected, rel=1e-4)
+    moved = b.clone()  # positions the shape does not cover do not count
+    moved[w.expand_as(b) == 0] = a[w.expand_as(b) == 0]
+    assert float(losses.separation_loss(a, moved, w, 0.5, 2.5)) == pytest.approx(expected, rel=1e-4)
+    # the gradient pushes a close pair apart
+    a2 = a.clone().requires_grad_(True)
+    losses.separation_loss(a2, a + 0.1, torch.ones(3, 1, 8, 8), 1.0, 2.5).backward()
+    assert (a2.grad > 0).all()  # raising a moves it towards its twin a + 0.1: the loss rises
+
+
 def test_vae_stage_pairs_twins_and_adds_the_colour_factorization_terms():
     from sdkit.models import AutoencoderKL
     from sdkit.training.shapes import twins
     from sdkit.training.stages import VAEStage, vae_model_config
 
-    cfg = VAEConfig(**{**TINY_VAE, "colour_factorization": 0.2, "colour_channels": 1})
+    cfg = VAEConfig(**{**TINY_VAE, "colour_factorization": 0.2, "colour_channels": 1, "colour_margin": 0.0})
     vae = AutoencoderKL.from_config(vae_model_config(cfg))
     stage = VAEStage(cfg)
     batch = stage.batch(step=2, rank=1, world=2, B=8, device="cpu")
@@ -307,6 +329,12 @@ def test_vae_stage_pairs_twins_and_adds_the_colour_factorization_terms():
     assert float(logs["inv_bg"]) == pytest.approx(float(inv_bg), rel=1e-5)
     assert float(logs["inv_col"]) == pytest.approx(float(inv_col), rel=1e-5)
     assert float(loss.detach()) == pytest.approx(float(loss0.detach()) + 0.2 * float(inv_bg + inv_col), rel=1e-5)
+    assert "sep" not in logs  # no margin asked for
+    batch["generator"].set_state(state)
+    loss_m, logs_m = VAEStage(VAEConfig(**{**cfg.__dict__, "colour_margin": 1.5})).loss({"vae": vae}, batch)
+    sep = losses.separation_loss(z[2:4, :1], z[6:8, :1], w[2:], scale, 1.5)  # colour channel vs colour change
+    assert float(logs_m["sep"]) == pytest.approx(float(sep), rel=1e-5) and float(sep) > 0
+    assert float(loss_m.detach()) == pytest.approx(float(loss.detach()) + 0.2 * float(sep), rel=1e-5)
     with pytest.raises(ValueError, match="multiple of 4"):
         stage.batch(step=0, rank=0, world=1, B=6, device="cpu")
     for channels in (0, 4):  # no channel left for the colour, or none for the background
@@ -570,6 +598,7 @@ def test_configs_reject_unknown_cli_values():
 @pytest.mark.parametrize("argv, message", [
     (["vae", "--colour-factorization", "0.1", "--colour-channels", "4"], "colour_channels must leave channels"),
     (["vae", "--colour-factorization", "0.1", "--batch-size", "6"], "a batch of 4, 8, 12, ... per process, got 6"),
+    (["vae", "--colour-margin", "-1"], "colour_margin is a distance in unit-variance latents and must be >= 0"),
     (["unet", "--vae", "missing-vae", "--prediction-type", "epsilon"], "needs prediction_type='v_prediction'"),
     (["unet", "--vae", "missing-vae", "--timestep-bias", "sooner"], "timestep bias 'sooner' is not supported"),
 ])

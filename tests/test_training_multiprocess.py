@@ -31,7 +31,7 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "sdkit.training", "vae", "--out", str(out), "--steps", "3",
-           "--batch-size", "4", "--log-indices", "true", *flags]
+           "--batch-size", "8", "--log-indices", "true", *flags]  # the recipe's twin batches: 4 per process
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -39,7 +39,7 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(tmp_pat
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
         rank0, rank1 = r["indices"]
-        assert len(rank0) == len(rank1) == 2  # the global batch of 4 split over 2 processes
+        assert len(rank0) == len(rank1) == 2  # per process 2 drawings (one background, one colour pair)
         assert not set(rank0) & set(rank1)
     seen = [i for r in steps for row in r["indices"] for i in row]
     assert len(seen) == len(set(seen)) == 12  # no example twice

@@ -41,9 +41,9 @@ class LoopConfig:
 class VAEConfig(LoopConfig):
     """Stage 1: the autoencoder. 64x64x3 images <-> 8x8x4 latents (factor 8)."""
 
-    steps: int = 1500  # ~17 min on a loaded 2-core CPU; reconstructions then keep every attribute
-    batch_size: int = 12  # an autoencoder needs many steps more than big batches (colour_factorization
-    # needs a multiple of 4 per process: 16 with 2 processes, 2 background and 2 colour pairs each)
+    steps: int = 1500  # 6.5 min with 2 processes on the 2-core CPU; reconstructions keep every attribute
+    batch_size: int = 16  # an autoencoder needs many steps more than big batches; colour_factorization
+    # needs a multiple of 4 per process: 16 with 2 processes is 2 background and 2 colour pairs each
     lr: float = 2e-3  # GroupNorm'd small conv nets tolerate a high rate with warm-up and clipping
     block_out_channels: Tuple[int, ...] = (16, 32, 32, 64)  # 4 levels = factor 8; thin at 64x64 for speed
     layers_per_block: int = 1  # one resnet per encoder level (two per decoder level)
@@ -53,8 +53,8 @@ class VAEConfig(LoopConfig):
     kl_weight: float = 1e-5  # per latent element: just enough to keep the posterior well scaled
     foreground_weight: float = 5.0  # extra loss weight on shape pixels (5-30% of the image): unweighted,
     # the encoder spent its latent range on the background and put orange 1.6 from yellow (median
-    # latent distance of one layout drawn in both colours); with 5.0 the closest pairs are 3.2-4.2
-    # apart (benchmarks/vae_colours.py on the bundled model)
+    # latent distance of one layout drawn in both colours); with 5.0 (and no colour_factorization) the
+    # closest pairs are 3.2-4.2 apart (benchmarks/vae_colours.py)
     latent_noise: float = 0.6  # Gaussian noise added to the latents the decoder sees, as a fraction of
     # their std (so of the unit-variance latents the UNet models): to survive it the encoder must
     # spread what it encodes over all channels and keep attribute values apart
@@ -63,18 +63,22 @@ class VAEConfig(LoopConfig):
     # colours over a plane (10th-percentile gap to the nearest other colour at shape pixels 0.42 -> 1.16,
     # unit-variance latents); in three 2-process runs it was 0.18-0.77, the channels decorrelated but
     # the colours still on one of them, so the bundled recipe leaves it off
-    colour_factorization: float = 0.0  # weight of two losses.invariance_loss terms. Batches are pairs of
-    # drawings that differ only in background or only in colour; at the shape's positions the first
-    # ``colour_channels`` latent channels must not see the background and the others not the colour,
-    # so a hue gets one code whatever the background. Without it the encoder writes the background
-    # into the shape's positions too and a hue's code depends on it (orange on black lies nearer red
-    # on white than orange on white does), and prompts that leave the background open miss the colour.
-    # Measured (2 processes, batch 16, benchmarks/vae_colours.py and quality.py): with 0.05 the centre
-    # of a large square codes each hue within 0.25 over the backgrounds (it was up to 0.99 apart), the
-    # 10th-percentile gap to the nearest other colour at shape pixels across backgrounds went 0.42 ->
-    # 1.28, short-prompt colour 0.72-0.89 -> 0.81-0.92; but red and orange came closer (2.42 instead
-    # of 3.34) and full-prompt colour fell 1.00 -> 0.92, so the bundled recipe leaves it off
+    colour_factorization: float = 0.05  # weight of the twin terms: losses.invariance_loss twice and,
+    # with colour_margin, losses.separation_loss. Batches are pairs of drawings that differ only in
+    # background or only in colour; at the shape's positions the first ``colour_channels`` latent
+    # channels must not see the background and the others not the colour, so a hue gets one code
+    # whatever the background. Without it the encoder writes the background into the shape's
+    # positions too and a hue's code depends on it (orange on black lay nearer red on white than
+    # orange on white did), and prompts that leave the background open missed the colour (short-prompt
+    # colour 0.72-0.89). Invariance alone (margin 0) fixed that but left the hues on one line with red
+    # and orange 0.43 apart at a square's centre: full-prompt colour fell to 0.92 (orange -> red)
     colour_channels: int = 2  # the channels that carry the colour (the rest carry the background)
+    colour_margin: float = 2.0  # at the shape's positions the colour channels of two different colours
+    # should be at least this far apart (unit-variance latents; only with colour_factorization). With
+    # 2.0 (benchmarks/vae_colours.py, 2 processes) the closest pair of colours is 6.3 apart instead of
+    # 2.4 (invariance alone) or 3.2 (neither term), the 10th-percentile gap to the nearest other colour
+    # at shape pixels on any background 3.4 instead of 1.3 or 0.4, and the bundled model gets every
+    # colour right on full and short prompts (MODEL_CARD.md)
     init_logvar: float = -6.0  # initial posterior log-variance: near-deterministic latents train much faster
     ema_decay: Optional[float] = 0.995  # short run: a shorter average
     init_from: Optional[str] = None  # start from this VAE folder (config.json + weights) instead of random
@@ -91,8 +95,8 @@ def decoder_config(vae_folder: str) -> VAEConfig:
     UNet can train on stage-1 latents at the same time. Shape pixels weigh 3x: colour is the error.
     Latent noise 0.3 instead of stage 1's 0.6: the decoder stays robust to imprecise latents but
     draws small shapes sharper (reconstructed shape 0.90 instead of 0.85 after 1500 steps; 3000
-    steps: shape 0.92, colour 0.98). Batches of 12 even when stage 1 ran colour_factorization with
-    16: without the encoder there are no twin pairs to fill (16 took 11.5 instead of 8.2 min).
+    steps: shape 0.92, colour 0.98). Batches of 12, not stage 1's 16: without the encoder there are
+    no twin pairs to fill (16 took 11.5 instead of 8.2 min).
     """
     return VAEConfig(init_from=vae_folder, train_encoder=False, steps=3000, batch_size=12, lr=1e-3,
                      warmup_steps=20, foreground_weight=2.0, latent_noise=0.3)

@@ -66,7 +66,8 @@ def text_encoder_config(cfg, tokenizer):
 
 
 class VAEStage:
-    """AutoencoderKL on freshly rendered shapes: L1 reconstruction + small KL."""
+    """AutoencoderKL on freshly rendered shapes: squared error (shape pixels weighted) + small KL,
+    with the colour-factorization terms when ``colour_factorization`` is on."""
 
     name = "vae"
 
@@ -74,6 +75,9 @@ class VAEStage:
         if cfg.colour_factorization and not 0 < cfg.colour_channels < cfg.latent_channels:
             raise ConfigError(f"colour_channels must leave channels on both sides: 1 to {cfg.latent_channels - 1} "
                              f"of the {cfg.latent_channels} latent channels, got {cfg.colour_channels}")
+        if cfg.colour_margin < 0:
+            raise ConfigError(f"colour_margin is a distance in unit-variance latents and must be >= 0, "
+                              f"got {cfg.colour_margin}")
         self.cfg = cfg
 
     def setup(self, out_dir, accelerator):
@@ -144,19 +148,25 @@ class VAEStage:
             loss = loss + self.cfg.channel_decorrelation * corr
             logs["corr"] = corr.detach()
         if self.pairs():
-            inv_bg, inv_col = self.factorization(posterior.mean, batch["coverage"])
-            loss = loss + self.cfg.colour_factorization * (inv_bg + inv_col)
-            logs.update(inv_bg=inv_bg.detach(), inv_col=inv_col.detach())
+            terms = self.factorization(posterior.mean, batch["coverage"])
+            loss = loss + self.cfg.colour_factorization * sum(terms.values())
+            logs.update({name: term.detach() for name, term in terms.items()})
         return loss, logs
 
     def factorization(self, latents, coverage):
-        """(the colour channels' change with the background, the other channels' change with the colour)."""
+        """The colour-factorization terms: ``inv_bg``, the colour channels' change with the background;
+        ``inv_col``, the other channels' change with the colour; with ``colour_margin``, ``sep``, how
+        far the colour channels of different colours fall short of that margin apart."""
         drawings, changed = latents.chunk(2)
         weights = torch.nn.functional.avg_pool2d(coverage, coverage.shape[-1] // latents.shape[-1])
         k, half = self.cfg.colour_channels, len(weights) // 2  # pairs [:half] changed background, [half:] colour
         scale = latents.detach().var()
-        return (losses.invariance_loss(drawings[:half, :k], changed[:half, :k], weights[:half], scale),
-                losses.invariance_loss(drawings[half:, k:], changed[half:, k:], weights[half:], scale))
+        terms = {"inv_bg": losses.invariance_loss(drawings[:half, :k], changed[:half, :k], weights[:half], scale),
+                 "inv_col": losses.invariance_loss(drawings[half:, k:], changed[half:, k:], weights[half:], scale)}
+        if self.cfg.colour_margin:
+            terms["sep"] = losses.separation_loss(drawings[half:, :k], changed[half:, :k], weights[half:], scale,
+                                                  self.cfg.colour_margin)
+        return terms
 
     def finish(self, models, out_dir):
         """Save ``out_dir/vae`` with ``scaling_factor`` = 1 / std of the latents (unit-variance latents)."""

@@ -10,7 +10,7 @@ the prompt's, per attribute the prompts name. Settings:
 * 60 fully specified prompts, 25 steps, the model's default scheduler, at the recommended
   guidance scale and at guidance 1.0 (no classifier-free guidance);
 * 36 short "a COLOR SHAPE" prompts with DDIM (20 steps), Euler ancestral (20) and DPM-Solver++ (12),
-  and for each of these which colours were drawn instead of which.
+  and for each of these which colours were drawn instead of which; then the same at guidance 1.0.
 
 Image i of a setting uses seed ``seed + i``, so every number is reproducible.
 """
@@ -121,10 +121,14 @@ def main(argv=None):
          args.guidance_scale, None, None),
         (f"60 full prompts, {default_name} 25 steps, guidance 1.0", full, 25, 1.0, None, None),
     ]
-    for sampler, steps, cls in (("DDIM", 20, DDIMScheduler), ("Euler a", 20, EulerAncestralDiscreteScheduler),
-                                ("DPM++", 12, DPMSolverMultistepScheduler)):
+    samplers = (("DDIM", 20, DDIMScheduler), ("Euler a", 20, EulerAncestralDiscreteScheduler),
+                ("DPM++", 12, DPMSolverMultistepScheduler))
+    for sampler, steps, cls in samplers:
         settings.append((f"36 short prompts, {sampler} {steps} steps, guidance {args.guidance_scale:g}", short,
                          steps, args.guidance_scale, cls.from_config(config), f"{sampler} {steps} steps"))
+    for sampler, steps, cls in samplers:
+        settings.append((f"36 short prompts, {sampler} {steps} steps, guidance 1.0", short, steps, 1.0,
+                         cls.from_config(config), None))
     started = time.time()
     misses = {}
     for name, prompts, steps, guidance, scheduler, sampler in settings:

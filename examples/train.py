@@ -1,7 +1,7 @@
 """Train a shapes text-to-image model from scratch, then generate with it.
 
     python examples/train.py --out runs/demo --quick      # a few minutes: a rough model
-    python examples/train.py --out runs/tiny-shapes       # the bundled model's full recipe (~54 min)
+    python examples/train.py --out runs/tiny-shapes       # the bundled model's full recipe (~53 min)
 
 The full recipe is ``python -m sdkit.training all``, the one that produced ``sdkit.TINY_MODEL`` (see
 its MODEL_CARD.md). Each stage resumes from its checkpoint, so an interrupted run continues where

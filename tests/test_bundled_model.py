@@ -51,6 +51,11 @@ def pipe():
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
+# short prompts leave the background (and size, place) open: the colours between two others,
+# orange and purple, were the ones an earlier model lost there
+SHORT_PROMPTS = ["a orange circle", "a purple triangle", "a yellow square", "a red triangle", "a green square",
+                 "a blue circle", "a orange square", "a purple circle"]
+
 
 def adherence(pipe, prompts, guidance_scale, steps=15):
     generators = [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
@@ -68,6 +73,13 @@ def test_bundled_model_follows_prompts(pipe):
     # allowed for floating-point differences between machines
     acc = adherence(pipe, PROMPTS, GUIDANCE)
     assert all(acc[name] >= 7 / 8 for name in ("color", "shape", "background", "place", "size")), acc
+
+
+def test_bundled_model_draws_the_colour_of_short_prompts(pipe):
+    # measured 2026-11-24 (15 steps, guidance 3, rescale 0.7): colour and shape 8/8; the model before
+    # the colour factorization drew orange red or yellow and purple blue on prompts like these
+    acc = adherence(pipe, SHORT_PROMPTS, GUIDANCE)
+    assert acc["color"] >= 7 / 8 and acc["shape"] >= 7 / 8, acc
 
 
 def test_diffusers_draws_the_same_pixels_from_the_bundled_model(pipe):

@@ -4,7 +4,9 @@
     python benchmarks/quality.py --model DIR     # any shapes pipeline folder
 
 Prints one markdown table: for each setting, the fraction of images whose judged attribute equals
-the prompt's, per attribute the prompts name. Settings:
+the prompt's, per attribute the prompts name, and the circle roundness: the mean |square score| of
+the images asked for a circle (``judge.measure``; 0 is a round disc, 1 a square, -1 a diamond),
+which the shape accuracy does not see. Settings:
 
 * the judge on clean renders of the full prompts (must be 1.0: the judge itself is right);
 * 60 fully specified prompts, 25 steps, the model's default scheduler, at the recommended
@@ -30,7 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 import sdkit  # noqa: E402
 from sdkit.cli import BUNDLED_GUIDANCE, BUNDLED_GUIDANCE_RESCALE  # noqa: E402  (the model card's recommendation)
 from sdkit.schedulers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler  # noqa: E402
-from sdkit.training.judge import judge, score  # noqa: E402
+from sdkit.training.judge import measure, score  # noqa: E402
 from sdkit.training.shapes import (BACKGROUNDS, COLORS, PLACES, SHAPES, SIZES, Attributes, caption,  # noqa: E402
                                    parse_prompt, render)
 
@@ -78,6 +80,14 @@ def generate(pipe, prompts, steps, guidance, seed, scheduler=None, batch=30, gui
     return images
 
 
+def circle_roundness(scores, prompts):
+    """Mean |square score| of the images whose prompt asks for a circle (0: a round disc; a square
+    has 1, a diamond -1): how well drawn the circles are, which the circle/square/triangle
+    accuracy does not see. ``None`` when no such image has a measured shape."""
+    values = [abs(s[1]) for s, prompt in zip(scores, prompts) if parse_prompt(prompt)["shape"] == "circle" and s]
+    return float(np.mean(values)) if values else None
+
+
 def colour_misses(judged, prompts):
     """``{"asked->drawn": count}`` over the judged images whose colour differs from the prompt's."""
     counts = {}
@@ -113,8 +123,9 @@ def main(argv=None):
     full, short = full_prompts(), short_prompts()
     default_name = type(pipe.scheduler).__name__
     config = pipe.scheduler.config
-    clean = [judge(image) for image in clean_renders(full, args.seed)]
-    rows = [("judge on clean renders (60 full prompts)", len(full), accuracy(clean, full))]
+    clean = [measure(image) for image in clean_renders(full, args.seed)]
+    rows = [("judge on clean renders (60 full prompts)", len(full), accuracy([m[0] for m in clean], full),
+             circle_roundness([m[1] for m in clean], full))]
     # (label, prompts, steps, guidance, scheduler, sampler: set for the short prompts, whose colour misses are listed)
     settings = [
         (f"60 full prompts, {default_name} 25 steps, guidance {args.guidance_scale:g}", full, 25,
@@ -133,17 +144,18 @@ def main(argv=None):
     misses = {}
     for name, prompts, steps, guidance, scheduler, sampler in settings:
         images = generate(pipe, prompts, steps, guidance, args.seed, scheduler, guidance_rescale=args.guidance_rescale)
-        judged = [judge(image) for image in images]
-        rows.append((name, len(prompts), accuracy(judged, prompts)))
+        judged, scores = zip(*[measure(image) for image in images])
+        rows.append((name, len(prompts), accuracy(judged, prompts), circle_roundness(scores, prompts)))
         if sampler:
             misses[sampler] = colour_misses(judged, prompts)
 
     print(f"model: {os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT) else args.model}"
           + (f", guidance_rescale {args.guidance_rescale:g}" if args.guidance_rescale else ""))
-    print("| setting | n | " + " | ".join(ATTRIBUTES) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in ATTRIBUTES) + " |")
-    for name, n, acc in rows:
+    print("| setting | n | " + " | ".join(ATTRIBUTES) + " | circle roundness |")
+    print("| --- | --- | " + " | ".join("---" for _ in ATTRIBUTES) + " | --- |")
+    for name, n, acc, roundness in rows:
         cells = [f"{acc[a]:.2f}" if a in acc else "" for a in ATTRIBUTES]
+        cells.append("" if roundness is None else f"{roundness:.3f}")
         print(f"| {name} | {n} | " + " | ".join(cells) + " |")
     print(f"({time.time() - started:.0f} s of sampling)")
     for name, counts in misses.items():

@@ -129,3 +129,26 @@ def test_judge_reads_any_image_without_failing():
         judged = judge(image)
         for f in FIELDS:
             assert getattr(judged, f) is None or getattr(judged, f) in valid[f], (f, judged)
+
+
+def test_measure_scores_how_well_a_shape_is_drawn():
+    from sdkit.training.judge import measure
+
+    rng = np.random.default_rng(5)
+    for shape in SHAPES:
+        attrs = Attributes(color="orange", shape=shape, place="center", size="large", background="gray")
+        image = render(attrs, rng)
+        judged, (triangle, square) = measure(image)
+        assert judged == judge(image) == attrs
+        if shape == "circle":
+            assert abs(square) < 0.05 and abs(triangle) < 0.05
+        elif shape == "square":
+            assert square > 0.9
+        else:
+            assert triangle < -0.9
+    # the same square stood on its corner: the square score flips sign, and it is no square
+    square = render(Attributes(color="orange", shape="square", place="center", size="large", background="gray"), rng)
+    diamond = np.asarray(Image.fromarray(square).rotate(45, resample=Image.BICUBIC, fillcolor=BACKGROUNDS["gray"]))
+    judged, (_, score) = measure(diamond)
+    assert score < -0.8 and judged.shape == "circle"  # the class alone cannot tell a diamond
+    assert measure(np.full((64, 64, 3), 128, np.uint8)) == (judge(np.full((64, 64, 3), 128, np.uint8)), None)

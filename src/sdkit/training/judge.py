@@ -120,6 +120,13 @@ def judge(image) -> Attributes:
     Other sizes are resized to 64x64 first. If no shape is found, ``background`` is still read
     and every other field is ``None``; a field that cannot be read is ``None`` too.
     """
+    return measure(image)[0]
+
+
+def measure(image) -> tuple[Attributes, tuple[float, float] | None]:
+    """``(judge(image), (triangle score, square score))``; the scores are ``None`` when no shape
+    is measured. Beyond the class they say how well drawn the shape is: a round disc has square
+    score 0, a square 1 and a square standing on its corner (a diamond) -1."""
     rgb = _to_array(image)  # (H, W, 3)
     border = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])  # (4 * 63, 3)
     bg_rgb = np.median(border, axis=0)
@@ -128,7 +135,7 @@ def judge(image) -> Attributes:
     smooth = ndimage.uniform_filter(rgb, size=(3, 3, 1), mode="nearest")
     rough = _largest_blob(np.linalg.norm(smooth - bg_rgb, axis=-1) > ROUGH_THRESHOLD)
     if rough.sum() < MIN_AREA:
-        return Attributes(color=None, shape=None, place=None, size=None, background=background)
+        return Attributes(color=None, shape=None, place=None, size=None, background=background), None
 
     # the core: the quarter of the blob farthest from the background, least mixed with it by blur
     contrast = np.linalg.norm(smooth - bg_rgb, axis=-1)[rough]
@@ -138,7 +145,7 @@ def judge(image) -> Attributes:
     nearer_fg = np.linalg.norm(smooth - fg_rgb, axis=-1) < np.linalg.norm(smooth - bg_rgb, axis=-1)
     mask = ndimage.binary_fill_holes(_largest_blob(nearer_fg))
     if mask.sum() < MIN_AREA:
-        return Attributes(color=None, shape=None, place=None, size=None, background=background)
+        return Attributes(color=None, shape=None, place=None, size=None, background=background), None
     ys, xs = np.nonzero(mask)
     centre = np.array([(xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2])
     place = min(PLACES, key=lambda p: float(np.linalg.norm(centre - PLACES[p])))
@@ -149,7 +156,7 @@ def judge(image) -> Attributes:
     rows, cols = np.nonzero(near.any(axis=1))[0], np.nonzero(near.any(axis=0))[0]
     alpha = alpha[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # crop: moments need only the shape
     if alpha.sum() < MIN_AREA:  # a colour far off the palette, projecting badly onto bg -> colour
-        return Attributes(color=color, shape=None, place=place, size=None, background=background)
+        return Attributes(color=color, shape=None, place=place, size=None, background=background), None
     triangle_score, square_score = _shape_scores(alpha)
     if triangle_score < TRIANGLE_SCORE:
         shape = "triangle"
@@ -159,7 +166,8 @@ def judge(image) -> Attributes:
         shape = "circle"
     across = np.sqrt(alpha.sum() / AREA_PER_SIZE2[shape])
     size = "small" if across < SIZE_THRESHOLD else "large"
-    return Attributes(color=color, shape=shape, place=place, size=size, background=background)
+    attrs = Attributes(color=color, shape=shape, place=place, size=size, background=background)
+    return attrs, (triangle_score, square_score)
 
 
 def score(prompt_attrs: dict[str, str], judged: Attributes) -> dict[str, bool]:

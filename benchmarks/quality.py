@@ -123,9 +123,9 @@ def main(argv=None):
     full, short = full_prompts(), short_prompts()
     default_name = type(pipe.scheduler).__name__
     config = pipe.scheduler.config
-    clean = [measure(image) for image in clean_renders(full, args.seed)]
-    rows = [("judge on clean renders (60 full prompts)", len(full), accuracy([m[0] for m in clean], full),
-             circle_roundness([m[1] for m in clean], full))]
+    judged, scores = zip(*[measure(image) for image in clean_renders(full, args.seed)])
+    rows = [("judge on clean renders (60 full prompts)", len(full), accuracy(judged, full),
+             circle_roundness(scores, full))]
     # (label, prompts, steps, guidance, scheduler, sampler: set for the short prompts, whose colour misses are listed)
     settings = [
         (f"60 full prompts, {default_name} 25 steps, guidance {args.guidance_scale:g}", full, 25,

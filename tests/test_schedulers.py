@@ -13,15 +13,17 @@ import sdkit.schedulers as ours
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 NAMES = list(ours.SCHEDULER_CLASSES)
-VARIANTS = NAMES + ["PLMS", "DDIM-eta1"]
+VARIANTS = NAMES + ["PLMS", "DDIM-eta1", "LMS-order2"]
 
 
 def make(variant, **config):
-    """(scheduler, step kwargs) for a contract variant."""
+    """(scheduler, run options) for a contract variant."""
     if variant == "PLMS":
         return ours.PNDMScheduler.from_config({**SD, "skip_prk_steps": True, **config}), {}
     if variant == "DDIM-eta1":
         return ours.DDIMScheduler.from_config({**SD, **config}), {"eta": 1.0}
+    if variant == "LMS-order2":
+        return ours.LMSDiscreteScheduler.from_config({**SD, **config}), {"order": 2}
     return ours.SCHEDULER_CLASSES[variant].from_config({**SD, **config}), {}
 
 
@@ -29,15 +31,13 @@ def model(x, t):
     return torch.tanh(x * 0.9 + 0.001 * float(t)) * 0.8 + 0.05 * x
 
 
-def sample(sch, n, seed, shape=(1, 4, 8, 8), dtype=torch.float32, step_kwargs=None, strength=1.0):
-    """A full sampling loop on a shared scheduler; returns the final sample."""
-    step_kwargs = dict(step_kwargs or {})
+def sample(sch, n, seed, shape=(1, 4, 8, 8), dtype=torch.float32, options=None, strength=1.0):
+    """A full sampling loop on a shared scheduler, the one loop for every scheduler; the final sample."""
     g = torch.Generator().manual_seed(seed)
-    state = sch.set_timesteps(n, strength=strength)
+    state = sch.set_timesteps(n, strength=strength, **(options or {}))
     x = torch.randn(shape, generator=g, dtype=dtype) * state.init_noise_sigma
-    step_kwargs["generator"] = g
     for t in state.timesteps:
-        out = sch.step(model(sch.scale_model_input(x, t, state), t), t, x, state, **step_kwargs)
+        out = sch.step(model(sch.scale_model_input(x, t, state), t), t, x, state, generator=g)
         x, state = out.prev_sample, out.state
     return x
 
@@ -70,10 +70,11 @@ def test_contract(variant):
     assert again.config == sch.config and sch.config["_class_name"] == type(sch).__name__
     json.dumps(sch.config)  # plain, json-ready
 
-    # a state for 10 steps, then one for 7, and stepping either works
-    state10 = sch.set_timesteps(10, device="cpu")
+    # a state for 10 steps, then one for 7, and stepping either works; options live in the state
+    state10 = sch.set_timesteps(10, device="cpu", **kw)
     assert state10.timesteps.device == torch.device("cpu")
-    state7 = sch.set_timesteps(7)
+    assert state10.options == sch.make_options(**kw)
+    state7 = sch.set_timesteps(7, **kw)
     assert len(state7.timesteps) >= 7 and state7.num_inference_steps == 7
     assert state7.latent_timestep.shape == (1,)
     for dtype in (torch.float32, torch.float64):
@@ -83,8 +84,8 @@ def test_contract(variant):
             inp = sch.scale_model_input(x, t, state)
             assert inp.shape == x.shape and inp.dtype == dtype and inp.device == x.device
             state_before = snapshot(state)
-            # every sampler takes the same call; DDIM also takes eta=
-            out = sch.step(model(inp, t), t, x, state, generator=torch.Generator().manual_seed(0), **kw)
+            # every sampler takes the same call
+            out = sch.step(model(inp, t), t, x, state, generator=torch.Generator().manual_seed(0))
             assert out.prev_sample.shape == x.shape and out.prev_sample.dtype == dtype
             assert out.prev_sample.device == x.device
             assert out.pred_original_sample.shape == x.shape
@@ -96,7 +97,7 @@ def test_contract(variant):
     assert state10.timesteps.dtype == expected
 
     # the instance itself never changes
-    sample(sch, 5, 0, step_kwargs=kw)
+    sample(sch, 5, 0, options=kw)
     assert same(snapshot(sch), before)
     with pytest.raises(AttributeError, match="immutable"):
         sch.alphas_cumprod = None
@@ -106,7 +107,7 @@ def test_contract(variant):
 def test_full_loop_keeps_dtype_and_is_finite(variant):
     sch, kw = make(variant)
     for dtype in (torch.float32, torch.float64):
-        x = sample(sch, 8, 3, dtype=dtype, step_kwargs=kw)
+        x = sample(sch, 8, 3, dtype=dtype, options=kw)
         assert x.dtype == dtype and torch.isfinite(x).all()
 
 
@@ -137,14 +138,14 @@ def test_add_noise_refuses_timesteps_it_cannot_place():
 def test_threads_sharing_one_scheduler_match_sequential_runs(variant):
     sch, kw = make(variant)
     jobs = [(5 + 2 * i, 100 + i, 1.0 if i % 3 else 0.6) for i in range(8)]
-    expected = [sample(sch, n, seed, step_kwargs=kw, strength=s) for n, seed, s in jobs]
+    expected = [sample(sch, n, seed, options=kw, strength=s) for n, seed, s in jobs]
     results, errors = [None] * len(jobs), []
     barrier = threading.Barrier(len(jobs))
 
     def work(i, n, seed, s):
         try:
             barrier.wait()
-            results[i] = sample(sch, n, seed, step_kwargs=kw, strength=s)
+            results[i] = sample(sch, n, seed, options=kw, strength=s)
         except Exception as e:  # surfaced below
             errors.append(e)
 
@@ -168,11 +169,11 @@ def test_bad_input_errors(name):
             sch.set_timesteps(n)
     with pytest.raises(ValueError, match="more than the 1000 timesteps"):
         sch.set_timesteps(1001)
-    with pytest.raises(ValueError, match="prediction_type 'x0'.*use one of"):
+    with pytest.raises(ValueError, match="prediction_type='x0'.*use one of"):
         cls.from_config({**SD, "prediction_type": "x0"})
-    with pytest.raises(ValueError, match="beta_schedule 'cubic'.*use one of"):
+    with pytest.raises(ValueError, match="beta_schedule='cubic'.*use one of"):
         cls.from_config({**SD, "beta_schedule": "cubic"})
-    with pytest.raises(ValueError, match="timestep_spacing 'random'.*use one of"):
+    with pytest.raises(ValueError, match="timestep_spacing='random'.*use one of"):
         cls.from_config({**SD, "timestep_spacing": "random"})
 
     state = sch.set_timesteps(10)
@@ -189,6 +190,31 @@ def test_bad_input_errors(name):
         state = sch.step(x, t, x, state).state
     with pytest.raises(ValueError, match="no steps left"):
         sch.step(x, t, x, state)
+
+
+def test_run_options_are_checked_and_unknown_ones_name_the_known():
+    with pytest.raises(ValueError, match="DDIMScheduler has no run option 'order'; its run options are eta"):
+        ours.DDIMScheduler().set_timesteps(10, order=2)
+    with pytest.raises(ValueError, match="LMSDiscreteScheduler has no run option 'eta'; its run options are order"):
+        ours.LMSDiscreteScheduler().set_timesteps(10, eta=1.0)
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler has no run option 'eta'; it has no run options"):
+        ours.EulerDiscreteScheduler().set_timesteps(10, eta=1.0)
+    with pytest.raises(ValueError, match=r"eta must be a finite number >= 0, got -1"):
+        ours.DDIMScheduler().set_timesteps(10, eta=-1)
+    with pytest.raises(ValueError, match=r"order must be a whole number in \[1, 4\], got 5"):
+        ours.LMSDiscreteScheduler().set_timesteps(10, order=5)
+    assert ours.DDIMScheduler.option_names() == ("eta",) and ours.PNDMScheduler.option_names() == ()
+
+
+def test_run_options_change_the_run_not_the_scheduler():
+    """One shared scheduler, two runs with different options: each equals its own run alone."""
+    ddim = ours.DDIMScheduler.from_config(SD)
+    deterministic, noisy = sample(ddim, 6, 0), sample(ddim, 6, 0, options={"eta": 1.0})
+    assert not torch.equal(deterministic, noisy)
+    assert torch.equal(sample(ddim, 6, 0, options={"eta": 0.0}), deterministic)
+    lms = ours.LMSDiscreteScheduler.from_config(SD)
+    assert not torch.equal(sample(lms, 8, 0, options={"order": 1}), sample(lms, 8, 0))
+    assert sample(lms, 8, 0, options={"order": 1}).shape == (1, 4, 8, 8)
 
 
 def test_pndm_runge_kutta_needs_four_steps():

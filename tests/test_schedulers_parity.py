@@ -78,19 +78,18 @@ def run_ref(ref, n, x, seed, per_item=False, strength=1.0, x0=None, **step_kwarg
     return timesteps, x
 
 
-def run_ours(sch, n, x, seed, per_item=False, strength=1.0, x0=None, **step_kwargs):
-    state = sch.set_timesteps(n, strength=strength)
+def run_ours(sch, n, x, seed, per_item=False, strength=1.0, x0=None, **options):
+    """The same loop on sdkit: the reference's step keywords (eta, order) are sdkit's run options."""
+    state = sch.set_timesteps(n, strength=strength, **options)
     timesteps = state.timesteps
     if x0 is not None:
         x = sch.add_noise(x0, x, state.latent_timestep.repeat(SHAPE[0]), state)
     else:
         x = x * state.init_noise_sigma
     g = generators(seed, per_item)
-    takes_generator = "generator" in inspect.signature(sch.step).parameters
     for t in state.timesteps:
         m = model(sch.scale_model_input(x, t, state), t)
-        kw = dict(step_kwargs, generator=g) if takes_generator else step_kwargs
-        out = sch.step(m, t, x, state, **kw)
+        out = sch.step(m, t, x, state, generator=g)  # one signature for every scheduler
         x, state = out.prev_sample, out.state
     return timesteps, x
 
@@ -150,6 +149,9 @@ def _cases():
         ("DPMSolverMultistepScheduler", {"timestep_spacing": "leading", "steps_offset": 1}, 10, {}),
         ("EulerDiscreteScheduler", {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}, 10, {}),
         ("LMSDiscreteScheduler", {"beta_schedule": "squaredcos_cap_v2"}, 10, {}),
+        ("LMSDiscreteScheduler", {}, 10, {"order": 2}),
+        ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, 25, {"order": 3}),
+        ("LMSDiscreteScheduler", {}, 10, {"order": 1}),
     ]
     return cases
 

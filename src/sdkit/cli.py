@@ -143,10 +143,6 @@ def _model_label(model):
 def generate(args):
     import torch
 
-    for name in ("width", "height"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 8):
-            raise CLIError(f"--{name} {value} must be a positive multiple of 8")
     if args.steps < 1:
         raise CLIError(f"--steps {args.steps} must be at least 1")
     if args.batch < 1:
@@ -174,6 +170,11 @@ def generate(args):
         pipe = StableDiffusionPipeline.from_pretrained(model)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CLIError(f"cannot load model {model!r}: {e}") from None
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        error = pipe.size_error(value) if value is not None else None
+        if error:
+            raise CLIError(f"--{name} {value} {error}")
     scheduler = _scheduler(args.scheduler, pipe.scheduler) if args.scheduler else pipe.scheduler
     sampler = args.scheduler if args.scheduler else sampler_name(scheduler)
     seed = args.seed if args.seed is not None else random.randrange(2**32)

@@ -8,8 +8,6 @@ a fast (Rust) tokenizer shared between threads otherwise fails with "Already bor
 import threading
 import warnings
 
-import torch
-
 _TOKENIZER_LOCK = threading.Lock()
 
 
@@ -45,16 +43,16 @@ def encode_text(text_encoder, tokenizer, texts, device=None, dtype=None):
 
 def encode_prompts(text_encoder, tokenizer, prompts, negative_prompts=None, num_images_per_prompt=1,
                    guidance=True, device=None, dtype=None):
-    """The UNet's context: (2N, T, D) [negative; positive] with guidance, else (N, T, D).
+    """(cond, uncond): (N, T, D) embeddings of the prompts and, with guidance, of the negative prompts.
 
     N = len(prompts) * num_images_per_prompt, each prompt's rows consecutive. Negative prompts
-    default to the empty string (the unconditional embedding of classifier-free guidance).
+    default to the empty string (the unconditional embedding of classifier-free guidance); without
+    guidance ``uncond`` is None.
     """
     cond = encode_text(text_encoder, tokenizer, prompts, device, dtype)
     cond = cond.repeat_interleave(num_images_per_prompt, dim=0)  # (N, T, D)
     if not guidance:
-        return cond
+        return cond, None
     negatives = negative_prompts if negative_prompts is not None else [""] * len(prompts)
     uncond = encode_text(text_encoder, tokenizer, negatives, device, dtype)
-    uncond = uncond.repeat_interleave(num_images_per_prompt, dim=0)
-    return torch.cat([uncond, cond])
+    return cond, uncond.repeat_interleave(num_images_per_prompt, dim=0)

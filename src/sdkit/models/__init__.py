@@ -1,6 +1,7 @@
 """Models: UNet2DConditionModel and AutoencoderKL with diffusers-compatible configs and weights."""
 
-from .modeling import Config, ModelMixin
+from ..configuration import Config
+from .modeling import ModelMixin
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL, DiagonalGaussian
 

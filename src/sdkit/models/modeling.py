@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import configuration
+from ..configuration import Config
 from ..hub import resolve_folder
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -25,34 +27,12 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 DIFFUSERS_VERSION = "0.42.1"  # the layout we read and write
 
 
-class Config(dict):
-    """A read-only dict that also allows attribute access (``config.in_channels``)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"config has no key {name!r}") from None
-
-    def _readonly(self, *args, **kwargs):
-        raise TypeError("a model config is read-only; build a new model with from_config(dict(config))")
-
-    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly
-
-    def __reduce__(self):  # copy, deepcopy and pickle rebuild from a plain dict (no item setting)
-        return (type(self), (dict(self),))
-
-
 def variant_name(name, variant):
     """'a.safetensors' + 'fp16' -> 'a.fp16.safetensors' (the diffusers variant naming)."""
     if not variant:
         return name
     stem, ext = name.rsplit(".", 1)
     return f"{stem}.{variant}.{ext}"
-
-
-def _as_tuple(v):
-    return tuple(v) if isinstance(v, list) else v
 
 
 def _read_safetensors(path):
@@ -141,8 +121,8 @@ def _atomic_write(path, write):
 class ModelMixin(nn.Module):
     """from_config / from_pretrained / save_pretrained for a model with a config dataclass.
 
-    Subclasses set ``config_class`` (a dataclass), ``_fixed`` (known reference keys sdkit supports
-    only at the listed values; a key may also be a dataclass field with a few supported values) and
+    Subclasses set ``config_class`` (a dataclass whose ``choice`` fields take a few values),
+    ``_fixed`` (reference keys that are not fields, supported only at the listed values) and
     ``_neutral`` (known keys that do not change the architecture).
     """
 
@@ -153,21 +133,11 @@ class ModelMixin(nn.Module):
     # -- config ---------------------------------------------------------------------------------
     @classmethod
     def parse_config(cls, config):
-        """Split a reference config dict into our dataclass; raise on unsupported values."""
-        fields = {f.name for f in dataclasses.fields(cls.config_class)}
-        kwargs, ignored = {}, []
-        for key, value in dict(config).items():
-            if key.startswith("_") or key in cls._neutral:
-                continue
-            if key in cls._fixed:
-                cls._check_supported(key, value)
-            if key in fields:
-                kwargs[key] = _as_tuple(value)
-            elif key not in cls._fixed:
-                ignored.append(key)
+        """Our dataclass from a reference config dict; unsupported values raise, unknown keys warn."""
+        cfg, ignored = configuration.read_config(cls.__name__, cls.config_class, config, cls._fixed, cls._neutral)
         if ignored:
             warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(ignored)}", stacklevel=3)
-        return cls.config_class(**kwargs)
+        return cfg
 
     @classmethod
     def from_config(cls, config=None, **overrides):
@@ -175,18 +145,10 @@ class ModelMixin(nn.Module):
         config = {**dict(config or {}), **overrides}
         return cls(cls.parse_config(config))
 
-    @classmethod
-    def _check_supported(cls, key, value):
-        if value not in cls._fixed[key]:
-            raise ValueError(f"{cls.__name__}: config key {key!r} = {value!r} is not supported "
-                             f"by sdkit (supported: {' or '.join(map(repr, cls._fixed[key]))}).")
-
     def _set_config(self, config):
-        """Store ``config`` (checking the fields listed in ``_fixed``: a dataclass may come directly)."""
-        values = dataclasses.asdict(config)
-        for key in self._fixed.keys() & values.keys():
-            self._check_supported(key, values[key])
-        self.config = Config({"_class_name": type(self).__name__, **values})
+        """Store ``config`` as ``self.config`` (checked: a dataclass may be passed directly)."""
+        configuration.check_fields(type(self).__name__, config)
+        self.config = Config({"_class_name": type(self).__name__, **dataclasses.asdict(config)})
 
     @property
     def dtype(self):

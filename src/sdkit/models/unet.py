@@ -13,12 +13,13 @@ from torch import nn
 
 from .blocks import (Downsample2D, ResnetBlock2D, TextTimeEmbedding, TimestepEmbedding, Transformer2DModel,
                      Upsample2D, timestep_embedding)
+from ..configuration import choice
 from .modeling import ModelMixin
 
 IntOrTuple = Union[int, Tuple[int, ...]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class UNet2DConditionConfig:
     sample_size: Optional[int] = None       # latent size the model was trained at (default H/W)
     in_channels: int = 4                    # 4 latents; 9 for inpainting (latents + mask + masked image)
@@ -38,8 +39,8 @@ class UNet2DConditionConfig:
     attention_head_dim: IntOrTuple = 8      # the reference uses this as the NUMBER of heads per level
     use_linear_projection: bool = False     # SD2: Linear instead of 1x1 conv around the transformer
     upcast_attention: bool = False          # SD2.1: attention in fp32 when running in half precision
-    resnet_time_scale_shift: str = "default"  # "scale_shift": the embedding scales and shifts (FiLM)
-    addition_embed_type: Optional[str] = None  # "text": add the pooled prompt to the timestep embedding
+    resnet_time_scale_shift: str = choice("default", ("default", "scale_shift"))  # scale_shift: FiLM by the embedding
+    addition_embed_type: Optional[str] = choice(None, (None, "text"))  # text: the pooled prompt joins the time embedding
     addition_embed_type_num_heads: int = 64   # heads of that pooling
 
 
@@ -145,7 +146,6 @@ class UNet2DConditionModel(ModelMixin):
         "dual_cross_attention": (False,), "act_fn": ("silu",), "downsample_padding": (1,),
         "mid_block_scale_factor": (1, 1.0), "num_attention_heads": (None,),
         "class_embed_type": (None,), "num_class_embeds": (None,), "addition_time_embed_dim": (None,),
-        "resnet_time_scale_shift": ("default", "scale_shift"), "addition_embed_type": (None, "text"),
         "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1, 1.0),
         "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
         "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),

@@ -15,7 +15,7 @@ from .blocks import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2
 from .modeling import ModelMixin
 
 
-@dataclass
+@dataclass(frozen=True)
 class AutoencoderKLConfig:
     in_channels: int = 3
     out_channels: int = 3

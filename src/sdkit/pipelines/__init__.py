@@ -5,10 +5,16 @@
     img2img = Img2ImgPipeline(**pipe.components)   # same weights, no copy
 """
 
-from .base import DiffusionPipeline, PipelineOutput, classifier_free_guidance
+from .base import DiffusionPipeline, PipelineOutput, Run, Start
+from .denoising import (ClassifierFreeGuidance, ConditionalOnly, ModelCall, PromptEmbeds,
+                        classifier_free_guidance, unet_model, with_extra_channels)
 from .img2img import Img2ImgPipeline
 from .inpaint import InpaintPipeline
+from .loading import Part
+from .options import CallOptions, ImageToImageOptions, InpaintOptions, TextToImageOptions
 from .txt2img import StableDiffusionPipeline
 
-__all__ = ["DiffusionPipeline", "Img2ImgPipeline", "InpaintPipeline", "PipelineOutput",
-           "StableDiffusionPipeline", "classifier_free_guidance"]
+__all__ = ["CallOptions", "ClassifierFreeGuidance", "ConditionalOnly", "DiffusionPipeline", "ImageToImageOptions",
+           "Img2ImgPipeline", "InpaintOptions", "InpaintPipeline", "ModelCall", "Part", "PipelineOutput",
+           "PromptEmbeds", "Run", "Start", "StableDiffusionPipeline", "TextToImageOptions",
+           "classifier_free_guidance", "unet_model", "with_extra_channels"]

@@ -1,13 +1,19 @@
-"""What txt2img, img2img and inpaint share: loading, prompt encoding, the denoising loop, decoding.
+"""What txt2img, img2img and inpaint share: parts, loading, the call, the denoising loop, decoding.
 
-A pipeline holds only its parts (unet, vae, text_encoder, tokenizer, scheduler) and settings; each
-call keeps its run state (scheduler state, latents, generators) in locals, so one pipeline can serve
-many threads at once. Each pipeline adds only how a run starts (``Start``) and finishes.
+A pipeline holds only its parts (declared in ``parts``) and settings; each call keeps its run
+state (options, scheduler state, latents, generators) in locals, so one pipeline can serve many
+threads at once. A call goes:
+
+    options = pipe.options_class(...)          # checked once (options.py)
+    conditioning = pipe.prepare_conditioning(run, options)   # per-step prompt embeddings
+    start = pipe.prepare_start(run, options)   # initial latents, model pieces, after-step, finish
+    model = pipe.prepare_model(run, start)     # unet -> pieces -> guidance (denoising.py)
+    latents = pipe._denoise(model, conditioning, start, run, callback)   # the one loop
+
+Each pipeline adds only its options and its ``prepare_start``.
 """
 
 import copy
-import functools
-import inspect
 import os
 import threading
 import warnings
@@ -20,9 +26,9 @@ from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
 from ..text import encode_prompts
 from . import loading
+from .denoising import ModelCall, PromptEmbeds, classifier_free_guidance, compose, guidance_for, unet_model
 from .images import to_output
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+from .options import CallOptions
 
 
 @dataclass
@@ -31,69 +37,29 @@ class PipelineOutput:
     interrupted: bool = False  # True when the callback stopped the run before its last step
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """The per-call settings every pipeline stage needs, passed explicitly (never kept on self)."""
+    """The per-call settings every stage needs, passed explicitly (never kept on self)."""
 
     batch_size: int  # images in this call: len(prompts) * num_images_per_prompt
-    num_images_per_prompt: int
     height: int
     width: int
     generator: Any  # None, a torch.Generator, or a list with one per image
     scheduler: Scheduler
     state: Any  # the scheduler state at the start of the run
-    guidance: bool  # classifier-free guidance on (guidance_scale > 1)
+    guidance: Callable  # the guidance piece (denoising.ClassifierFreeGuidance or ConditionalOnly)
     device: torch.device
     dtype: torch.dtype  # the UNet's dtype: latents and context are kept in it
 
 
-@dataclass
+@dataclass(frozen=True)
 class Start:
-    """How a run begins, and what it does besides denoising."""
+    """How a run begins, what it adds to the model, and what it does besides denoising."""
 
     latents: torch.Tensor  # (B, C, h, w) initial latents, already scaled by the scheduler
-    unet_extra: Optional[torch.Tensor] = None  # channels appended to the UNet input (inpainting UNets)
-    blend: Optional[Callable] = None  # blend(latents, next_timestep, state) after each step
+    pieces: tuple = ()  # model pieces applied inside the guidance (denoising.with_extra_channels, ...)
+    after_step: Optional[Callable] = None  # after_step(latents, state) -> latents, after each step
     finish: Optional[Callable] = None  # finish(images in [0, 1]) -> images, after decoding
-
-
-def classifier_free_guidance(prediction, guidance_scale, guidance_rescale=0.0):
-    """eps = eps_uncond + s (eps_cond - eps_uncond) (Ho & Salimans 2022, arXiv 2207.12598).
-
-    ``guidance_rescale`` = phi > 0 pulls each guided prediction's standard deviation back towards
-    the conditional one's: eps = phi * eps * std(eps_cond) / std(eps) + (1 - phi) * eps (Lin et al.
-    2024, arXiv 2305.08891, section 3.4; they use phi = 0.7). Large scales otherwise overshoot,
-    most visibly with zero-terminal-SNR models.
-    """
-    uncond, cond = prediction.chunk(2)  # (2B, ...) -> two (B, ...)
-    guided = uncond + guidance_scale * (cond - uncond)
-    if guidance_rescale:
-        dims = tuple(range(1, guided.ndim))
-        matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-        guided = guidance_rescale * matched + (1 - guidance_rescale) * guided
-    return guided
-
-
-def _check_fraction(name, value, note=""):
-    """Raise unless ``value`` is a real number (not a bool) in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be a number in [0, 1]{note}, got {value!r}.")
-
-
-@functools.lru_cache(maxsize=None)
-def _step_parameters(scheduler_class):
-    return set(inspect.signature(scheduler_class.step).parameters)
-
-
-def _check_generator(generator, batch_size):
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for {batch_size} images (prompts x "
-                             f"num_images_per_prompt): pass one generator, or a list of {batch_size}.")
-        if not all(isinstance(g, torch.Generator) for g in generator):
-            raise ValueError("generator list must hold torch.Generator objects only.")
-    elif generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}.")
 
 
 def encode_latents(vae, images, batch_size, generator, dtype):
@@ -127,12 +93,21 @@ class DiffusionPipeline:
     """Base of the Stable Diffusion pipelines. Build from parts, or with ``from_pretrained``."""
 
     reference_class_name = "StableDiffusionPipeline"  # written to model_index.json
+    parts = loading.STABLE_DIFFUSION  # the parts this pipeline needs (loading.Part)
+    options_class = CallOptions  # the options of a call
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
-        self._check_scheduler(scheduler)
-        self.unet, self.vae = unet, vae
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.scheduler = scheduler
+    def __init__(self, **parts):
+        names = [p.name for p in self.parts]
+        missing = [n for n in names if n not in parts]
+        unknown = sorted(set(parts) - set(names))
+        if missing or unknown:
+            raise TypeError(f"{type(self).__name__} takes the parts {', '.join(names)}"
+                            + (f"; missing {missing}" if missing else "")
+                            + (f"; unknown {unknown}" if unknown else "") + ".")
+        for part in self.parts:
+            if part.check is not None:
+                part.check(parts[part.name])
+            setattr(self, part.name, parts[part.name])
         self._progress_bar_config = {}
         self._fp32_vae = None  # lazily made float32 copy of a half-precision VAE (NaN guard)
         self._fp32_lock = threading.Lock()
@@ -142,16 +117,17 @@ class DiffusionPipeline:
     @property
     def components(self):
         """The parts by name; ``OtherPipeline(**pipe.components)`` shares them (no copy)."""
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
-                "tokenizer": self.tokenizer, "scheduler": self.scheduler}
+        return {p.name: getattr(self, p.name) for p in self.parts}
 
     @classmethod
     def from_pipe(cls, pipe, **overrides):
         """A pipeline of this class on the same parts as `pipe` (weights shared, not copied)."""
-        unknown = set(overrides) - set(pipe.components)
+        names = [p.name for p in cls.parts]
+        unknown = sorted(set(overrides) - set(names))
         if unknown:
-            raise TypeError(f"from_pipe got unknown parts {sorted(unknown)}; parts are {list(pipe.components)}.")
-        new = cls(**{**pipe.components, **overrides})
+            raise TypeError(f"from_pipe got unknown parts {unknown}; {cls.__name__}'s parts are {names}.")
+        shared = {n: getattr(pipe, n) for n in names if hasattr(pipe, n)}
+        new = cls(**{**shared, **overrides})
         new._progress_bar_config = dict(pipe._progress_bar_config)
         return new
 
@@ -163,11 +139,12 @@ class DiffusionPipeline:
         Parts given as keywords (``scheduler=...``, ``vae=...``) replace the folder's. Parts sdkit
         does not use (safety_checker, feature_extractor) are skipped.
         """
-        unknown = set(components) - set(loading.REQUIRED)
+        names = [p.name for p in cls.parts]
+        unknown = sorted(set(components) - set(names))
         if unknown:
-            raise TypeError(f"from_pretrained got unknown arguments {sorted(unknown)}; parts that can be "
-                            f"passed are {list(loading.REQUIRED)}.")
-        parts = loading.load_components(pretrained_model_name_or_path, torch_dtype=torch_dtype,
+            raise TypeError(f"from_pretrained got unknown arguments {unknown}; parts that can be "
+                            f"passed are {names}.")
+        parts = loading.load_components(pretrained_model_name_or_path, cls.parts, torch_dtype=torch_dtype,
                                         variant=variant, local_files_only=local_files_only,
                                         skip=tuple(components))
         return cls(**{**parts, **components})
@@ -177,12 +154,13 @@ class DiffusionPipeline:
         os.makedirs(save_directory, exist_ok=True)
         for name, part in self.components.items():
             part.save_pretrained(os.path.join(save_directory, name))
-        loading.write_model_index(save_directory, self.reference_class_name, self.components)
+        loading.write_model_index(save_directory, self.reference_class_name, self.parts, self.components)
 
     def to(self, *args, **kwargs):
         """Move or cast the models, like ``nn.Module.to``: ``pipe.to("cuda")``, ``pipe.to(torch.float16)``."""
-        for model in (self.unet, self.vae, self.text_encoder):
-            model.to(*args, **kwargs)
+        for part in self.components.values():
+            if isinstance(part, torch.nn.Module):
+                part.to(*args, **kwargs)
         with self._fp32_lock:
             self._fp32_vae = None
         return self
@@ -199,115 +177,111 @@ class DiffusionPipeline:
     def vae_scale_factor(self):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def default_size(self):
+        """(height, width) of images when a call gives none: the UNet's sample size times the VAE factor."""
+        side = self.unet.config.sample_size * self.vae_scale_factor
+        return side, side
+
+    def size_error(self, value):
+        """Why ``value`` cannot be an image side (None if it can): sides are positive multiples of the VAE factor."""
+        f = self.vae_scale_factor
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % f:
+            near = max(f, int(value) // f * f) if isinstance(value, (int, float)) else 64 * f
+            return f"must be a positive multiple of {f} (the VAE's downsampling factor); use e.g. {near}"
+        return None
+
+    def check_size(self, height, width):
+        """Raise unless height and width are valid image sides (``size_error``; the CLI uses it too)."""
+        for name, value in (("height", height), ("width", width)):
+            error = self.size_error(value)
+            if error:
+                raise ValueError(f"{name}={value!r} {error}.")
+
     def set_progress_bar_config(self, **kwargs):
         """tqdm options for the per-call progress bar, e.g. ``disable=True``."""
         self._progress_bar_config.update(kwargs)
 
-    # -- checks -----------------------------------------------------------------------------------
-    @staticmethod
-    def _check_scheduler(scheduler):
-        if not isinstance(scheduler, Scheduler):
-            raise TypeError(f"scheduler must be an sdkit scheduler, got {type(scheduler).__module__}."
-                            f"{type(scheduler).__name__}; convert one with e.g. "
-                            f"sdkit.schedulers.DDIMScheduler.from_config(other.config).")
+    # -- the call ---------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        """Generate images. The options, with their meaning and defaults, are ``self.options_class``
+        (``help(type(pipe).options_class)``); ``prompt`` (and ``image``, ``mask_image``) may be given
+        by position. Returns a PipelineOutput with ``.images`` and ``.interrupted``."""
+        return self._generate(self.options_class.from_call(args, kwargs))
 
-    def _check_common(self, prompt, negative_prompt, height, width, num_inference_steps,
-                      num_images_per_prompt, output_type, callback):
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)
-        else:
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
-        negatives = None
-        if negative_prompt is not None:
-            if isinstance(negative_prompt, str):
-                negatives = [negative_prompt] * len(prompts)
-            elif isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt):
-                if len(negative_prompt) != len(prompts):
-                    raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {len(prompts)} "
-                                     f"prompts: pass one string, or a list with one per prompt.")
-                negatives = list(negative_prompt)
-            else:
-                raise ValueError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}.")
-        f = self.vae_scale_factor
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % f:
-                near = max(f, int(value) // f * f) if isinstance(value, (int, float)) else 64 * f
-                raise ValueError(f"{name}={value!r} must be a positive multiple of {f} (the VAE's "
-                                 f"downsampling factor); use e.g. {near}.")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
-        if callback is not None and not callable(callback):
-            raise ValueError("callback must be callable as callback(step, timestep, latents).")
-        return prompts, negatives
+    def image_size(self, options):
+        """(height, width) of this call's images: the options', else the pipeline's default."""
+        default_height, default_width = self.default_size()
+        return options.height or default_height, options.width or default_width
 
-    # -- the shared run ---------------------------------------------------------------------------
-    def _generate(self, start, *, prompt, negative_prompt, height, width, num_inference_steps,
-                  guidance_scale, num_images_per_prompt, generator, eta, output_type, callback,
-                  scheduler, strength=1.0, guidance_rescale=0.0):
-        """Check, encode the prompts, set the timesteps, start (``start(run)``), denoise, decode."""
-        prompts, negatives = self._check_common(prompt, negative_prompt, height, width, num_inference_steps,
-                                                num_images_per_prompt, output_type, callback)
-        _check_fraction("strength", strength)
-        _check_fraction("guidance_rescale", guidance_rescale, " (0: off; 0.7 in Lin et al. 2024)")
-        if int(num_inference_steps * strength) < 1:
-            raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} runs "
-                             f"int({num_inference_steps} * {strength}) = 0 denoising steps; raise strength "
-                             f"or num_inference_steps.")
-        batch_size = len(prompts) * num_images_per_prompt
-        _check_generator(generator, batch_size)
-        scheduler = self.scheduler if scheduler is None else scheduler
-        self._check_scheduler(scheduler)
-        guidance = guidance_scale > 1.0
+    def prepare_conditioning(self, run, options):
+        """The prompt embeddings of every model call (``.at(index)``): here the same at every step."""
+        cond, uncond = encode_prompts(self.text_encoder, self.tokenizer, options.prompts, options.negative_prompts,
+                                      options.num_images_per_prompt, run.guidance.needs_uncond, run.device,
+                                      run.dtype)
+        return PromptEmbeds(cond, uncond)
+
+    def prepare_start(self, run, options):
+        """How the run starts (the pipeline's own part): a :class:`Start`."""
+        raise NotImplementedError
+
+    def prepare_model(self, run, start):
+        """The model function of this run: the UNet, then the start's pieces, then the guidance."""
+        return compose(unet_model(self.unet), [*start.pieces, run.guidance])
+
+    def _scheduler_options(self, scheduler, options):
+        """The run options for the scheduler: ``scheduler_options`` plus ``eta`` where it has one."""
+        run_options = dict(options.scheduler_options or {})
+        if "eta" in scheduler.option_names():
+            run_options.setdefault("eta", options.eta)
+        elif options.eta:
+            warnings.warn(f"eta={options.eta} is ignored: {type(scheduler).__name__} has no eta "
+                          f"(DDIMScheduler has).", stacklevel=4)
+        return run_options
+
+    def _generate(self, options):
+        """Check, encode the prompts, set the timesteps, start, denoise, decode."""
+        height, width = self.image_size(options)
+        self.check_size(height, width)
+        scheduler = self.scheduler if options.scheduler is None else options.scheduler
+        loading.check_scheduler(scheduler)
+        run_options = self._scheduler_options(scheduler, options)
 
         with torch.inference_mode():
             device, dtype = self.device, self.dtype
-            context = encode_prompts(self.text_encoder, self.tokenizer, prompts, negatives,
-                                     num_images_per_prompt, guidance, device, dtype)
-            state = scheduler.set_timesteps(num_inference_steps, device=device, strength=strength)
-            run = Run(batch_size, num_images_per_prompt, height, width, generator, scheduler, state,
-                      guidance, device, dtype)
-            begin = start(run)
-            latents, interrupted = self._denoise(begin, context, run, guidance_scale, guidance_rescale, eta, callback)
-            if output_type == "latent":
+            state = scheduler.set_timesteps(options.num_inference_steps, device=device,
+                                            strength=options.denoising_strength, **run_options)
+            guidance = guidance_for(options.guidance_scale, options.guidance_rescale)
+            run = Run(options.batch_size, height, width, options.generator, scheduler, state, guidance,
+                      device, dtype)
+            conditioning = self.prepare_conditioning(run, options)
+            start = self.prepare_start(run, options)
+            model = self.prepare_model(run, start)
+            latents, interrupted = self._denoise(model, conditioning, start, run, options.callback)
+            if options.output_type == "latent":
                 return PipelineOutput(latents, interrupted)
             images = (self._decode(latents) * 0.5 + 0.5).clamp(0, 1)
-            if begin.finish is not None:
-                images = begin.finish(images)
-            return PipelineOutput(to_output(images, output_type), interrupted)
+            if start.finish is not None:
+                images = start.finish(images)
+            return PipelineOutput(to_output(images, options.output_type), interrupted)
 
-    def _denoise(self, begin, context, run, guidance_scale, guidance_rescale, eta, callback):
-        """The denoising loop every pipeline shares. Returns (latents, interrupted)."""
-        scheduler, state, latents = run.scheduler, run.state, begin.latents
-        accepted = _step_parameters(type(scheduler))
-        step_kwargs = {"generator": run.generator} if "generator" in accepted else {}
-        if "eta" in accepted:
-            step_kwargs["eta"] = eta
-        elif eta:
-            warnings.warn(f"eta={eta} is ignored: {type(scheduler).__name__} has no eta (DDIMScheduler has).",
-                          stacklevel=4)
+    def _denoise(self, model, conditioning, start, run, callback):
+        """The denoising loop every pipeline shares: ``model(x, call)``, then the scheduler's step.
+
+        A scheduler that needs several model calls per step lists each call's timestep in its
+        state, so every iteration is one model call. Returns (latents, interrupted).
+        """
+        scheduler, state, latents = run.scheduler, run.state, start.latents
         timesteps = state.timesteps
         from tqdm.auto import tqdm
 
         with tqdm(total=len(timesteps), **self._progress_bar_config) as bar:
             for i, t in enumerate(timesteps):
-                x = torch.cat([latents] * 2) if run.guidance else latents  # (2B, C, h, w) with guidance
-                x = scheduler.scale_model_input(x, t, state)
-                if begin.unet_extra is not None:
-                    x = torch.cat([x, begin.unet_extra], dim=1)
-                prediction = self.unet(x, t, context)
-                if run.guidance:
-                    prediction = classifier_free_guidance(prediction, guidance_scale, guidance_rescale)
-                out = scheduler.step(prediction, t, latents, state, **step_kwargs)
+                call = ModelCall(t, i, state, conditioning.at(i))
+                prediction = model(scheduler.scale_model_input(latents, t, state), call)
+                out = scheduler.step(prediction, t, latents, state, generator=run.generator)
                 latents, state = out.prev_sample, out.state
-                if begin.blend is not None:
-                    t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
-                    latents = begin.blend(latents, t_next, state)
+                if start.after_step is not None:
+                    latents = start.after_step(latents, state)
                 bar.update()
                 if callback is not None and callback(i, t, latents) is False:
                     return latents, i + 1 < len(timesteps)

@@ -1,9 +1,16 @@
-"""Reading and writing diffusers-layout pipeline folders (``model_index.json`` plus one folder per part)."""
+"""The parts of a pipeline, and reading and writing diffusers-layout pipeline folders.
+
+A pipeline class declares its parts as a tuple of :class:`Part`; loading, ``components``,
+``from_pipe`` and ``save_pretrained`` follow that declaration, so a pipeline with another part
+(a ControlNet, a second text encoder) declares one more ``Part`` and edits nothing else.
+"""
 
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 from ..hub import resolve_folder
 from ..models.modeling import DIFFUSERS_VERSION
@@ -11,22 +18,85 @@ from ..models.modeling import DIFFUSERS_VERSION
 logger = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # parts of reference pipelines that sdkit does not use; skipped when loading
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
-TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
-TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 
 
-def _download_patterns(variant):
+@dataclass(frozen=True)
+class Part:
+    """One part a pipeline class declares: its folder, its library, the classes sdkit reads, its loader."""
+
+    name: str  # attribute and folder name ("unet")
+    library: str  # written to model_index.json: "diffusers" or "transformers"
+    classes: Optional[tuple]  # class names model_index.json may give (None: the loader decides)
+    load: Callable  # load(folder, class_name, torch_dtype, variant) -> the part
+    check: Optional[Callable] = None  # check(obj) raises for an object that cannot be this part
+
+
+def _load_unet(folder, class_name, torch_dtype, variant):
+    from ..models import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
+
+
+def _load_vae(folder, class_name, torch_dtype, variant):
+    from ..models import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
+
+
+def _load_text_encoder(folder, class_name, torch_dtype, variant):
+    import transformers
+
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    if variant:
+        kwargs["variant"] = variant
+    return getattr(transformers, class_name).from_pretrained(folder, **kwargs).eval()
+
+
+def _load_tokenizer(folder, class_name, torch_dtype, variant):
+    import transformers
+
+    return transformers.CLIPTokenizer.from_pretrained(folder)
+
+
+def _load_scheduler(folder, class_name, torch_dtype, variant):
+    from ..schedulers import get_scheduler_class
+
+    try:
+        scheduler_class = get_scheduler_class(class_name)
+    except ValueError as e:
+        raise ValueError(f"{folder.parent / MODEL_INDEX} names the scheduler {class_name!r}, which sdkit "
+                         f"does not have. {e} Pass one to from_pretrained(..., scheduler=...).") from None
+    return scheduler_class.from_config(folder)
+
+
+def check_scheduler(scheduler):
+    from ..schedulers import Scheduler
+
+    if not isinstance(scheduler, Scheduler):
+        raise TypeError(f"scheduler must be an sdkit scheduler, got {type(scheduler).__module__}."
+                        f"{type(scheduler).__name__}; convert one with e.g. "
+                        f"sdkit.schedulers.DDIMScheduler.from_config(other.config).")
+
+
+UNET = Part("unet", "diffusers", ("UNet2DConditionModel",), _load_unet)
+VAE = Part("vae", "diffusers", ("AutoencoderKL",), _load_vae)
+TEXT_ENCODER = Part("text_encoder", "transformers", ("CLIPTextModel", "CLIPTextModelWithProjection"),
+                    _load_text_encoder)
+TOKENIZER = Part("tokenizer", "transformers", ("CLIPTokenizer", "CLIPTokenizerFast"), _load_tokenizer)
+SCHEDULER = Part("scheduler", "diffusers", None, _load_scheduler, check_scheduler)
+STABLE_DIFFUSION = (UNET, VAE, TEXT_ENCODER, TOKENIZER, SCHEDULER)
+
+
+def _download_patterns(parts, variant):
     weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
-    return [MODEL_INDEX, "*/*.json", "*/*.txt", f"unet/{weights}", f"vae/{weights}",
-            f"text_encoder/{weights}", "unet/*.index.json", "vae/*.index.json"]
+    return [MODEL_INDEX, "*/*.json", "*/*.txt", *(f"{p.name}/{weights}" for p in parts)]
 
 
-def _resolve(name_or_path, variant, local_files_only):
+def _resolve(name_or_path, parts, variant, local_files_only):
     """A local folder, else the Hub cache, else (online and allowed) a download."""
-    patterns = _download_patterns(variant)
+    patterns = _download_patterns(parts, variant)
     if local_files_only or os.path.exists(os.fspath(name_or_path)):
         return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=local_files_only)
     try:
@@ -50,80 +120,55 @@ def read_model_index(folder):
     return index
 
 
-def component_classes(index, source):
-    """{part: class name} for the parts sdkit loads; unused or empty entries are skipped."""
+def component_classes(index, parts, source):
+    """{part: class name} for the declared parts; unused or empty entries are skipped."""
+    names = {p.name for p in parts}
     classes = {}
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, (list, tuple)):
             continue  # metadata such as _class_name or requires_safety_checker
         if len(entry) != 2 or entry[1] is None or name in UNUSED:
             continue
-        if name not in REQUIRED:
+        if name not in names:
             logger.info("%s: skipping pipeline part %r (%s), which sdkit does not use", source, name, entry)
             continue
         classes[name] = entry[1]
     return classes
 
 
-def load_components(name_or_path, torch_dtype=None, variant=None, local_files_only=False, skip=()):
-    """Load unet, vae, text_encoder, tokenizer and scheduler of a pipeline folder or repo id."""
-    import transformers
-
-    from ..models import AutoencoderKL, UNet2DConditionModel
-    from ..schedulers import get_scheduler_class
-
-    folder = _resolve(name_or_path, variant, local_files_only)
+def load_components(name_or_path, parts=STABLE_DIFFUSION, torch_dtype=None, variant=None,
+                    local_files_only=False, skip=()):
+    """Load the declared ``parts`` of a pipeline folder or repo id (those in ``skip`` are left out)."""
+    folder = _resolve(name_or_path, parts, variant, local_files_only)
     index = read_model_index(folder)
-    classes = component_classes(index, folder / MODEL_INDEX)
-    missing = [n for n in REQUIRED if n not in classes and n not in skip]
+    classes = component_classes(index, parts, folder / MODEL_INDEX)
+    missing = [p.name for p in parts if p.name not in classes and p.name not in skip]
     if missing:
-        raise ValueError(f"{folder / MODEL_INDEX} has no entry for {missing}: a Stable Diffusion pipeline "
-                         f"needs {list(REQUIRED)}. Pass the missing parts to from_pretrained "
+        raise ValueError(f"{folder / MODEL_INDEX} has no entry for {missing}: this pipeline needs "
+                         f"{[p.name for p in parts]}. Pass the missing parts to from_pretrained "
                          f"(e.g. from_pretrained(path, {missing[0]}=...)).")
-    parts = {}
-    for name, cls_name in classes.items():
-        if name in skip:
+    loaded = {}
+    for part in parts:
+        if part.name in skip:
             continue
-        sub = folder / name
+        class_name, sub = classes[part.name], folder / part.name
+        if part.classes is not None and class_name not in part.classes:
+            raise ValueError(f"{part.name} class {class_name!r} in {folder / MODEL_INDEX} is not "
+                             f"supported; sdkit reads {', '.join(part.classes)}.")
         if not sub.is_dir():
-            raise FileNotFoundError(f"{folder / MODEL_INDEX} lists {name!r} but {sub} is missing; the "
+            raise FileNotFoundError(f"{folder / MODEL_INDEX} lists {part.name!r} but {sub} is missing; the "
                                     f"download is incomplete or the folder was moved.")
-        if name == "unet":
-            parts[name] = UNet2DConditionModel.from_pretrained(sub, torch_dtype=torch_dtype, variant=variant)
-        elif name == "vae":
-            parts[name] = AutoencoderKL.from_pretrained(sub, torch_dtype=torch_dtype, variant=variant)
-        elif name == "text_encoder":
-            if cls_name not in TEXT_ENCODERS:
-                raise ValueError(f"text_encoder class {cls_name!r} in {folder / MODEL_INDEX} is not "
-                                 f"supported; sdkit reads {', '.join(TEXT_ENCODERS)}.")
-            kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-            if variant:
-                kwargs["variant"] = variant
-            parts[name] = getattr(transformers, cls_name).from_pretrained(sub, **kwargs).eval()
-        elif name == "tokenizer":
-            if cls_name not in TOKENIZERS:
-                raise ValueError(f"tokenizer class {cls_name!r} in {folder / MODEL_INDEX} is not "
-                                 f"supported; sdkit reads {', '.join(TOKENIZERS)}.")
-            parts[name] = transformers.CLIPTokenizer.from_pretrained(sub)
-        elif name == "scheduler":
-            try:
-                scheduler_class = get_scheduler_class(cls_name)
-            except ValueError as e:
-                raise ValueError(f"{folder / MODEL_INDEX} names the scheduler {cls_name!r}, which sdkit "
-                                 f"does not have. {e} Pass one to from_pretrained(..., scheduler=...).") from None
-            parts[name] = scheduler_class.from_config(sub)
-    return parts
+        loaded[part.name] = part.load(sub, class_name, torch_dtype, variant)
+    return loaded
 
 
-def write_model_index(save_directory, pipeline_class_name, components):
+def write_model_index(save_directory, pipeline_class_name, parts, components):
     """model_index.json with the reference class names, loadable by sdkit and by diffusers."""
-    libraries = {"unet": "diffusers", "vae": "diffusers", "scheduler": "diffusers",
-                 "text_encoder": "transformers", "tokenizer": "transformers"}
     index = {"_class_name": pipeline_class_name, "_diffusers_version": DIFFUSERS_VERSION,
              "feature_extractor": [None, None], "image_encoder": [None, None],
              "requires_safety_checker": False, "safety_checker": [None, None]}
-    for name, part in components.items():
-        index[name] = [libraries[name], type(part).__name__]
+    for part in parts:
+        index[part.name] = [part.library, type(components[part.name]).__name__]
     with open(os.path.join(save_directory, MODEL_INDEX), "w") as f:
         json.dump(dict(sorted(index.items())), f, indent=2)
         f.write("\n")

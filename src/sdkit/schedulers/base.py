@@ -1,23 +1,55 @@
-"""What every sdkit scheduler shares: immutable config, run state, output, config files.
+"""What every sdkit scheduler shares: a frozen config, run options, run state, output, config files.
 
-A scheduler holds its config and constant tensors (CPU, float32 like the reference) and is never
-changed after construction. ``set_timesteps`` returns a :class:`SchedulerState`; ``step`` returns a
-:class:`SchedulerOutput` carrying the next state. Many runs can therefore share one scheduler.
+A scheduler holds its settings (a frozen dataclass, ``config_class``, whose fields are the
+reference's ``scheduler_config.json`` keys) and constant tensors (CPU, float32 like the reference),
+and is never changed after construction. Every scheduler is used the same way:
+
+    state = scheduler.set_timesteps(n, device=None, strength=1.0, **options)  # options: options_class
+    out = scheduler.step(model_output, timestep, sample, state, generator=None)
+    sample, state = out.prev_sample, out.state
+
+Per-run options (DDIM's ``eta``, LMS's ``order``) travel in the state, so many runs, each with
+its own options, can share one scheduler.
 """
 
-import copy
 import dataclasses
-import inspect
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from .. import configuration
+from ..configuration import choice
 from . import schedules as S
 
 CONFIG_NAME = "scheduler_config.json"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The settings every scheduler has."""
+
+    num_train_timesteps: int = 1000  # length of the training noise schedule
+    beta_start: float = 0.0001  # first beta of the linear-type schedules
+    beta_end: float = 0.02  # last beta of the linear-type schedules
+    beta_schedule: str = choice("linear", S.BETA_SCHEDULES)  # SD 1.x / 2.x use scaled_linear
+    trained_betas: tuple | None = None  # explicit betas, overriding the schedule
+    prediction_type: str = choice("epsilon", S.PREDICTION_TYPES)  # what the model predicts
+    timestep_spacing: str = choice("leading", S.TIMESTEP_SPACINGS)  # how n of the training steps are picked
+    steps_offset: int = 0  # added to "leading" timesteps (SD 1.x uses 1)
+
+
+@dataclass(frozen=True)
+class ZeroSNRConfig(SchedulerConfig):
+    rescale_betas_zero_snr: bool = False  # rescale the betas to zero terminal SNR (Lin et al. 2023)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The run options of a scheduler that has none."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +62,7 @@ class SchedulerState:
     num_inference_steps: int
     schedule: torch.Tensor  # the full schedule on CPU (timesteps is a suffix of it)
     step_index: int  # position in ``schedule`` of the next timestep to step
+    options: Any = NoOptions()  # the run options (the scheduler's options_class)
     sigmas: torch.Tensor | None = None  # CPU float32, len(schedule) + 1, for sigma-based samplers
     steps_taken: int = 0  # steps done in this run (img2img starts at 0 part-way in)
     history: tuple = ()  # multistep memory, oldest first
@@ -60,37 +93,30 @@ def _load_config_dict(config):
     raise TypeError(f"Expected a config dict, a scheduler or a path, got {type(config).__name__}.")
 
 
-def _plain(value):
-    """Config values as json-ready python types (lists for arrays and tensors)."""
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
 class Scheduler:
-    """Base class: config handling, immutability, img2img start, noising for training."""
+    """Base class: config handling, immutability, run options, img2img start, noising for training.
+
+    A subclass sets ``config_class`` (its settings), ``options_class`` (its run options),
+    ``_fixed`` (reference keys sdkit supports only at the listed values), and builds its
+    constants in ``_setup`` and its schedule in ``_plan``.
+    """
 
     order = 1
-    # Options the reference class has but sdkit does not implement: key -> the values accepted
-    # (the reference default, or ones it treats the same). Any other value is refused, not ignored.
-    _fixed_options: dict = {}
+    config_class = ZeroSNRConfig
+    options_class = NoOptions
+    _fixed: dict = {}
+    _config_class_name = None  # the reference class name to save under, if not the class's own
 
     # ---------------------------------------------------------------- construction and config
-    def _init_config(self, args):
-        """Store the constructor's arguments as the config and validate the shared ones."""
-        config = {k: _plain(v) for k, v in args.items() if k not in ("self", "__class__")}
-        name = type(self).__name__
-        S.check_choice("beta_schedule", config["beta_schedule"], S.BETA_SCHEDULES, name)
-        S.check_choice("prediction_type", config["prediction_type"], self._prediction_types, name)
-        S.check_choice("timestep_spacing", config["timestep_spacing"], S.TIMESTEP_SPACINGS, name)
-        object.__setattr__(self, "_config", config)
-
-    _prediction_types = S.PREDICTION_TYPES
-
-    def _freeze(self):
+    def __init__(self, **settings):
+        cfg = configuration.build(type(self).__name__, self.config_class, settings)
+        object.__setattr__(self, "_cfg", cfg)
+        self._setup(cfg)
         object.__setattr__(self, "_frozen", True)
+
+    def _setup(self, cfg):
+        """The constants of the schedule (alpha_bar); subclasses add theirs."""
+        self.alphas_cumprod = S.make_alphas_cumprod(cfg)
 
     def __setattr__(self, name, value):
         if getattr(self, "_frozen", False):
@@ -100,42 +126,32 @@ class Scheduler:
             )
         object.__setattr__(self, name, value)
 
-    _config_class_name = None  # the reference class name to save under, if not the class's own
-
     @property
     def config(self):
-        """A fresh plain dict of the settings with ``_class_name``; every from_config takes it."""
+        """The settings as a read-only dict with ``_class_name`` (also ``config.key``); every from_config takes it."""
         class_name = self._config_class_name or type(self).__name__
-        return {"_class_name": class_name, **copy.deepcopy(self._config)}
+        settings = {f.name: configuration.plain(getattr(self._cfg, f.name))
+                    for f in dataclasses.fields(self._cfg)}
+        return configuration.Config({"_class_name": class_name, **settings})
 
     @classmethod
     def config_keys(cls):
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        return [f.name for f in dataclasses.fields(cls.config_class)]
 
     @classmethod
     def from_config(cls, config, **overrides):
         """Build from reference config keys (dict, json file or folder); unused keys are ignored."""
-        config = {**_load_config_dict(config), **overrides}
-        for key, allowed in cls._fixed_options.items():
-            if config.get(key) is not None and config[key] not in allowed:
-                raise ValueError(
-                    f"{cls.__name__}: {key}={config[key]!r} is not supported by sdkit; "
-                    f"remove it or set it to {allowed[0]!r}."
-                )
-        # None means "unset" in other classes' configs (e.g. DPM's variance_type): use our default
-        params = inspect.signature(cls.__init__).parameters
-        keys = cls.config_keys()
-        return cls(**{
-            k: v for k, v in config.items()
-            if k in keys and not (v is None and params.get(k) is not None and params[k].default is not None)
-        })
+        values = {**_load_config_dict(config), **overrides}
+        cfg, _ = configuration.read_config(cls.__name__, cls.config_class, values, cls._fixed,
+                                           none_is_unset=True)
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
 
     def save_pretrained(self, save_directory):
         """Write scheduler_config.json (loadable by sdkit and by the reference) into a folder."""
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.config, f, indent=2, sort_keys=True)
+            json.dump(dict(self.config), f, indent=2, sort_keys=True)
         return path
 
     @classmethod
@@ -149,29 +165,51 @@ class Scheduler:
         return cls.from_config(str(folder))
 
     def __repr__(self):
-        settings = (f"{k}={v!r}" for k, v in self._config.items() if k != "trained_betas")
+        settings = (f"{f.name}={getattr(self._cfg, f.name)!r}" for f in dataclasses.fields(self._cfg)
+                    if f.name != "trained_betas")
         return f"{type(self).__name__}({', '.join(settings)})"
 
     def __len__(self):
-        return self._config["num_train_timesteps"]
+        return self._cfg.num_train_timesteps
 
-    # ---------------------------------------------------------------- building states
-    def _check_steps(self, num_inference_steps):
-        train_steps = self._config["num_train_timesteps"]
-        S.check_num_steps(num_inference_steps, train_steps, type(self).__name__)
+    # ---------------------------------------------------------------- run options and states
+    @classmethod
+    def option_names(cls):
+        """The names of this scheduler's run options (``set_timesteps(n, **options)``)."""
+        return tuple(f.name for f in dataclasses.fields(cls.options_class))
 
-    def set_timesteps(self, num_inference_steps, device=None, strength=1.0):
-        """The run's state (DDPM, DDIM): int64 timesteps for ``num_inference_steps`` (fewer when ``strength`` < 1)."""
-        self._check_steps(num_inference_steps)
-        c = self._config
+    @classmethod
+    def make_options(cls, **options):
+        """The run options for ``set_timesteps``; an option this scheduler does not have is refused."""
+        names = cls.option_names()
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            has = f"its run options are {', '.join(names)}" if names else "it has no run options"
+            raise ValueError(f"{cls.__name__} has no run option {', '.join(map(repr, unknown))}; {has}.")
+        return cls.options_class(**options)
+
+    def set_timesteps(self, num_inference_steps, device=None, strength=1.0, **options):
+        """The state of a run of ``num_inference_steps`` (fewer when ``strength`` < 1).
+
+        ``options`` are the run options (``option_names()``: DDIM ``eta``, LMS ``order``); they
+        are checked here and carried in the state. The scheduler itself is not changed.
+        """
+        S.check_num_steps(num_inference_steps, self._cfg.num_train_timesteps, type(self).__name__)
+        run_options = self.make_options(**options)
+        plan = self._plan(num_inference_steps)
+        n = plan.pop("num_inference_steps", num_inference_steps)
+        return self._make_state(n, device, strength, run_options, **plan)
+
+    def _plan(self, num_inference_steps):
+        """The run's schedule (DDPM, DDIM: int64 spaced timesteps) and any other state fields."""
+        c = self._cfg
         timesteps = S.spaced_timesteps(
-            c["timestep_spacing"], num_inference_steps, c["num_train_timesteps"], c["steps_offset"]
+            c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset
         )
-        schedule = torch.from_numpy(np.round(timesteps).astype(np.int64))
-        return self._make_state(schedule, num_inference_steps, device, strength)
+        return {"schedule": torch.from_numpy(np.round(timesteps).astype(np.int64))}
 
-    def _make_state(self, schedule, num_inference_steps, device, strength, init_noise_sigma=1.0,
-                    sigmas=None, state_class=SchedulerState, **extra):
+    def _make_state(self, num_inference_steps, device, strength, options, schedule,
+                    state_class=SchedulerState, **fields):
         """A state that starts where the reference img2img pipeline starts for ``strength``.
 
         The reference runs ``schedule[t_start * order:]`` with
@@ -185,8 +223,8 @@ class Scheduler:
             raise ValueError(f"strength={strength} leaves no step of {n}; raise strength or steps.")
         timesteps = schedule[t_start:].to(device)
         return state_class(
-            timesteps=timesteps, latent_timestep=timesteps[:1], init_noise_sigma=init_noise_sigma,
-            num_inference_steps=n, schedule=schedule, step_index=t_start, sigmas=sigmas, **extra,
+            timesteps=timesteps, latent_timestep=timesteps[:1], num_inference_steps=n,
+            schedule=schedule, step_index=t_start, options=options, **{"init_noise_sigma": 1.0, **fields},
         )
 
     def _check_timestep(self, timestep, state):
@@ -223,7 +261,7 @@ class Scheduler:
                     f"steps, got {timesteps.tolist()}; pass the run's state for its own timesteps."
                 )
             timesteps = timesteps.long()
-        last = self._config["num_train_timesteps"] - 1
+        last = self._cfg.num_train_timesteps - 1
         if timesteps.numel() and (timesteps.min() < 0 or timesteps.max() > last):
             raise ValueError(f"timesteps must lie in [0, {last}], got {timesteps.tolist()}.")
         return timesteps
@@ -253,6 +291,10 @@ class Scheduler:
 
 class SigmaScheduler(Scheduler):
     """Base of the samplers that step in VE sigma (Euler, Euler ancestral, LMS, DPM-Solver)."""
+
+    def _setup(self, cfg):
+        """alpha_bar, its last value kept above 0 with zero terminal SNR so that sigma stays finite."""
+        self.alphas_cumprod = S.make_alphas_cumprod(cfg, clamp_terminal=True)
 
     def _sigma_indices(self, timesteps, state):
         """Each timestep's position in the run's schedule (the current step first, like the reference)."""
@@ -296,22 +338,19 @@ class SigmaScheduler(Scheduler):
         sigma = state.sigmas[state.step_index]
         return sample / (sigma**2 + 1) ** 0.5
 
-    def set_timesteps(self, num_inference_steps, device=None, strength=1.0):
-        """The run's state: float32 timesteps and float32 sigmas (with a final 0)."""
-        self._check_steps(num_inference_steps)
-        c = self._config
+    def _plan(self, num_inference_steps):
+        """Float32 timesteps and float32 sigmas (with a final 0)."""
+        c = self._cfg
         timesteps, sigmas = S.sampler_sigmas(
-            c, self.alphas_cumprod, num_inference_steps, c.get("sigma_min"), c.get("sigma_max")
+            c, self.alphas_cumprod, num_inference_steps, getattr(c, "sigma_min", None),
+            getattr(c, "sigma_max", None),
         )
-        return self._sigma_state(timesteps, sigmas, num_inference_steps, device, strength)
+        return self._sigma_plan(timesteps, sigmas)
 
-    def _sigma_state(self, timesteps, sigmas, num_inference_steps, device, strength, **extra):
-        """A state for a sigma schedule: timesteps (torch), sigmas float32 with the final 0 appended."""
+    def _sigma_plan(self, timesteps, sigmas):
+        """Plan fields for a sigma schedule: sigmas float32 with the final 0, init_noise_sigma."""
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
-        spacing = self._config["timestep_spacing"]
         sigma_max = sigmas.max()
-        init_noise_sigma = sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
-        return self._make_state(
-            timesteps, num_inference_steps, device, strength, init_noise_sigma=init_noise_sigma,
-            sigmas=sigmas, **extra,
-        )
+        trailing_or_linspace = self._cfg.timestep_spacing in ("linspace", "trailing")
+        init_noise_sigma = sigma_max if trailing_or_linspace else (sigma_max**2 + 1) ** 0.5
+        return {"schedule": timesteps, "sigmas": sigmas, "init_noise_sigma": init_noise_sigma}

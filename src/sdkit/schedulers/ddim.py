@@ -8,43 +8,47 @@
 | sigma           | sigma_t(eta), eq. 16                          |
 """
 
+from dataclasses import dataclass
+
 import torch
 
+from ..configuration import check_number
 from . import schedules as S
-from .base import Scheduler, SchedulerOutput
+from .base import Scheduler, SchedulerOutput, ZeroSNRConfig
+
+
+@dataclass(frozen=True)
+class DDIMConfig(ZeroSNRConfig):
+    clip_sample: bool = True  # clamp predicted x0 to +-clip_sample_range (pixel-space models)
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True  # alpha_bar past the last step: 1 (True) or alpha_bar_0
+
+
+@dataclass(frozen=True)
+class DDIMOptions:
+    eta: float = 0.0  # weight of fresh noise: 0 is deterministic DDIM, 1 the DDPM posterior (eq. 16)
+
+    def __post_init__(self):
+        check_number("DDIMScheduler", "eta", self.eta, low=0)
 
 
 class DDIMScheduler(Scheduler):
-    """Deterministic (eta=0) to DDPM-like (eta=1) implicit sampler."""
+    """Deterministic (eta=0) to DDPM-like (eta=1) implicit sampler; ``eta`` is a run option."""
 
-    _fixed_options = {"thresholding": (False,)}
+    config_class = DDIMConfig
+    options_class = DDIMOptions
+    _fixed = {"thresholding": (False,)}
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,  # length of the training noise schedule
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
-        trained_betas: list | None = None,  # explicit betas, overriding the schedule
-        clip_sample: bool = True,  # clamp predicted x0 to +-clip_sample_range
-        set_alpha_to_one: bool = True,  # alpha_bar past the last step: 1 (True) or alpha_bar_0
-        steps_offset: int = 0,  # added to "leading" timesteps (SD 1.x uses 1)
-        prediction_type: str = "epsilon",  # epsilon | v_prediction | sample
-        clip_sample_range: float = 1.0,
-        timestep_spacing: str = "leading",  # linspace | leading | trailing
-        rescale_betas_zero_snr: bool = False,  # zero terminal SNR (Lin et al. 2023)
-    ):
-        self._init_config(locals())
-        self.alphas_cumprod = S.make_alphas_cumprod(self._config)
-        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self._freeze()
+    def _setup(self, c):
+        super()._setup(c)
+        self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
 
-    def step(self, model_output, timestep, sample, state, generator=None, eta=0.0):
-        """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12)."""
+    def step(self, model_output, timestep, sample, state, generator=None):
+        """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12); ``generator`` draws the eta noise."""
         self._check_timestep(timestep, state)
-        c = self._config
+        c, eta = self._cfg, state.options.eta
         t = int(timestep)
-        prev_t = t - c["num_train_timesteps"] // state.num_inference_steps
+        prev_t = t - c.num_train_timesteps // state.num_inference_steps
 
         # 1. alpha_bar at t and at the previous timestep
         alpha_bar = self.alphas_cumprod[t]
@@ -52,12 +56,12 @@ class DDIMScheduler(Scheduler):
 
         # 2. predicted x0 and eps
         x0, eps = S.vp_prediction_to_x0_eps(
-            model_output, sample, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, c["prediction_type"]
+            model_output, sample, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, c.prediction_type
         )
 
         # 3. optional clipping of x0
-        if c["clip_sample"]:
-            x0 = x0.clamp(-c["clip_sample_range"], c["clip_sample_range"])
+        if c.clip_sample:
+            x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
 
         # 4. sigma_t(eta) (eq. 16)
         variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)

@@ -8,46 +8,39 @@
 | x0, eps         | predicted x_0 and epsilon               |
 """
 
+from dataclasses import dataclass
+
 import torch
 
+from ..configuration import choice
 from . import schedules as S
-from .base import Scheduler, SchedulerOutput
+from .base import Scheduler, SchedulerOutput, ZeroSNRConfig
 
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+@dataclass(frozen=True)
+class DDPMConfig(ZeroSNRConfig):
+    # posterior variance (fixed_small, its log form) or beta_t (fixed_large)
+    variance_type: str = choice("fixed_small", ("fixed_small", "fixed_small_log", "fixed_large"))
+    clip_sample: bool = True  # clamp predicted x0 to +-clip_sample_range (pixel-space models)
+    clip_sample_range: float = 1.0
 
 
 class DDPMScheduler(Scheduler):
     """Ancestral sampler of the posterior q(x_{t-1} | x_t, x0); noise at every step but the last."""
 
-    _fixed_options = {"thresholding": (False,)}
+    config_class = DDPMConfig
+    _fixed = {"thresholding": (False,)}
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,  # length of the training noise schedule
-        beta_start: float = 0.0001,  # first beta of linear-type schedules
-        beta_end: float = 0.02,  # last beta of linear-type schedules
-        beta_schedule: str = "linear",  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
-        trained_betas: list | None = None,  # explicit betas, overriding the schedule
-        variance_type: str = "fixed_small",  # posterior variance (fixed_small) or beta_t (fixed_large)
-        clip_sample: bool = True,  # clamp predicted x0 to +-clip_sample_range (pixel-space models)
-        prediction_type: str = "epsilon",  # what the model predicts: epsilon | v_prediction | sample
-        clip_sample_range: float = 1.0,
-        timestep_spacing: str = "leading",  # linspace | leading | trailing
-        steps_offset: int = 0,  # added to "leading" timesteps (SD 1.x uses 1)
-        rescale_betas_zero_snr: bool = False,  # zero terminal SNR (Lin et al. 2023)
-    ):
-        self._init_config(locals())
-        S.check_choice("variance_type", variance_type, VARIANCE_TYPES, "DDPMScheduler")
-        self.alphas_cumprod = S.make_alphas_cumprod(self._config)
+    def _setup(self, c):
+        super()._setup(c)
         self.one = torch.tensor(1.0)
-        self._freeze()
 
     def step(self, model_output, timestep, sample, state, generator=None):
         """One ancestral step x_t -> x_{t-1} (Ho et al. 2020, eqs. 6-7)."""
         i = self._check_timestep(timestep, state)
         t = int(state.schedule[i])
         prev_t = int(state.schedule[i + 1]) if i + 1 < len(state.schedule) else -1
-        c = self._config
+        c = self._cfg
 
         # 1. alpha_bar at t and at the previous (next-to-run) timestep
         alpha_bar = self.alphas_cumprod[t]
@@ -57,12 +50,12 @@ class DDPMScheduler(Scheduler):
 
         # 2. predicted x0 from the model output
         x0, _ = S.vp_prediction_to_x0_eps(
-            model_output, sample, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, c["prediction_type"]
+            model_output, sample, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, c.prediction_type
         )
 
         # 3. optional clipping of x0
-        if c["clip_sample"]:
-            x0 = x0.clamp(-c["clip_sample_range"], c["clip_sample_range"])
+        if c.clip_sample:
+            x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
 
         # 4. posterior mean: mu = coef_x0 * x0 + coef_xt * x_t (eq. 7)
         coef_x0 = alpha_bar_prev**0.5 * beta / (1 - alpha_bar)
@@ -78,7 +71,7 @@ class DDPMScheduler(Scheduler):
     def _std(self, alpha_bar, alpha_bar_prev, beta):
         """Standard deviation of the added noise: posterior (fixed_small) or beta_t (fixed_large)."""
         variance = torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, min=1e-20)
-        kind = self._config["variance_type"]
+        kind = self._cfg.variance_type
         if kind == "fixed_small":
             return variance**0.5
         if kind == "fixed_small_log":

@@ -9,11 +9,14 @@
 | r0, D1         | h_{i-1} / h_i and the first divided difference      |
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from ..configuration import choice
 from . import schedules as S
-from .base import SchedulerOutput, SigmaScheduler
+from .base import SchedulerOutput, SigmaScheduler, ZeroSNRConfig
 
 
 def lam(sigma):
@@ -22,10 +25,20 @@ def lam(sigma):
     return alpha, sigma_t, torch.log(alpha) - torch.log(sigma_t)
 
 
+@dataclass(frozen=True)
+class DPMSolverConfig(ZeroSNRConfig):
+    timestep_spacing: str = choice("linspace", S.TIMESTEP_SPACINGS)
+    solver_order: int = choice(2, (1, 2))  # 1 (DPM-Solver++ 1 = DDIM) or 2 (2M)
+    lower_order_final: bool = True  # kept for configs: the last step (sigma 0) is first order anyway
+    use_karras_sigmas: bool = False  # Karras et al. rho=7 sigma spacing
+    lambda_min_clipped: float = -float("inf")  # drop timesteps whose lambda is below this
+
+
 class DPMSolverMultistepScheduler(SigmaScheduler):
     """Multistep exponential integrator on the data prediction; deterministic."""
 
-    _fixed_options = {
+    config_class = DPMSolverConfig
+    _fixed = {
         "thresholding": (False,), "algorithm_type": ("dpmsolver++", "deis"),
         "solver_type": ("midpoint", "logrho", "bh1", "bh2"), "euler_at_final": (False,),
         "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_lu_lambdas": (False,),
@@ -33,69 +46,41 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
     }
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,  # length of the training noise schedule
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
-        trained_betas: list | None = None,  # explicit betas, overriding the schedule
-        solver_order: int = 2,  # 1 (DPM-Solver++ 1 = DDIM) or 2 (2M)
-        prediction_type: str = "epsilon",  # epsilon | v_prediction | sample
-        lower_order_final: bool = True,  # kept for configs: the last step (sigma 0) is first order anyway
-        use_karras_sigmas: bool = False,  # Karras et al. rho=7 sigma spacing
-        lambda_min_clipped: float = -float("inf"),  # drop timesteps whose lambda is below this
-        timestep_spacing: str = "linspace",  # linspace | leading | trailing
-        steps_offset: int = 0,  # added to "leading" timesteps
-        rescale_betas_zero_snr: bool = False,  # zero terminal SNR (Lin et al. 2023)
-    ):
-        self._init_config(locals())
-        if solver_order not in (1, 2):
-            raise ValueError(f"DPMSolverMultistepScheduler: solver_order={solver_order!r} is not "
-                             "supported; use 1 or 2.")
-        self.alphas_cumprod = S.make_alphas_cumprod(self._config, clamp_terminal=True)
-        self._freeze()
-
-    def set_timesteps(self, num_inference_steps, device=None, strength=1.0):
-        """The run's state: int64 timesteps, float32 sigmas (with a final 0), empty history."""
-        self._check_steps(num_inference_steps)
-        c, n = self._config, num_inference_steps
+    def _plan(self, num_inference_steps):
+        """Int64 timesteps, float32 sigmas (with a final 0); clipped lambdas may drop steps."""
+        c, n = self._cfg, num_inference_steps
         lambda_t = torch.log(self.alphas_cumprod.sqrt()) - torch.log((1 - self.alphas_cumprod).sqrt())
-        clipped = torch.searchsorted(torch.flip(lambda_t, [0]), c["lambda_min_clipped"]).item()
-        end = c["num_train_timesteps"] - clipped
+        clipped = torch.searchsorted(torch.flip(lambda_t, [0]), c.lambda_min_clipped).item()
+        end = c.num_train_timesteps - clipped
         timesteps = S.spaced_timesteps(
-            c["timestep_spacing"], n, c["num_train_timesteps"], c["steps_offset"], end=end,
-            extra_point=True,
+            c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset, end=end, extra_point=True,
         )
         timesteps = np.round(timesteps).astype(np.int64)
         train_sigmas = np.array(S.vp_to_ve_sigmas(self.alphas_cumprod))
-        if c["use_karras_sigmas"]:
+        if c.use_karras_sigmas:
             sigmas = S.karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), n)
             timesteps = S.sigma_to_t(sigmas, np.log(train_sigmas))
-            if c["beta_schedule"] != "squaredcos_cap_v2":
+            if c.beta_schedule != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
         else:
             sigmas = S.interp_sigmas(timesteps, train_sigmas)
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         schedule = torch.from_numpy(np.asarray(timesteps)).to(torch.int64)
-        return self._make_state(schedule, len(schedule), device, strength, sigmas=sigmas)
+        return {"schedule": schedule, "sigmas": sigmas, "num_inference_steps": len(schedule)}
 
     def step(self, model_output, timestep, sample, state, generator=None):
-        """One DPM-Solver++ step: first order to start (and at the end), then 2M.
-
-        Deterministic: ``generator`` is accepted (and unused) so every sampler takes the same call.
-        """
+        """One DPM-Solver++ step: first order to start (and at the end), then 2M; deterministic."""
         i = self._check_timestep(timestep, state)
         n = len(state.schedule)
-        c = self._config
+        c = self._cfg
 
         # 1. data prediction x0 at sigma_i
         alpha_s0, sigma_s0, lam_s0 = lam(state.sigmas[i])
-        x0, _ = S.vp_prediction_to_x0_eps(model_output, sample, alpha_s0, sigma_s0, c["prediction_type"])
-        history = (state.history + (x0,))[-c["solver_order"]:]
+        x0, _ = S.vp_prediction_to_x0_eps(model_output, sample, alpha_s0, sigma_s0, c.prediction_type)
+        history = (state.history + (x0,))[-c.solver_order:]
 
         # 2. first order for the first step of a run and for the last step (its sigma is 0)
-        first_order = c["solver_order"] == 1 or state.steps_taken < 1 or i == n - 1
+        first_order = c.solver_order == 1 or state.steps_taken < 1 or i == n - 1
 
         # 3. exponential-integrator update in float32 (Lu et al. 2022, eqs. 8 and 10)
         x = sample.to(torch.float32)

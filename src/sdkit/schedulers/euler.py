@@ -9,44 +9,34 @@
 | d           | dx/dsigma = (x - x0) / sigma                 |
 """
 
+from dataclasses import dataclass
+
 import torch
 
+from ..configuration import choice
 from . import schedules as S
-from .base import SchedulerOutput, SigmaScheduler
+from .base import SchedulerOutput, SigmaScheduler, ZeroSNRConfig
+
+
+@dataclass(frozen=True)
+class EulerConfig(ZeroSNRConfig):
+    timestep_spacing: str = choice("linspace", S.TIMESTEP_SPACINGS)
+    use_karras_sigmas: bool = False  # Karras et al. rho=7 sigma spacing instead of timestep spacing
+    sigma_min: float | None = None  # Karras range; default: the spaced schedule's ends
+    sigma_max: float | None = None
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
     """First-order deterministic ODE sampler; float timesteps, inputs scaled by 1/sqrt(sigma^2 + 1)."""
 
-    _fixed_options = {
+    config_class = EulerConfig
+    _fixed = {
         "interpolation_type": ("linear",), "timestep_type": ("discrete",),
         "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "final_sigmas_type": ("zero",),
     }
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,  # length of the training noise schedule
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
-        trained_betas: list | None = None,  # explicit betas, overriding the schedule
-        prediction_type: str = "epsilon",  # epsilon | v_prediction | sample
-        use_karras_sigmas: bool = False,  # Karras et al. rho=7 sigma spacing instead of timestep spacing
-        sigma_min: float | None = None,  # Karras range; default: the spaced schedule's ends
-        sigma_max: float | None = None,
-        timestep_spacing: str = "linspace",  # linspace | leading | trailing
-        steps_offset: int = 0,  # added to "leading" timesteps
-        rescale_betas_zero_snr: bool = False,  # zero terminal SNR (Lin et al. 2023)
-    ):
-        self._init_config(locals())
-        self.alphas_cumprod = S.make_alphas_cumprod(self._config, clamp_terminal=True)
-        self._freeze()
-
     def step(self, model_output, timestep, sample, state, generator=None):
-        """One Euler step from sigma_i to sigma_{i+1} (Karras et al. 2022, Alg. 1 without churn).
-
-        Deterministic: ``generator`` is accepted (and unused) so every sampler takes the same call.
-        """
+        """One Euler step from sigma_i to sigma_{i+1} (Karras et al. 2022, Alg. 1 without churn)."""
         i = self._check_timestep(timestep, state)
         sigma, sigma_next = state.sigmas[i], state.sigmas[i + 1]
 
@@ -54,7 +44,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         x = sample.to(torch.float32)
 
         # 2. denoised estimate x0
-        x0 = S.ve_prediction_to_x0(model_output, x, sigma, self._config["prediction_type"])
+        x0 = S.ve_prediction_to_x0(model_output, x, sigma, self._cfg.prediction_type)
 
         # 3. Euler step along d = (x - x0) / sigma
         d = (x - x0) / sigma

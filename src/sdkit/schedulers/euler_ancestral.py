@@ -9,10 +9,13 @@
 | x0, d       | denoised estimate and dx/dsigma = (x - x0) / sigma             |
 """
 
+from dataclasses import dataclass
+
 import torch
 
+from ..configuration import choice
 from . import schedules as S
-from .base import SchedulerOutput, SigmaScheduler
+from .base import SchedulerOutput, SigmaScheduler, ZeroSNRConfig
 
 
 def ancestral_sigmas(sigma, sigma_next):
@@ -22,26 +25,16 @@ def ancestral_sigmas(sigma, sigma_next):
     return sigma_down, sigma_up
 
 
+@dataclass(frozen=True)
+class EulerAncestralConfig(ZeroSNRConfig):
+    prediction_type: str = choice("epsilon", ("epsilon", "v_prediction"))
+    timestep_spacing: str = choice("linspace", S.TIMESTEP_SPACINGS)
+
+
 class EulerAncestralDiscreteScheduler(SigmaScheduler):
     """Euler step to sigma_down, then add N(0, sigma_up^2) noise: stochastic, first order."""
 
-    _prediction_types = ("epsilon", "v_prediction")
-
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,  # length of the training noise schedule
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
-        trained_betas: list | None = None,  # explicit betas, overriding the schedule
-        prediction_type: str = "epsilon",  # epsilon | v_prediction
-        timestep_spacing: str = "linspace",  # linspace | leading | trailing
-        steps_offset: int = 0,  # added to "leading" timesteps
-        rescale_betas_zero_snr: bool = False,  # zero terminal SNR (Lin et al. 2023)
-    ):
-        self._init_config(locals())
-        self.alphas_cumprod = S.make_alphas_cumprod(self._config, clamp_terminal=True)
-        self._freeze()
+    config_class = EulerAncestralConfig
 
     def step(self, model_output, timestep, sample, state, generator=None):
         """One ancestral Euler step from sigma_i to sigma_{i+1}."""
@@ -50,7 +43,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
 
         # 1. denoised estimate x0 (the sample in float32, like the reference)
         x = sample.to(torch.float32)
-        x0 = S.ve_prediction_to_x0(model_output, x, sigma, self._config["prediction_type"])
+        x0 = S.ve_prediction_to_x0(model_output, x, sigma, self._cfg.prediction_type)
 
         # 2. split the step into a deterministic part and fresh noise
         sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next)

@@ -7,8 +7,11 @@
 | coeffs      | integrals of the Lagrange basis over [sigma_i, sigma_{i+1}]     |
 """
 
+from dataclasses import dataclass
+
+from ..configuration import check_number, choice
 from . import schedules as S
-from .base import SchedulerOutput, SigmaScheduler
+from .base import SchedulerConfig, SchedulerOutput, SigmaScheduler
 
 
 def lms_coefficient(sigmas, order, i, j):
@@ -27,38 +30,36 @@ def lms_coefficient(sigmas, order, i, j):
     return integrate.quad(basis, sigmas[i], sigmas[i + 1], epsrel=1e-4)[0]
 
 
+@dataclass(frozen=True)
+class LMSConfig(SchedulerConfig):
+    timestep_spacing: str = choice("linspace", S.TIMESTEP_SPACINGS)
+    use_karras_sigmas: bool = False  # Karras et al. rho=7 sigma spacing
+
+
+@dataclass(frozen=True)
+class LMSOptions:
+    order: int = 4  # how many past derivatives the multistep uses (the reference's default, 4)
+
+    def __post_init__(self):
+        check_number("LMSDiscreteScheduler", "order", self.order, low=1, high=4, integer=True)
+
+
 class LMSDiscreteScheduler(SigmaScheduler):
-    """Up to 4th-order linear multistep on dx/dsigma; deterministic."""
+    """Up to 4th-order linear multistep on dx/dsigma; deterministic; ``order`` is a run option."""
 
-    _fixed_options = {"use_exponential_sigmas": (False,), "use_beta_sigmas": (False,)}
+    config_class = LMSConfig
+    options_class = LMSOptions
+    _fixed = {"use_exponential_sigmas": (False,), "use_beta_sigmas": (False,)}
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,  # length of the training noise schedule
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
-        trained_betas: list | None = None,  # explicit betas, overriding the schedule
-        use_karras_sigmas: bool = False,  # Karras et al. rho=7 sigma spacing
-        prediction_type: str = "epsilon",  # epsilon | v_prediction | sample
-        timestep_spacing: str = "linspace",  # linspace | leading | trailing
-        steps_offset: int = 0,  # added to "leading" timesteps
-    ):
-        self._init_config(locals())
-        self.alphas_cumprod = S.make_alphas_cumprod(self._config)
-        self._freeze()
-
-    def step(self, model_output, timestep, sample, state, generator=None, order=4):
-        """One LMS step from sigma_i to sigma_{i+1} using up to ``order`` derivatives.
-
-        Deterministic: ``generator`` is accepted (and unused) so every sampler takes the same call.
-        """
+    def step(self, model_output, timestep, sample, state, generator=None):
+        """One LMS step from sigma_i to sigma_{i+1} using up to ``state.options.order`` derivatives."""
         i = self._check_timestep(timestep, state)
         sigma = state.sigmas[i]
 
         # 1. denoised estimate and the derivative dx/dsigma
-        x0 = S.ve_prediction_to_x0(model_output, sample, sigma, self._config["prediction_type"])
+        x0 = S.ve_prediction_to_x0(model_output, sample, sigma, self._cfg.prediction_type)
         d = (sample - x0) / sigma
+        order = state.options.order
         history = (state.history + (d,))[-order:]
 
         # 2. multistep coefficients (the order grows with the step index, like the reference)

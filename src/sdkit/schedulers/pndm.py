@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..configuration import choice
 from . import schedules as S
-from .base import Scheduler, SchedulerOutput, SchedulerState
+from .base import Scheduler, SchedulerConfig, SchedulerOutput, SchedulerState
 
 
 @dataclass(frozen=True)
@@ -28,36 +29,28 @@ class PNDMState(SchedulerState):
     eps_rk: torch.Tensor | float = 0.0  # partial Runge-Kutta sum of eps
 
 
+@dataclass(frozen=True)
+class PNDMConfig(SchedulerConfig):
+    prediction_type: str = choice("epsilon", ("epsilon", "v_prediction"))
+    skip_prk_steps: bool = False  # True: PLMS warm-up (SD default); False: Runge-Kutta warm-up
+    set_alpha_to_one: bool = False  # alpha_bar past the last step: 1 (True) or alpha_bar_0
+
+
 class PNDMScheduler(Scheduler):
     """Linear multistep on the DDIM transfer; 4th order once 3 past outputs are known."""
 
-    _prediction_types = ("epsilon", "v_prediction")
+    config_class = PNDMConfig
 
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,  # length of the training noise schedule
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
-        trained_betas: list | None = None,  # explicit betas, overriding the schedule
-        skip_prk_steps: bool = False,  # True: PLMS warm-up (SD default); False: Runge-Kutta warm-up
-        set_alpha_to_one: bool = False,  # alpha_bar past the last step: 1 (True) or alpha_bar_0
-        prediction_type: str = "epsilon",  # epsilon | v_prediction
-        timestep_spacing: str = "leading",  # linspace | leading | trailing
-        steps_offset: int = 0,  # added to "leading" timesteps (SD 1.x uses 1)
-    ):
-        self._init_config(locals())
-        self.alphas_cumprod = S.make_alphas_cumprod(self._config)
-        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self._freeze()
+    def _setup(self, c):
+        super()._setup(c)
+        self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
 
-    def set_timesteps(self, num_inference_steps, device=None, strength=1.0):
-        """The run's state: warm-up timesteps followed by the multistep ones (int64)."""
-        self._check_steps(num_inference_steps)
-        c, n = self._config, num_inference_steps
-        base = S.spaced_timesteps(c["timestep_spacing"], n, c["num_train_timesteps"], c["steps_offset"])
+    def _plan(self, num_inference_steps):
+        """Warm-up timesteps followed by the multistep ones (int64)."""
+        c, n = self._cfg, num_inference_steps
+        base = S.spaced_timesteps(c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset)
         base = np.round(base[::-1]).astype(np.int64)  # ascending
-        if c["skip_prk_steps"]:
+        if c.skip_prk_steps:
             # PLMS runs the second-to-last base timestep twice (the improved-Euler warm-up)
             prk = np.array([], dtype=np.int64)
             plms = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
@@ -68,20 +61,15 @@ class PNDMScheduler(Scheduler):
             )
         else:
             # each of the last 4 base timesteps and its half-step midpoint, as 4-call RK stages
-            half = c["num_train_timesteps"] // n // 2
+            half = c.num_train_timesteps // n // 2
             pairs = base[-4:].repeat(2) + np.tile(np.array([0, half]), 4)
             prk = pairs[:-1].repeat(2)[1:-1][::-1]
             plms = base[:-3][::-1]
         schedule = torch.from_numpy(np.concatenate([prk, plms]).astype(np.int64))
-        return self._make_state(
-            schedule, n, device, strength, state_class=PNDMState, num_prk_steps=len(prk)
-        )
+        return {"schedule": schedule, "state_class": PNDMState, "num_prk_steps": len(prk)}
 
     def step(self, model_output, timestep, sample, state, generator=None):
-        """One model call's worth of PNDM: a Runge-Kutta stage or a linear multistep update.
-
-        Deterministic: ``generator`` is accepted (and unused) so every sampler takes the same call.
-        """
+        """One model call's worth of PNDM: a Runge-Kutta stage or a linear multistep update."""
         self._check_timestep(timestep, state)
         if state.steps_taken < state.num_prk_steps:
             return self._step_prk(model_output, int(timestep), sample, state)
@@ -90,7 +78,7 @@ class PNDMScheduler(Scheduler):
     def _step_prk(self, eps, t, x, state):
         """Stage k of pseudo Runge-Kutta (eq. 13): accumulate eps, move from the stage's start."""
         k = state.steps_taken
-        delta = self._config["num_train_timesteps"] // state.num_inference_steps
+        delta = self._cfg.num_train_timesteps // state.num_inference_steps
         prev_t = t - (0 if k % 2 else delta // 2)
         t = int(state.schedule[k // 4 * 4])
         history, cur_sample, eps_rk = state.history, state.cur_sample, state.eps_rk
@@ -114,11 +102,11 @@ class PNDMScheduler(Scheduler):
 
     def _step_plms(self, eps, t, x, state):
         """Pseudo linear multistep (eq. 12), with a pseudo improved-Euler warm-up when PRK is skipped."""
-        if not self._config["skip_prk_steps"] and len(state.history) < 3:
+        if not self._cfg.skip_prk_steps and len(state.history) < 3:
             raise ValueError("PNDMScheduler: the multistep phase needs the 12 Runge-Kutta calls first; "
                              "run the state's timesteps from the beginning.")
         k = state.steps_taken
-        delta = self._config["num_train_timesteps"] // state.num_inference_steps
+        delta = self._cfg.num_train_timesteps // state.num_inference_steps
         history, cur_sample = state.history, state.cur_sample
 
         # 1. the transfer interval; the second warm-up call redoes the first interval
@@ -152,7 +140,7 @@ class PNDMScheduler(Scheduler):
         alpha_bar = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         x0, eps = S.vp_prediction_to_x0_eps(
-            model_output, x, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, self._config["prediction_type"]
+            model_output, x, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, self._cfg.prediction_type
         )
         x_coef = (alpha_bar_prev / alpha_bar) ** 0.5
         denom = alpha_bar * (1 - alpha_bar_prev) ** 0.5 + (
@@ -162,14 +150,13 @@ class PNDMScheduler(Scheduler):
         return prev_sample, x0
 
 
+@dataclass(frozen=True)
+class PLMSConfig(PNDMConfig):
+    skip_prk_steps: bool = True
+
+
 class PLMSScheduler(PNDMScheduler):
     """PNDM with the PLMS warm-up by default (skip_prk_steps=True); saved as a PNDMScheduler."""
 
+    config_class = PLMSConfig
     _config_class_name = "PNDMScheduler"
-
-    def __init__(self, **config):
-        super().__init__(**{"skip_prk_steps": True, **config})
-
-    @classmethod
-    def config_keys(cls):
-        return PNDMScheduler.config_keys()

@@ -18,17 +18,11 @@ import math
 import numpy as np
 import torch
 
+from ..configuration import check_value
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
-
-
-def check_choice(name, value, choices, owner):
-    """Raise a ValueError naming the option, the bad value and the accepted ones."""
-    if value not in choices:
-        raise ValueError(
-            f"{owner}: unknown {name} {value!r}; use one of {', '.join(map(repr, choices))}."
-        )
 
 
 def cosine_betas(num_train_timesteps, max_beta=0.999):
@@ -64,7 +58,7 @@ def make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained
         return cosine_betas(n)
     if beta_schedule == "sigmoid":
         return sigmoid_betas(n, beta_start, beta_end)
-    check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES, "make_betas")
+    check_value("make_betas", "beta_schedule", beta_schedule, BETA_SCHEDULES)
 
 
 def rescale_zero_terminal_snr(betas):
@@ -78,19 +72,20 @@ def rescale_zero_terminal_snr(betas):
 
 
 def make_alphas_cumprod(config, clamp_terminal=False):
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s) for a scheduler config (Ho et al. 2020, eq. 4).
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s) for a scheduler config dataclass (Ho et al. 2020, eq. 4).
 
     With zero terminal SNR, ``clamp_terminal`` keeps the last alpha_bar at 2**-24 so that the
     VE sigma stays finite (what the reference's sigma-based samplers do).
     """
     betas = make_betas(
-        config["beta_schedule"], config["num_train_timesteps"], config["beta_start"],
-        config["beta_end"], config.get("trained_betas"),
+        config.beta_schedule, config.num_train_timesteps, config.beta_start, config.beta_end,
+        config.trained_betas,
     )
-    if config.get("rescale_betas_zero_snr", False):
+    zero_snr = getattr(config, "rescale_betas_zero_snr", False)
+    if zero_snr:
         betas = rescale_zero_terminal_snr(betas)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    if clamp_terminal and config.get("rescale_betas_zero_snr", False):
+    if clamp_terminal and zero_snr:
         alphas_cumprod[-1] = 2**-24
     return alphas_cumprod
 
@@ -112,7 +107,7 @@ def spaced_timesteps(spacing, num_inference_steps, num_train_timesteps, steps_of
     elif spacing == "trailing":
         return np.round(np.arange(end, 0, -num_train_timesteps / n)) - 1
     else:
-        check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS, "spaced_timesteps")
+        check_value("spaced_timesteps", "timestep_spacing", spacing, TIMESTEP_SPACINGS)
     return t[:n].copy() if extra_point else t.copy()
 
 
@@ -161,11 +156,11 @@ def sampler_sigmas(config, alphas_cumprod, num_inference_steps, sigma_min=None, 
     """(float32 timesteps, float64 sigmas) of the sigma samplers, optionally Karras (2206.00364)."""
     n = num_inference_steps
     timesteps = spaced_timesteps(
-        config["timestep_spacing"], n, config["num_train_timesteps"], config["steps_offset"]
+        config.timestep_spacing, n, config.num_train_timesteps, config.steps_offset
     ).astype(np.float32)
     train_sigmas = np.array(vp_to_ve_sigmas(alphas_cumprod))
     sigmas = interp_sigmas(timesteps, train_sigmas)
-    if config.get("use_karras_sigmas"):
+    if getattr(config, "use_karras_sigmas", False):
         sigma_min = sigma_min if sigma_min is not None else sigmas[-1].item()
         sigma_max = sigma_max if sigma_max is not None else sigmas[0].item()
         sigmas = karras_sigmas(sigma_min, sigma_max, n)
@@ -191,7 +186,7 @@ def vp_prediction_to_x0_eps(model_output, x, alpha, sigma_t, prediction_type):
         x0 = model_output
         eps = (x - alpha * x0) / sigma_t
     else:
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES, "scheduler")
+        check_value("scheduler", "prediction_type", prediction_type, PREDICTION_TYPES)
     return x0, eps
 
 
@@ -203,7 +198,7 @@ def ve_prediction_to_x0(model_output, x, sigma, prediction_type):
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
     if prediction_type == "sample":
         return model_output
-    check_choice("prediction_type", prediction_type, PREDICTION_TYPES, "scheduler")
+    check_value("scheduler", "prediction_type", prediction_type, PREDICTION_TYPES)
 
 
 def per_sample(values, like):

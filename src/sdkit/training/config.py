@@ -43,42 +43,32 @@ class VAEConfig(LoopConfig):
 
     steps: int = 1500  # 6.5 min with 2 processes on the 2-core CPU; reconstructions keep every attribute
     batch_size: int = 16  # an autoencoder needs many steps more than big batches; colour_factorization
-    # needs a multiple of 4 per process: 16 with 2 processes is 2 background and 2 colour pairs each
+    # needs a multiple of 4 per process (background and colour twin pairs)
     lr: float = 2e-3  # GroupNorm'd small conv nets tolerate a high rate with warm-up and clipping
     block_out_channels: Tuple[int, ...] = (16, 32, 32, 64)  # 4 levels = factor 8; thin at 64x64 for speed
     layers_per_block: int = 1  # one resnet per encoder level (two per decoder level)
     norm_num_groups: int = 4  # >= 4 channels per group: GroupNorm over 1-2 channels normalises away
-    # per-image constants such as the shape's colour (8 groups: 15% colours right after 250 steps; 4: 34%)
-    latent_channels: int = 4  # the Stable Diffusion latent width (DESIGN.md)
+    # per-image constants such as the shape's colour
+    latent_channels: int = 4  # the Stable Diffusion latent width
     kl_weight: float = 1e-5  # per latent element: just enough to keep the posterior well scaled
     foreground_weight: float = 5.0  # extra loss weight on shape pixels (5-30% of the image): unweighted,
-    # the encoder spent its latent range on the background and put orange 1.6 from yellow (median
-    # latent distance of one layout drawn in both colours); with 5.0 (and no colour_factorization) the
-    # closest pairs are 3.2-4.2 apart (benchmarks/vae_colours.py)
+    # the encoder spends its latent range on the background and neighbouring hues end up close
+    # (measured in MODEL_CARD.md, "Why latent noise and the shape-pixel weight")
     latent_noise: float = 0.6  # Gaussian noise added to the latents the decoder sees, as a fraction of
     # their std (so of the unit-variance latents the UNet models): to survive it the encoder must
     # spread what it encodes over all channels and keep attribute values apart
-    channel_decorrelation: float = 0.0  # weight of the mean squared correlation between latent channels.
-    # Unweighted, the four channels carry one signal. In a 1-process screening run, 0.1 spread the six
-    # colours over a plane (10th-percentile gap to the nearest other colour at shape pixels 0.42 -> 1.16,
-    # unit-variance latents); in three 2-process runs it was 0.18-0.77, the channels decorrelated but
-    # the colours still on one of them, so the bundled recipe leaves it off
+    channel_decorrelation: float = 0.0  # weight of the mean squared correlation between latent channels
+    # (unweighted, the four channels carry one signal); off in the recipe, the runs are in MODEL_CARD.md
     colour_factorization: float = 0.05  # weight of the twin terms: losses.invariance_loss twice and,
     # with colour_margin, losses.separation_loss. Batches are pairs of drawings that differ only in
     # background or only in colour; at the shape's positions the first ``colour_channels`` latent
     # channels must not see the background and the others not the colour, so a hue gets one code
-    # whatever the background. Without it the encoder writes the background into the shape's
-    # positions too and a hue's code depends on it (orange on black lay nearer red on white than
-    # orange on white did), and prompts that leave the background open missed the colour (short-prompt
-    # colour 0.72-0.89). Invariance alone (margin 0) fixed that but left the hues on one line with red
-    # and orange 0.43 apart at a square's centre: full-prompt colour fell to 0.92 (orange -> red)
+    # whatever the background and prompts that leave the background open keep their colour
+    # (MODEL_CARD.md, "Why colour factorization and the margin")
     colour_channels: int = 2  # the channels that carry the colour (the rest carry the background)
     colour_margin: float = 2.0  # at the shape's positions the colour channels of two different colours
-    # should be at least this far apart (unit-variance latents; only with colour_factorization). With
-    # 2.0 (benchmarks/vae_colours.py, 2 processes) the closest pair of colours is 6.3 apart instead of
-    # 2.4 (invariance alone) or 3.2 (neither term), the 10th-percentile gap to the nearest other colour
-    # at shape pixels on any background 3.4 instead of 1.3 or 0.4, and the bundled model gets every
-    # colour right on full and short prompts (MODEL_CARD.md)
+    # should be at least this far apart (unit-variance latents; only with colour_factorization), so
+    # that invariance does not leave neighbouring hues on one line
     init_logvar: float = -6.0  # initial posterior log-variance: near-deterministic latents train much faster
     ema_decay: Optional[float] = 0.995  # short run: a shorter average
     init_from: Optional[str] = None  # start from this VAE folder (config.json + weights) instead of random
@@ -90,13 +80,11 @@ class VAEConfig(LoopConfig):
 def decoder_config(vae_folder: str) -> VAEConfig:
     """Stage 1b of the bundled recipe: fine-tune only the decoder of the stage-1 VAE in ``vae_folder``.
 
-    Reconstructed colours were still drifting towards their neighbours (red to orange, purple to
-    blue) when stage 1 ended; more decoder steps fix that without moving the latent space, so the
-    UNet can train on stage-1 latents at the same time. Shape pixels weigh 3x: colour is the error.
-    Latent noise 0.3 instead of stage 1's 0.6: the decoder stays robust to imprecise latents but
-    draws small shapes sharper (reconstructed shape 0.90 instead of 0.85 after 1500 steps; 3000
-    steps: shape 0.92, colour 0.98). Batches of 12, not stage 1's 16: without the encoder there are
-    no twin pairs to fill (16 took 11.5 instead of 8.2 min).
+    Reconstructed colours are still drifting towards their neighbours when stage 1 ends; more
+    decoder steps fix that without moving the latent space, so the UNet can train on stage-1
+    latents at the same time. Shape pixels weigh 3x: colour is the error. Less latent noise than
+    stage 1: the decoder stays robust to imprecise latents but draws small shapes sharper. Batches
+    of 12: without the encoder there are no twin pairs to fill. (Measurements: MODEL_CARD.md.)
     """
     return VAEConfig(init_from=vae_folder, train_encoder=False, steps=3000, batch_size=12, lr=1e-3,
                      warmup_steps=20, foreground_weight=2.0, latent_noise=0.3)
@@ -106,7 +94,7 @@ def decoder_config(vae_folder: str) -> VAEConfig:
 class UNetConfig(LoopConfig):
     """Stage 2: the text encoder and UNet, trained together on cached VAE latents."""
 
-    steps: int = 8000  # ~38 min with 2 processes on an idle 2-core CPU: the whole recipe fits in an hour
+    steps: int = 8000  # the most the recipe's hour on the 2-core CPU leaves (times in MODEL_CARD.md)
     batch_size: int = 64  # 8x8 latents are cheap; bigger batches steady the many-attribute loss
     lr: float = 1e-3  # AdamW peak for both UNet and text encoder
     warmup_steps: int = 100
@@ -125,17 +113,17 @@ class UNetConfig(LoopConfig):
     beta_end: float = 0.012
     rescale_betas_zero_snr: bool = True  # last timestep pure noise (Lin et al. 2024); needs v_prediction.
     # Sampling starts from pure noise, so the layout (place words) must come from the prompt alone
-    timestep_bias: str = "later"  # none | later: draw the noisiest timesteps more often (losses.sample_timesteps);
-    # place words were never learned without it (0.23-0.37 after 2000-7000 steps), and fully with it
+    timestep_bias: str = "later"  # none | later: draw the noisiest timesteps more often (losses.sample_timesteps),
+    # where the layout is decided: place words were not learned without it (MODEL_CARD.md)
     timestep_bias_portion: float = 0.25  # the share of the timesteps that "later" favours
     timestep_bias_multiplier: float = 3.0  # how much more often they are drawn
     min_snr_gamma: Optional[float] = None  # Min-SNR-gamma weighting (none: plain MSE). For v it weighs
-    # the high-noise steps, where the layout is decided, ~100x less: place words went unlearned with 5.0
+    # down the high-noise steps, where the layout is decided, so place words went unlearned
     offset_noise: float = 0.05  # per-channel shared noise: lets flat backgrounds reach their exact tone
     immiscible: bool = False  # assign noise to latents within the batch by least total distance; with
     # 32 latents per process the assigned noise carries the layout, which then ignores the prompt
     # UNet architecture (8x8 latents: levels 8 -> 4 -> 2)
-    block_out_channels: Tuple[int, ...] = (32, 64, 128)  # 3.2M params: 3x faster than (64, 128, 128)
+    block_out_channels: Tuple[int, ...] = (32, 64, 128)  # 3.2M params: small enough for the CPU recipe
     layers_per_block: int = 1
     attention_head_dim: int = 4  # the reference's name for the number of heads
     norm_num_groups: int = 8  # divides every block_out_channels entry; >= 4 channels per group (see VAEConfig)

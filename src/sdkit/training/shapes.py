@@ -4,7 +4,7 @@ Every image is 64x64 RGB with one shape on a flat background. Its caption follow
 
     a [small|large] [COLOR] SHAPE [PLACE] [on a BG background]
 
-where each bracketed part is optional (see ``/work/shared/DESIGN.md``). The image always has
+where each bracketed part is optional (the values are in the README and the model card). The image always has
 every attribute; a caption may leave some out, in which case that attribute is simply random.
 
 Everything here is deterministic given a ``numpy.random.Generator``: ``ShapesDataset`` derives

@@ -1,0 +1,207 @@
+"""The options of a pipeline call: declared, documented and checked once, per pipeline a few more.
+
+A call's options are a frozen dataclass (``pipe.options_class``); ``pipe(...)`` builds one from its
+arguments, which checks everything that does not depend on the pipeline's parts. The pipeline
+checks the rest (image size against its VAE, latents against its UNet).
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _is_int(value, low=1):
+    return not isinstance(value, bool) and isinstance(value, int) and value >= low
+
+
+def check_fraction(name, value, note=""):
+    """Raise unless ``value`` is a real number (not a bool) in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1]{note}, got {value!r}.")
+
+
+def _strings(value):
+    return isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value)
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """What every pipeline call takes (the reference's names and defaults).
+
+    prompt: a string or a list of strings (one image group per prompt).
+    negative_prompt: replaces the empty unconditional prompt; a string or one per prompt.
+    height, width: image size in pixels, multiples of the VAE's downsampling factor.
+    num_inference_steps: sampler steps (img2img/inpaint run int(steps * strength) of them).
+    guidance_scale: classifier-free guidance weight; <= 1 runs the conditional half only.
+    num_images_per_prompt: images made for each prompt.
+    generator: a torch.Generator, or a list with one per image (image k then equals the same
+        image made alone with that generator).
+    eta: DDIM's noise weight, the ``eta`` run option of the schedulers that have one (others warn
+        when it is not 0).
+    output_type: "pil" (list of images), "np" (B, H, W, 3) float [0, 1], "pt" (B, 3, H, W) tensor
+        in [0, 1], or "latent" (the final latents, not decoded).
+    callback: ``callback(step, timestep, latents)`` after every scheduler step (step counts from
+        0, latents are the new ones); return False to stop the run there. A stopped run decodes
+        the latents it has and returns ``interrupted=True``.
+    scheduler: an sdkit scheduler for this call only (default: ``pipe.scheduler``).
+    guidance_rescale: in [0, 1]; matches the guided prediction's std to the conditional one's by
+        this fraction (Lin et al. 2024; 0.7 there, 0 = off as in diffusers).
+    scheduler_options: further run options of the scheduler for this call, e.g. ``{"order": 2}``
+        for LMSDiscreteScheduler (``scheduler.option_names()`` lists them).
+    """
+
+    positional: ClassVar[tuple] = ("prompt",)  # the arguments a call may give by position
+
+    prompt: Any = None
+    negative_prompt: Any = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    num_images_per_prompt: int = 1
+    generator: Any = None
+    eta: float = 0.0
+    output_type: str = "pil"
+    callback: Optional[Callable] = None
+    scheduler: Any = None
+    guidance_rescale: float = 0.0
+    scheduler_options: Optional[dict] = None
+
+    @classmethod
+    def from_call(cls, args, kwargs):
+        """The options of ``pipe(*args, **kwargs)``; an unknown name is a TypeError listing the known."""
+        if len(args) > len(cls.positional):
+            raise TypeError(f"a pipeline call takes at most {len(cls.positional)} positional arguments "
+                            f"({', '.join(cls.positional)}), got {len(args)}; pass the rest by name.")
+        twice = [name for name in cls.positional[:len(args)] if name in kwargs]
+        if twice:
+            raise TypeError(f"got {twice[0]!r} both by position and by name.")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"unknown call options {unknown}; this pipeline takes {', '.join(names)}.")
+        return cls(**dict(zip(cls.positional, args)), **kwargs)
+
+    @property
+    def prompts(self):
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def negative_prompts(self):
+        """One negative prompt per prompt, or None (the empty prompt)."""
+        if self.negative_prompt is None:
+            return None
+        if isinstance(self.negative_prompt, str):
+            return [self.negative_prompt] * len(self.prompts)
+        return list(self.negative_prompt)
+
+    @property
+    def batch_size(self):
+        return len(self.prompts) * self.num_images_per_prompt
+
+    @property
+    def denoising_strength(self):
+        """How much of the schedule the run covers (1: all of it, from pure noise)."""
+        return 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.prompt, str) or (_strings(self.prompt) and self.prompt)):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {self.prompt!r}.")
+        negative = self.negative_prompt
+        if negative is not None and not isinstance(negative, str):
+            if not _strings(negative):
+                raise ValueError(f"negative_prompt must be a string or a list of strings, got {negative!r}.")
+            if len(negative) != len(self.prompts):
+                raise ValueError(f"negative_prompt has {len(negative)} entries for {len(self.prompts)} "
+                                 f"prompts: pass one string, or a list with one per prompt.")
+        if not _is_int(self.num_inference_steps):
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {self.num_inference_steps!r}.")
+        if not _is_int(self.num_images_per_prompt):
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {self.num_images_per_prompt!r}.")
+        scale = self.guidance_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"guidance_scale must be a finite number (<= 1: no guidance), got {scale!r}.")
+        check_fraction("guidance_rescale", self.guidance_rescale, " (0: off; 0.7 in Lin et al. 2024)")
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={self.output_type!r} is not one of {OUTPUT_TYPES}.")
+        if self.callback is not None and not callable(self.callback):
+            raise ValueError("callback must be callable as callback(step, timestep, latents).")
+        if self.scheduler_options is not None and not isinstance(self.scheduler_options, dict):
+            raise ValueError(f"scheduler_options must be a dict of run options, got {self.scheduler_options!r}.")
+        self._check_generator()
+
+    def _check_generator(self):
+        generator, batch_size = self.generator, self.batch_size
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch_size:
+                raise ValueError(f"Got {len(generator)} generators for {batch_size} images (prompts x "
+                                 f"num_images_per_prompt): pass one generator, or a list of {batch_size}.")
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError("generator list must hold torch.Generator objects only.")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}.")
+
+
+@dataclass(frozen=True)
+class TextToImageOptions(CallOptions):
+    """And: latents: (B, C, h, w) initial noise to use instead of drawing it (scaled by the
+    scheduler's init_noise_sigma, as drawn noise is). height, width default to the UNet's
+    sample_size times the VAE factor."""
+
+    latents: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class ImageToImageOptions(CallOptions):
+    """And: image: PIL image, (H, W, 3) array or (3, H, W) tensor in [0, 1] (or uint8), or a list or
+    batch: one image, one per prompt, or one per output image. strength: in [0, 1]; the run starts
+    int(num_inference_steps * strength) steps before the end, at that step's noise level (1.0:
+    pure noise, the input only sets the mean). height, width default to the image's size rounded
+    down to the VAE factor; the image is resized (Lanczos for PIL) when they differ."""
+
+    positional: ClassVar[tuple] = ("prompt", "image")
+
+    image: Any = None
+    strength: float = 0.8
+
+    @property
+    def denoising_strength(self):
+        return self.strength
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.image is None:
+            raise ValueError("image is required: the picture to start from (PIL image, array or tensor).")
+        check_fraction("strength", self.strength)
+        if int(self.num_inference_steps * self.strength) < 1:
+            raise ValueError(f"strength={self.strength} with num_inference_steps={self.num_inference_steps} "
+                             f"runs int({self.num_inference_steps} * {self.strength}) = 0 denoising steps; "
+                             f"raise strength or num_inference_steps.")
+
+
+@dataclass(frozen=True)
+class InpaintOptions(ImageToImageOptions):
+    """And: mask_image: same size as image; white (>= 0.5) is repainted, black kept. PIL (any mode,
+    read as gray), (H, W) array or (1, H, W) tensor in [0, 1]. strength: 1.0 (the default) starts
+    the masked region from pure noise. paste_back: put the original pixels back outside the mask
+    after decoding (default: on for 4-channel UNets, off for inpainting UNets). mask_blur: width
+    in pixels of the feathered edge, which lies inside the mask (unmasked pixels are kept exactly)."""
+
+    positional: ClassVar[tuple] = ("prompt", "image", "mask_image")
+
+    mask_image: Any = None
+    strength: float = 1.0
+    paste_back: Optional[bool] = None
+    mask_blur: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mask_image is None:
+            raise ValueError("mask_image is required: white where the image is repainted, black where kept.")
+        if not _is_int(self.mask_blur, low=0):
+            raise ValueError(f"mask_blur must be a whole number of pixels >= 0, got {self.mask_blur!r}.")

@@ -31,6 +31,7 @@ class Part:
     classes: Optional[tuple]  # class names model_index.json may give (None: the loader decides)
     load: Callable  # load(folder, class_name, torch_dtype, variant) -> the part
     check: Optional[Callable] = None  # check(obj) raises for an object that cannot be this part
+    save: Optional[Callable] = None  # save(obj, folder); None: obj.save_pretrained(folder)
 
 
 def _load_unet(folder, class_name, torch_dtype, variant):
@@ -60,6 +61,25 @@ def _load_tokenizer(folder, class_name, torch_dtype, variant):
     return transformers.CLIPTokenizer.from_pretrained(folder)
 
 
+def save_tokenizer(tokenizer, folder):
+    """save_pretrained, plus the vocab.json and merges.txt of a BPE tokenizer if it wrote none.
+
+    transformers 5 writes only tokenizer.json; the slow CLIPTokenizer of transformers 4 (and
+    A1111's) reads vocab.json and merges.txt, so the folder gets both.
+    """
+    tokenizer.save_pretrained(folder)
+    folder = Path(folder)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or (folder / "vocab.json").is_file():
+        return
+    model = json.loads(backend.to_str())["model"]
+    if model.get("type") != "BPE":
+        return
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.get_vocab(), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
 def _load_scheduler(folder, class_name, torch_dtype, variant):
     from ..schedulers import get_scheduler_class
 
@@ -84,7 +104,8 @@ UNET = Part("unet", "diffusers", ("UNet2DConditionModel",), _load_unet)
 VAE = Part("vae", "diffusers", ("AutoencoderKL",), _load_vae)
 TEXT_ENCODER = Part("text_encoder", "transformers", ("CLIPTextModel", "CLIPTextModelWithProjection"),
                     _load_text_encoder)
-TOKENIZER = Part("tokenizer", "transformers", ("CLIPTokenizer", "CLIPTokenizerFast"), _load_tokenizer)
+TOKENIZER = Part("tokenizer", "transformers", ("CLIPTokenizer", "CLIPTokenizerFast"), _load_tokenizer,
+                 save=save_tokenizer)
 SCHEDULER = Part("scheduler", "diffusers", None, _load_scheduler, check_scheduler)
 STABLE_DIFFUSION = (UNET, VAE, TEXT_ENCODER, TOKENIZER, SCHEDULER)
 

@@ -30,6 +30,16 @@ VAE_F8 = dict(block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncode
               layers_per_block=1, sample_size=64)
 
 
+# Tiny models a single file describes fully: SD's 32 norm groups and head conventions (SD 1: 8 heads,
+# SD 2: 64-channel heads), 64-wide CLIP text encoders on the real 49,408-token vocabulary
+SD1_FILE_UNET = {**SD1_UNET, "cross_attention_dim": 64, "attention_head_dim": 8, "norm_num_groups": 32,
+                 "layers_per_block": 1}
+SD2_FILE_UNET = {**SD2_UNET, "block_out_channels": (64, 64, 128, 128), "cross_attention_dim": 64,
+                 "attention_head_dim": (1, 1, 2, 2), "norm_num_groups": 32}
+INPAINT_FILE_UNET = {**SD1_FILE_UNET, "in_channels": 9}
+VAE_FILE = {**VAE_F8, "block_out_channels": (32, 32, 32, 32), "norm_num_groups": 32}
+
+
 def perturb(model, seed=0, scale=0.1):
     """Move biases and norm affines away from their defaults so no path is trivial."""
     g = torch.Generator().manual_seed(seed)
@@ -54,11 +64,13 @@ WORDS = ("a", "an", "the", "small", "large", "red", "green", "blue", "yellow", "
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-def build_reference_pipeline(save_dir, kind="sd1", seed=0, model_max_length=16):
+def build_reference_pipeline(save_dir, kind="sd1", seed=0, model_max_length=16, single_file=False):
     """Save a tiny random diffusers pipeline folder and return its path.
 
     kind: "sd1" (PNDM/PLMS, epsilon), "sd2" (linear projections, DDIM with v-prediction) or
     "inpaint" (SD1-shaped 9-channel inpainting UNet). Weights are perturbed so no path is trivial.
+    ``single_file``: models that follow the SD conventions a single-file checkpoint relies on
+    (``*_FILE_*`` configs, sdkit's CLIP tokenizer; SD 2: OpenCLIP's GELU and "!" padding).
     """
     import os
     import tempfile
@@ -66,19 +78,29 @@ def build_reference_pipeline(save_dir, kind="sd1", seed=0, model_max_length=16):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from sdkit.clip_vocab import OPENCLIP_PAD, SD1_PAD, clip_tokenizer
     from sdkit.training.tokenizer import build_clip_tokenizer
 
-    unet_config = {"sd1": SD1_UNET, "sd2": SD2_UNET, "inpaint": INPAINT_UNET}[kind]
-    tokenizer = build_clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="sdkit-tok-"), model_max_length=model_max_length)
+    configs = {"sd1": SD1_FILE_UNET, "sd2": SD2_FILE_UNET, "inpaint": INPAINT_FILE_UNET} if single_file else \
+        {"sd1": SD1_UNET, "sd2": SD2_UNET, "inpaint": INPAINT_UNET}
+    unet_config = configs[kind]
+    if single_file:
+        tokenizer = clip_tokenizer(OPENCLIP_PAD if kind == "sd2" else SD1_PAD, model_max_length)
+    else:
+        tokenizer = build_clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="sdkit-tok-"),
+                                         model_max_length=model_max_length)
     torch.manual_seed(seed)
     unet = perturb(diffusers.UNet2DConditionModel(**unet_config), seed)
-    vae = perturb(diffusers.AutoencoderKL(**VAE_F8), seed + 1)
+    vae = perturb(diffusers.AutoencoderKL(**(VAE_FILE if single_file else VAE_F8)), seed + 1)
     hidden = unet_config["cross_attention_dim"]
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=len(tokenizer), max_position_embeddings=model_max_length,
+        hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=hidden // 64 if single_file else 4,
+        num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=model_max_length,
+        hidden_act="gelu" if single_file and kind == "sd2" else "quick_gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)).eval()
+    if single_file:  # layer norms away from 1 and 0, so a swapped norm cannot pass unnoticed
+        perturb(text_encoder, seed + 2)
     if kind == "sd2":
         scheduler = diffusers.DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False,
                                             steps_offset=1, prediction_type="v_prediction")

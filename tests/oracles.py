@@ -24,12 +24,29 @@ def _stand_in_torchvision():
                         "torchvision.transforms.functional": functional})
 
 
+def _stand_in_torchvision_ops():
+    """open_clip's utils import FrozenBatchNorm2d (for image towers the tests never build)."""
+    _stand_in_torchvision()
+    if "torchvision.ops.misc" in sys.modules:
+        return
+    from torch import nn
+
+    ops, misc = types.ModuleType("torchvision.ops"), types.ModuleType("torchvision.ops.misc")
+    misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (nn.Module,), {})
+    ops.misc = misc
+    sys.modules["torchvision"].ops = ops
+    sys.modules.update({"torchvision.ops": ops, "torchvision.ops.misc": misc})
+
+
 def _load_files(package, names):
     """Import ``package.<name>`` for each name from the installed files, with a stub package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise ImportError(f"{package} is not installed: pip install --no-deps -r tests/oracles.txt")
-    folder = spec.submodule_search_locations[0]
+    if getattr(sys.modules.get(package), "_sdkit_stub", False):  # a second call: the stub is in place
+        folder = sys.modules[package].__path__[0]
+    else:
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            raise ImportError(f"{package} is not installed: pip install --no-deps -r tests/oracles.txt")
+        folder = spec.submodule_search_locations[0]
     if package not in sys.modules or not getattr(sys.modules[package], "_sdkit_stub", False):
         stub = types.ModuleType(package)
         stub.__path__ = [folder]
@@ -59,3 +76,10 @@ def open_clip_tokenizer():
     """open_clip's tokenizer module (``tokenize``, ``SimpleTokenizer``)."""
     (tokenizer,) = _load_files("open_clip", ["tokenizer"])
     return tokenizer
+
+
+def open_clip_transformer():
+    """open_clip's transformer module (``TextTransformer``: the text tower SD 2 conditions on)."""
+    _stand_in_torchvision_ops()
+    *_, transformer = _load_files("open_clip", ["utils", "pos_embed", "transformer"])
+    return transformer

@@ -1,4 +1,4 @@
-"""The ``sdkit`` command line: ``sdkit generate`` and ``sdkit train``.
+"""The ``sdkit`` command line: ``sdkit generate``, ``sdkit convert`` and ``sdkit train``.
 
 Errors are one line on stderr (exit status 2), never a traceback, and never a partial file:
 images are written to a temporary name and renamed into place.
@@ -24,17 +24,19 @@ class CLIError(Exception):
 # -- A1111 "parameters" text ------------------------------------------------------------------
 
 def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height,
-                      model, strength=None, guidance_rescale=0.0):
+                      model, strength=None, guidance_rescale=0.0, model_hash=None):
     """The PNG text A1111 writes and its PNG Info tab reads back.
 
     A non-zero ``guidance_rescale`` is written as "CFG Rescale phi", the field of A1111's CFG
-    rescale extension (A1111 itself has no such setting).
+    rescale extension (A1111 itself has no such setting). ``model_hash`` (a single file's
+    :func:`model_hash`) goes before ``Model``, as A1111 writes it.
     """
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     fields = [("Steps", steps), ("Sampler", sampler), ("CFG scale", f"{cfg_scale:g}"), ("Seed", seed),
-              ("Size", f"{width}x{height}"), ("Model", model)]
+              ("Size", f"{width}x{height}")] + ([("Model hash", model_hash)] if model_hash else []) + \
+        [("Model", model)]
     if strength is not None:
         fields.append(("Denoising strength", f"{strength:g}"))
     if guidance_rescale:
@@ -137,7 +139,48 @@ def _model_label(model):
 
     if os.path.abspath(model) == os.path.abspath(sdkit.TINY_MODEL):
         return "tiny-shapes"
+    if os.path.isfile(model):  # a single-file checkpoint: A1111 names it by its stem
+        return os.path.splitext(os.path.basename(model))[0]
     return model.rstrip("/")
+
+
+def model_hash(path):
+    """A1111's short model hash of a checkpoint file: the first 10 hex digits of its SHA-256."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+def _show_loading_log(quiet):
+    """Print how a single file was read (its prediction type and why) on stderr, unless quiet."""
+    import logging
+
+    log = logging.getLogger("sdkit.models.single_file")
+    if not quiet and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def _load_pipeline(args, model):
+    """The pipeline of a model folder, repo id or single file (with the --vae, --prediction-type,
+    --allow-pickle options)."""
+    from sdkit.models import AutoencoderKL
+    from sdkit.pipelines import StableDiffusionPipeline
+
+    parts = {}
+    if getattr(args, "vae", None):
+        parts["vae"] = AutoencoderKL.from_single_file(args.vae, allow_pickle=args.allow_pickle)
+    if os.path.isfile(model):
+        _show_loading_log(getattr(args, "quiet", False))
+        return StableDiffusionPipeline.from_single_file(model, prediction_type=args.prediction_type,
+                                                        allow_pickle=args.allow_pickle, **parts)
+    return StableDiffusionPipeline.from_pretrained(model, **parts)
 
 
 def generate(args):
@@ -155,7 +198,7 @@ def generate(args):
     init = _load_image(args.init_image, "--init-image") if args.init_image else None
     mask = _load_image(args.mask, "--mask") if args.mask else None
 
-    from sdkit.pipelines import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
+    from sdkit.pipelines import Img2ImgPipeline, InpaintPipeline
 
     model = args.model or _default_model()
     bundled = _model_label(model) == "tiny-shapes"
@@ -167,7 +210,7 @@ def generate(args):
 
     hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar is noise here
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model)
+        pipe = _load_pipeline(args, model)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CLIError(f"cannot load model {model!r}: {e}") from None
     for name in ("width", "height"):
@@ -199,10 +242,12 @@ def generate(args):
         raise CLIError(str(e)) from None
 
     stem, ext = os.path.splitext(args.output)
+    file_hash = model_hash(model) if os.path.isfile(model) else None
     for i, image in enumerate(images):
         path = args.output if args.batch == 1 else f"{stem}-{i + 1}{ext}"
         params = format_parameters(args.prompt, args.negative, args.steps, sampler, args.guidance, seed + i,
-                                   image.width, image.height, _model_label(model), strength, args.guidance_rescale)
+                                   image.width, image.height, _model_label(model), strength, args.guidance_rescale,
+                                   model_hash=file_hash)
         _save_png(image, path, params)
         print(path)
         scale = args.enlarge if args.enlarge is not None else (4 if max(image.size) < 256 else 1)
@@ -216,6 +261,72 @@ def generate(args):
     return 0
 
 
+# -- convert ------------------------------------------------------------------------------------
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def convert(args):
+    """A diffusers folder -> one .safetensors file, a file -> a folder, a .ckpt -> a .safetensors file."""
+    import torch
+
+    source, target = args.input, args.output
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
+    if not os.path.exists(source):
+        raise CLIError(f"{source} does not exist")
+    if os.path.exists(target):
+        raise CLIError(f"{target} already exists: sdkit convert does not overwrite; choose a new OUT")
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(parent):
+        raise CLIError(f"output folder {parent} does not exist: create it or choose another OUT")
+    to_file = target.lower().endswith(".safetensors")
+    if os.path.isdir(source) and not to_file:
+        raise CLIError(f"{source} is a folder: convert it to a file (OUT ending in .safetensors)")
+    from transformers.utils import logging as hf_logging
+
+    from sdkit.models.single_file import convert_file
+    from sdkit.pipelines import InpaintPipeline, StableDiffusionPipeline
+
+    hf_logging.disable_progress_bar()
+    _show_loading_log(False)
+    try:
+        if os.path.isdir(source):
+            StableDiffusionPipeline.from_pretrained(source).save_single_file(target, dtype)
+        elif to_file:
+            convert_file(source, target, allow_pickle=args.allow_pickle, dtype=dtype)
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(source, prediction_type=args.prediction_type,
+                                                            torch_dtype=dtype, allow_pickle=args.allow_pickle)
+            if pipe.unet.config.in_channels == 2 * pipe.vae.config.latent_channels + 1:
+                pipe = InpaintPipeline.from_pipe(pipe)  # recorded as an inpainting pipeline
+            _save_folder(pipe, target)
+    except (FileNotFoundError, ValueError, TypeError, OSError) as e:
+        raise CLIError(f"cannot convert {source}: {e}") from None
+    print(target)
+    return 0
+
+
+def _save_folder(pipe, target):
+    """save_pretrained into a temporary folder beside ``target``, renamed into place when complete."""
+    import shutil
+
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(target)), prefix=".sdkit-")
+    try:
+        pipe.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _add_single_file_options(parser):
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read .ckpt/.pt pickles (with torch.load(weights_only=True) and A1111's allow-list)")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                        help="what a single-file model predicts (default: a .yaml beside it, A1111's SD 2 "
+                             "test, else epsilon)")
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 def build_parser():
@@ -225,7 +336,11 @@ def build_parser():
                                         "inpaint with --mask)")
     g.add_argument("prompt")
     g.add_argument("-o", "--output", required=True, help="output PNG path (batch: NAME-1.png, NAME-2.png, ...)")
-    g.add_argument("--model", help="model folder or Hugging Face repo id (default: the bundled tiny-shapes model)")
+    g.add_argument("--model", help="model folder, Hugging Face repo id or single-file checkpoint (.safetensors; "
+                                   ".ckpt with --allow-pickle) (default: the bundled tiny-shapes model)")
+    g.add_argument("--vae", help="a VAE file to use instead of the model's (e.g. vae-ft-mse-840000-ema-pruned"
+                                 ".safetensors)")
+    _add_single_file_options(g)
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (CFG); default "
@@ -246,6 +361,12 @@ def build_parser():
     g.add_argument("--enlarge", type=int, help="also write a copy enlarged by this factor for viewing "
                                               "(default 4 for images under 256 px; 1 = off)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c = sub.add_parser("convert", help="convert a diffusers folder to a single .safetensors file (A1111 layout), "
+                                       "a single file to a folder, or a .ckpt to .safetensors")
+    c.add_argument("input", help="a diffusers pipeline folder or a single-file checkpoint")
+    c.add_argument("output", help="OUT.safetensors (a single file) or a new folder")
+    c.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep them as they are)")
+    _add_single_file_options(c)
     sub.add_parser("train", help="train the VAE or the text-to-image stage (see `sdkit train -h`)",
                    add_help=False)
     return parser
@@ -263,7 +384,7 @@ def main(argv=None):
         parser.print_help()
         return 0
     try:
-        return generate(args)
+        return convert(args) if args.command == "convert" else generate(args)
     except CLIError as e:
         print(f"sdkit: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -5,6 +5,7 @@ a config dataclass whose field names equal the diffusers ``config.json`` keys. L
 every key and shape and names the offenders when anything is off.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -82,15 +83,83 @@ def load_weights(folder, variant=None, allow_pickle=False):
                             f"{names[1]}" + (f"; found {others}" if others else "") + ".")
 
 
+class _TrainingCallback:
+    """Stands in for the PyTorch Lightning classes a training checkpoint pickles (never called)."""
+
+
+def harmless_globals():
+    """The globals ``torch.load(weights_only=True)`` may meet, beyond its own, in a real ``.ckpt``.
+
+    Exactly what A1111's restricted unpickler (modules/safe.py) allows: numpy scalars, arrays and
+    dtypes, ``_codecs.encode``, ``ParameterDict``, the Python 2 ``set``, and PyTorch Lightning's
+    ModelCheckpoint (a stand-in class: training metadata, never used). None of these runs code.
+    """
+    import _codecs
+
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes)
+              if n.endswith("DType") and n != "ObjectDType"] if hasattr(np, "dtypes") else []
+    named = [(multiarray.scalar, "numpy.core.multiarray.scalar"), (multiarray.scalar, "numpy._core.multiarray.scalar"),
+             (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+             (multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+             (_codecs.encode, "_codecs.encode"), (set, "__builtin__.set"),
+             (_TrainingCallback, "pytorch_lightning.callbacks.model_checkpoint"),
+             (_TrainingCallback, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+    return [np.dtype, np.ndarray, torch.nn.ParameterDict, *dtypes, *named]
+
+
 def load_pickle(path):
-    """Load a pickle checkpoint with ``weights_only=True`` (no arbitrary code execution)."""
+    """Load a pickle checkpoint with ``weights_only=True`` and :func:`harmless_globals` (no code runs)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
+        with safe_globals(harmless_globals()) if safe_globals else contextlib.nullcontext():
+            state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"Cannot read pickle checkpoint {path}: {e}") from None
+        raise ValueError(f"Cannot read pickle checkpoint {path}: {_pickle_error(path, e)}") from None
     if isinstance(state_dict, dict) and "state_dict" in state_dict:
         state_dict = state_dict["state_dict"]
     return state_dict
+
+
+def _pickle_error(path, error):
+    """One line on why a pickle was refused: the globals it would import, else torch's first line."""
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    try:
+        allowed = {name for g in harmless_globals() if isinstance(g, tuple) for name in g[1:]}
+        refused = sorted(set(scan(str(path))) - allowed) if scan else []
+    except Exception:  # not a readable pickle at all: torch's own message says why
+        refused = []
+    if refused:
+        return (f"it imports {', '.join(refused[:5])}, which could run code, so sdkit does not load it. "
+                f"Only tensors and harmless training metadata are read; if you trust the file, convert "
+                f"it to safetensors with a tool that loads it unrestricted")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__) + " (the file is damaged, truncated or not a checkpoint)"
+
+
+def few(items, limit=5):
+    """The first ``limit`` items joined, with how many more there are."""
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_state_dict(expected, state_dict, owner, source):
+    """Raise one error naming every missing, unexpected and mis-shaped key of ``state_dict``."""
+    expected = {k: tuple(v.shape) for k, v in expected.items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {expected[k]}"
+                        for k in set(expected) & set(state_dict)
+                        if tuple(state_dict[k].shape) != expected[k])
+    if missing or unexpected or mismatched:
+        parts = [f"{len(items)} {kind}: {few(items)}" for kind, items in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mismatched))
+                 if items]
+        raise ValueError(f"Cannot load {owner} from {source}: " + "; ".join(parts)
+                         + ". The checkpoint does not match this config (wrong model type, "
+                           "config.json, or a damaged file).")
 
 
 def parse_size(size):
@@ -203,22 +272,7 @@ class ModelMixin(nn.Module):
     def load_checked_state_dict(self, state_dict, source="state dict", dtype=None):
         """Load every parameter, after checking names and shapes; one error lists all offenders."""
         state_dict = self.convert_state_dict(dict(state_dict))
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        mismatched = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {expected[k]}"
-                            for k in set(expected) & set(state_dict)
-                            if tuple(state_dict[k].shape) != expected[k])
-        if missing or unexpected or mismatched:
-            def few(kind, items):
-                more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
-                return f"{len(items)} {kind}: {', '.join(items[:5])}{more}" if items else ""
-            parts = [few("missing keys", missing), few("unexpected keys", unexpected),
-                     few("mis-shaped keys", mismatched)]
-            raise ValueError(f"Cannot load {type(self).__name__} from {source}: "
-                             + "; ".join(p for p in parts if p)
-                             + ". The checkpoint does not match this config (wrong model type, "
-                               "config.json, or a damaged file).")
+        check_state_dict(self.state_dict(), state_dict, type(self).__name__, source)
         if dtype is not None:
             state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         on_meta = next(self.parameters()).is_meta

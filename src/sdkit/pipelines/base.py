@@ -149,11 +149,45 @@ class DiffusionPipeline:
                                         skip=tuple(components))
         return cls(**{**parts, **components})
 
+    @classmethod
+    def from_single_file(cls, path, prediction_type=None, torch_dtype=None, allow_pickle=False, use_ema=False,
+                         **components):
+        """Load a single-file checkpoint (A1111 / CompVis layout, SD 1.x or 2.x), with no config and offline.
+
+        The architecture is read from the tensor shapes. ``prediction_type``: "epsilon" or
+        "v_prediction"; when None, a ``.yaml`` beside the file decides (A1111's convention), else
+        for SD 2 A1111's test, else epsilon (logged). ``.ckpt`` pickles load only with
+        ``allow_pickle=True``; ``use_ema=True`` reads the file's EMA weights. Parts given as keywords
+        replace the file's: ``vae=`` takes an AutoencoderKL or the path of a VAE file.
+        """
+        from ..models.single_file import load_parts
+
+        names = [p.name for p in cls.parts]
+        unknown = sorted(set(components) - set(names))
+        if unknown:
+            raise TypeError(f"from_single_file got unknown arguments {unknown}; parts that can be "
+                            f"passed are {names}.")
+        return cls(**load_parts(path, names, prediction_type, torch_dtype, allow_pickle, use_ema, components))
+
+    def save_single_file(self, path, dtype=None):
+        """Write one ``.safetensors`` file in the A1111 / CompVis layout (atomically; floats cast to ``dtype``).
+
+        A1111, ComfyUI and the CompVis code load it; the SD 2 text encoder goes back to the OpenCLIP
+        layout. Parts the layout cannot describe (e.g. non-standard norm groups or heads) are refused.
+        """
+        from ..models.single_file import save_pipeline
+
+        save_pipeline(self.components, path, dtype)
+
     def save_pretrained(self, save_directory):
         """Write a folder that sdkit and diffusers both load (model_index.json + one folder per part)."""
         os.makedirs(save_directory, exist_ok=True)
-        for name, part in self.components.items():
-            part.save_pretrained(os.path.join(save_directory, name))
+        for part in self.parts:
+            obj, folder = getattr(self, part.name), os.path.join(save_directory, part.name)
+            if part.save is not None:
+                part.save(obj, folder)
+            else:
+                obj.save_pretrained(folder)
         loading.write_model_index(save_directory, self.reference_class_name, self.parts, self.components)
 
     def to(self, *args, **kwargs):

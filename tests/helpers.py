@@ -136,6 +136,12 @@ def sample_mask(size=64, box=(16, 16, 48, 40)):
     return mask
 
 
+def quiet(pipe):
+    """The pipeline with its progress bar off (test output stays readable)."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def one_torch_thread():
     """Generator for a module-scoped fixture: run torch single-threaded, then restore the count.
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.loaders import single_file_utils as reference
-from helpers import build_reference_pipeline, one_torch_thread, sample_image, sample_mask
+from helpers import build_reference_pipeline, one_torch_thread, quiet, sample_image, sample_mask
 from oracles import open_clip_tokenizer, open_clip_transformer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -29,11 +29,6 @@ def _single_thread():
     yield from one_torch_thread()
 
 
-def _quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _class(kind):
     return InpaintPipeline if kind == "inpaint" else StableDiffusionPipeline
 
@@ -47,7 +42,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipes(folders):
-    return {kind: _quiet(_class(kind).from_pretrained(path)) for kind, path in folders.items()}
+    return {kind: quiet(_class(kind).from_pretrained(path)) for kind, path in folders.items()}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def files(pipes, tmp_path_factory):
 
 def _load(kind, path, pipe, **kwargs):
     kwargs.setdefault("prediction_type", pipe.scheduler.config.prediction_type)
-    return _quiet(_class(kind).from_single_file(path, **kwargs))
+    return quiet(_class(kind).from_single_file(path, **kwargs))
 
 
 def _assert_same_weights(a, b, names=("unet", "vae", "text_encoder")):
@@ -109,7 +104,7 @@ def test_reference_reads_the_exported_file(kind, folders, pipes, files):
     sdkit's own reading of the file gives its folder's pixels (to float rounding: the same weights at
     other memory alignments)."""
     cls = diffusers.StableDiffusionInpaintPipeline if kind == "inpaint" else diffusers.StableDiffusionPipeline
-    ref = _quiet(cls.from_single_file(files[kind], config=folders[kind], local_files_only=True, safety_checker=None,
+    ref = quiet(cls.from_single_file(files[kind], config=folders[kind], local_files_only=True, safety_checker=None,
                                       requires_safety_checker=False))
     ours = pipes[kind]
     from_file = _load(kind, files[kind], ours, scheduler=ours.scheduler)
@@ -312,6 +307,26 @@ def test_full_size_pipelines_export_as_sd(family, unet, text, expected):
     assert SD_SCHEDULER["beta_schedule"] == "scaled_linear"
     n = sum(p.numel() for p in parts["unet"].parameters())
     assert n > 859e6 and sum(v.numel() for k, v in exported.items() if k.startswith(ldm.UNET_PREFIX)) == n
+
+
+@pytest.mark.slow
+def test_sd15_unet_round_trip_with_weights(tmp_path):
+    """The SD 1.5 UNet (860M parameters) with random fp16 weights through a real file: every tensor back."""
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SD15)
+    unet = unet.to_empty(device="cpu").half()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float16))
+    exported, _ = ldm.unet_to_ldm(unet.state_dict(), unet.config)
+    save_file({ldm.UNET_PREFIX + k: v.contiguous() for k, v in exported.items()}, tmp_path / "unet.safetensors")
+    del exported
+    back = UNet2DConditionModel.from_single_file(tmp_path / "unet.safetensors", torch_dtype=torch.float16)
+    assert back.config == {**unet.config, "sample_size": 64}
+    ours = back.state_dict()
+    for key, value in unet.state_dict().items():
+        assert torch.equal(ours[key], value), key
 
 
 # -- prediction type ----------------------------------------------------------------------------

@@ -180,6 +180,9 @@ def _load_pipeline(args, model):
         _show_loading_log(getattr(args, "quiet", False))
         return StableDiffusionPipeline.from_single_file(model, prediction_type=args.prediction_type,
                                                         allow_pickle=args.allow_pickle, **parts)
+    if args.prediction_type:
+        raise CLIError("--prediction-type is for single-file models; a folder's scheduler_config.json says "
+                       "what its model predicts")
     return StableDiffusionPipeline.from_pretrained(model, **parts)
 
 

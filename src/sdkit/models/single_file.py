@@ -81,17 +81,18 @@ def read_file(path, allow_pickle=False):
     return state_dict
 
 
-def what_it_is(keys):
-    """What a file that is not SD 1.x / 2.x looks like, from its keys."""
-    for fragment, what in OTHER_ARCHITECTURES:
-        if any(fragment in k for k in keys):
-            return what
+def what_it_is(keys, all_keys=()):
+    """What a file that is not SD 1.x / 2.x looks like: from the keys sdkit could not place, else all."""
+    for candidates in (keys, all_keys):
+        for fragment, what in OTHER_ARCHITECTURES:
+            if any(fragment in k for k in candidates):
+                return what
     return "not an SD 1.x / 2.x checkpoint in the CompVis / A1111 layout"
 
 
 def cannot_place(path, keys, all_keys):
     """The error for keys no part takes."""
-    return ValueError(f"Cannot load {path}: it is {what_it_is(all_keys)}; sdkit supports SD 1.x and 2.x. "
+    return ValueError(f"Cannot load {path}: it is {what_it_is(keys, all_keys)}; sdkit supports SD 1.x and 2.x. "
                       f"{len(keys)} keys it could not place: {few(sorted(keys))}.")
 
 
@@ -122,8 +123,10 @@ def place(state_dict, path, use_ema=False):
             unplaced.append(key)
     if groups[ldm.CLIP_PREFIX] and groups[ldm.OPENCLIP_PREFIX]:
         unplaced += [ldm.OPENCLIP_PREFIX + k for k in groups[ldm.OPENCLIP_PREFIX]]
-    if not groups[ldm.UNET_PREFIX] and not unplaced:
-        unplaced = sorted(state_dict)
+    if not unplaced and not groups[ldm.UNET_PREFIX]:
+        raise ValueError(f"{path} has no UNet (model.diffusion_model.* keys): it is {what_it_is(state_dict)}; "
+                         f"sdkit reads whole SD 1.x / 2.x checkpoints (or a UNet or VAE alone, with "
+                         f"UNet2DConditionModel / AutoencoderKL.from_single_file).")
     if groups[ldm.OPENCLIP_PREFIX] and not groups[ldm.CLIP_PREFIX]:
         text, left = _read_layout(ldm.openclip_from_ldm, groups[ldm.OPENCLIP_PREFIX], path, "text encoder")
         unplaced += [ldm.OPENCLIP_PREFIX + k for k in left]
@@ -204,7 +207,7 @@ def build_text_encoder(state_dict, family, path, torch_dtype=None):
 
 
 def _text_prefix(state_dict):
-    """"text_model." where this transformers version nests CLIPTextModel's weights (< 5.6), else ""."""
+    """The prefix of CLIPTextModel's weights: ``text_model.`` before transformers 5.6, none since."""
     return "text_model." if any(k.startswith("text_model.") for k in state_dict) else ""
 
 

@@ -45,7 +45,8 @@ def test_convert_folder_to_file_to_folder_and_generate(folder, tmp_path, capsys)
     assert code == 0 and out.strip() == str(model) and err == ""
     code, out, err = run(capsys, "convert", model, tmp_path / "back")
     assert code == 0 and "prediction_type=epsilon (the default for SD 1.x)" in err
-    original, back = StableDiffusionPipeline.from_pretrained(folder), StableDiffusionPipeline.from_pretrained(tmp_path / "back")
+    original = StableDiffusionPipeline.from_pretrained(folder)
+    back = StableDiffusionPipeline.from_pretrained(tmp_path / "back")
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(original, name).state_dict(), getattr(back, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -123,7 +123,7 @@ def test_file_layout(kind, files, pipes):
     with safe_open(files[kind], "pt") as f:
         keys = set(f.keys())
         alphas_cumprod = f.get_tensor("alphas_cumprod")
-    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.encoder.conv_in.weight" in keys
+    assert {"model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"} <= keys
     assert set(ldm.SCHEDULE_BUFFERS) <= keys
     expected = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
     torch.testing.assert_close(alphas_cumprod, expected, rtol=1e-6, atol=1e-7)
@@ -150,7 +150,8 @@ def test_sd2_text_tower_is_open_clips_penultimate(files, pipes):
         heads=config.num_attention_heads, layers=config.num_hidden_layers + 1, output_dim=config.hidden_size,
         mlp_ratio=config.intermediate_size / config.hidden_size)
     text.load_state_dict({k: v for k, v in tower.items() if k != "logit_scale"}, strict=True)
-    ids = open_clip_tokenizer().tokenize(["a red circle", "Café, naïve 🐱!!"], context_length=config.max_position_embeddings)
+    ids = open_clip_tokenizer().tokenize(["a red circle", "Café, naïve 🐱!!"],
+                                         context_length=config.max_position_embeddings)
     with torch.no_grad():
         x = text.token_embedding(ids) + text.positional_embedding
         for block in text.transformer.resblocks[:-1]:
@@ -228,7 +229,8 @@ VAE_TABLE = {
 def test_vae_inference_table(name):
     settings = VAE_TABLE[name]
     n = len(settings["block_out_channels"])
-    settings = {**settings, "down_block_types": ("DownEncoderBlock2D",) * n, "up_block_types": ("UpDecoderBlock2D",) * n}
+    settings = {**settings, "down_block_types": ("DownEncoderBlock2D",) * n,
+                "up_block_types": ("UpDecoderBlock2D",) * n}
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(settings)
     exported, left = ldm.vae_to_ldm(vae.state_dict(), vae.config)
@@ -301,7 +303,8 @@ def test_full_size_pipelines_export_as_sd(family, unet, text, expected):
         parts = dict(unet=UNet2DConditionModel.from_config(unet), vae=AutoencoderKL.from_config(VAE_TABLE["SD"] | dict(
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)),
             text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=49408, **text)))
-    parts.update(tokenizer=clip_tokenizer(OPENCLIP_PAD if family == "sd2" else SD1_PAD), scheduler=build_scheduler("epsilon"))
+    parts.update(tokenizer=clip_tokenizer(OPENCLIP_PAD if family == "sd2" else SD1_PAD),
+                 scheduler=build_scheduler("epsilon"))
     exported = pipeline_state_dict(parts)  # includes reading it back and comparing every config field
     assert reference.infer_diffusers_model_type(exported) == expected
     assert SD_SCHEDULER["beta_schedule"] == "scaled_linear"

@@ -370,7 +370,8 @@ def _split_in_proj(state_dict):
             continue
         head, kind = key.split(".self_attn.in_proj_")  # kind: "weight" or "bias"
         for name, part in zip(("q", "k", "v"), value.chunk(3, dim=0)):
-            out[f"{head}.self_attn.{name}_proj.{kind}"] = part.clone()  # own memory: safetensors saves no shared tensors
+            # a copy with its own memory: safetensors cannot save tensors that share it
+            out[f"{head}.self_attn.{name}_proj.{kind}"] = part.clone()
     return out
 
 

@@ -212,7 +212,7 @@ def _text_prefix(state_dict):
 
 
 def build_tokenizer(text_encoder, family, path):
-    """The CLIP BPE tokenizer of the family (SD 2 pads with "!"), as long as the text encoder reads."""
+    """The CLIP BPE tokenizer of the family (SD 2 pads with "!"), as many tokens long as the encoder has positions."""
     from ..clip_vocab import OPENCLIP_PAD, SD1_PAD, VOCAB_SIZE, clip_tokenizer
 
     vocab = text_encoder.config.vocab_size
@@ -313,10 +313,11 @@ def check_schedule(checkpoint):
     import warnings
 
     stored = checkpoint.alphas_cumprod
+    if stored is None or not stored.is_floating_point():
+        return
     expected = ldm.schedule_buffers(SD_SCHEDULER)["alphas_cumprod"]
-    rtol = max(1e-4, 2 * torch.finfo(stored.dtype).eps) if stored is not None and stored.is_floating_point() else 0
-    if stored is not None and (stored.shape != expected.shape or
-                               not torch.allclose(stored.float(), expected, rtol=rtol, atol=1e-6)):
+    rtol = max(1e-4, 2 * torch.finfo(stored.dtype).eps)  # a half-precision file rounds it
+    if stored.shape != expected.shape or not torch.allclose(stored.float(), expected, rtol=rtol, atol=1e-6):
         warnings.warn(f"{checkpoint.path} stores a noise schedule (alphas_cumprod) other than SD's scaled_linear "
                       f"0.00085-0.012, which sdkit uses; pass scheduler= to use another.", stacklevel=4)
 
@@ -379,14 +380,16 @@ def load_vae(path, torch_dtype=None, allow_pickle=False):
     """The VAE of a whole checkpoint, or a standalone A1111 VAE file (``encoder.*``, ``decoder.*``,
     ``quant_conv``, ``post_quant_conv``, no prefix; training leftovers ``loss.*`` are skipped)."""
     state_dict = read_file(path, allow_pickle)
-    if any(k.startswith(ldm.VAE_PREFIX) for k in state_dict):
+    if any(k.startswith(ldm.UNET_PREFIX) for k in state_dict):  # a whole checkpoint, checked as one
         return build_vae(place(state_dict, path).vae, path, torch_dtype)
-    vae = {k: v for k, v in state_dict.items()
-           if k.split(".", 1)[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv")}
-    left = [k for k in state_dict if k not in vae and not k.startswith("loss.") and k not in ldm.TRAINING_LEFTOVERS]
+    prefix = ldm.VAE_PREFIX if any(k.startswith(ldm.VAE_PREFIX) for k in state_dict) else ""
+    vae = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and
+           k[len(prefix):].split(".", 1)[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv")}
+    left = [k for k in state_dict if not (k.startswith(prefix) and k[len(prefix):] in vae)
+            and not k.startswith("loss.") and k not in ldm.TRAINING_LEFTOVERS]
     if left or not vae:
         raise cannot_place(path, left or list(state_dict), state_dict)
-    return build_vae(vae, path, torch_dtype, prefix="")
+    return build_vae(vae, path, torch_dtype, prefix=prefix)
 
 
 # -- writing ------------------------------------------------------------------------------------

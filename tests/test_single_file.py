@@ -16,7 +16,7 @@ from oracles import open_clip_tokenizer, open_clip_transformer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sdkit import InpaintPipeline, StableDiffusionPipeline
+from sdkit import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
 from sdkit.models import AutoencoderKL, UNet2DConditionModel, ldm
 from sdkit.models.single_file import pipeline_state_dict
 
@@ -112,6 +112,7 @@ def test_reference_reads_the_exported_file(kind, folders, pipes, files):
     b = ours(**_call(kind), generator=gen(1)).images
     c = from_file(**_call(kind), generator=gen(1)).images
     diff = float(np.abs(a.astype(np.float64) - b).max())
+    print(f"\n{kind}: diffusers reading sdkit's file vs sdkit: max abs pixel difference {diff:.1e}")
     assert diff <= TOL, f"{kind}: diffusers reading sdkit's file differs by {diff:.2e}"
     assert np.abs(b - c).max() <= 1e-5
 
@@ -503,9 +504,11 @@ def test_unet_and_vae_from_single_files(files, pipes, tmp_path):
     swapped = StableDiffusionPipeline.from_single_file(tmp_path / "no-vae.safetensors",
                                                        vae=str(tmp_path / "vae.safetensors"))
     torch.testing.assert_close(swapped.vae.decoder.conv_out.bias, standalone.decoder.conv_out.bias)
-    given = StableDiffusionPipeline.from_single_file(files["sd1"], vae=standalone)
-    assert given.vae is standalone
+    given = Img2ImgPipeline.from_single_file(files["sd1"], vae=standalone)
+    assert type(given) is Img2ImgPipeline and given.vae is standalone
     _assert_same_weights(pipe, given, names=("unet", "text_encoder"))
+    with pytest.raises(TypeError, match=r"unknown arguments \['controlnet'\]"):
+        StableDiffusionPipeline.from_single_file(files["sd1"], controlnet=None)
 
 
 # -- bad inputs ---------------------------------------------------------------------------------

@@ -139,6 +139,21 @@ def test_an_a1111_call_equals_the_call_with_its_prompt_embeds(pipe, name):
     assert torch.equal(text, embeds)
 
 
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_img2img_and_inpaint_take_a1111_prompts_and_their_embeds(pipe, folders, kind):
+    from sdkit import Img2ImgPipeline
+
+    p = Img2ImgPipeline.from_pipe(pipe) if kind == "img2img" else _load(InpaintPipeline, folders["inpaint"])
+    images = dict(image=sample_image(), **({"mask_image": sample_mask()} if kind == "inpaint" else {}))
+    prompt = "a (red:1.2) circle BREAK [on the left:on the right:0.5]"
+    kwargs = dict(num_inference_steps=4, strength=0.75, output_type="pt", **images)
+    text = p(prompt, prompt_syntax="a1111", generator=gen(), **kwargs).images
+    pe, ne = p.encode_prompt(prompt, prompt_syntax="a1111", num_inference_steps=4)
+    assert torch.equal(text, p(prompt_embeds=pe, negative_prompt_embeds=ne, generator=gen(), **kwargs).images)
+    with pytest.warns(UserWarning, match="Prompt truncated"):  # the plain reading: one window of 16 tokens
+        assert (text - p(prompt, generator=gen(), **kwargs).images).abs().max() > 1e-3
+
+
 def test_clip_skip_takes_an_earlier_layer_through_the_final_norm(pipe):
     pe, ne = pipe.encode_prompt("a (red:1.2) circle", "blurry", prompt_syntax="a1111", clip_stop_at_last_layers=2)
     chunk = words("a") + words("red", 1.2) + words("circle")

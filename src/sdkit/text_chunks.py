@@ -62,14 +62,16 @@ def empty_chunk(tokenizer, L):
 
 
 def _token_ids(tokenizer, texts):
+    """(token ids of each text, the id of the word-final comma or None), read under the tokenizer lock."""
     with _TOKENIZER_LOCK:
-        return tokenizer(list(texts), truncation=False, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = tokenizer(list(texts), truncation=False, add_special_tokens=False, verbose=False)["input_ids"]
+        return ids, tokenizer.get_vocab().get(",</w>")
 
 
 def chunk_text(tokenizer, text, L, comma_padding_backtrack=DEFAULT_COMMA_PADDING_BACKTRACK):
     """The chunks of one prompt text (emphasis parsed, ``BREAK`` and comma back-off applied)."""
     pieces = parse_emphasis(text)
-    comma = tokenizer.get_vocab().get(",</w>")
+    ids, comma = _token_ids(tokenizer, [text for text, _ in pieces])
     chunks, tokens, weights = [], [], []
     last_comma = -1  # position in ``tokens`` of the chunk's last comma
 
@@ -78,11 +80,11 @@ def chunk_text(tokenizer, text, L, comma_padding_backtrack=DEFAULT_COMMA_PADDING
         chunks.append(_wrap(tokenizer, tokens, weights, L))
         tokens, weights, last_comma = [], [], -1
 
-    for ids, piece in zip(_token_ids(tokenizer, [text for text, _ in pieces]), pieces):
+    for piece_ids, piece in zip(ids, pieces):
         if piece == BREAK:
             close()
             continue
-        for token in ids:
+        for token in piece_ids:
             if token == comma:
                 last_comma = len(tokens)
             elif (comma_padding_backtrack and len(tokens) == L and last_comma != -1

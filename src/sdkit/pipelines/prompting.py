@@ -16,7 +16,8 @@
   2206.01714): :class:`ComposableGuidance` runs the UNet on the unconditional and every part's
   embeddings and guides with eps_u + s * sum_k w_k (eps_k - eps_u).
 - A prompt and a negative prompt of different lengths are padded to the longer with the empty
-  prompt's chunk (A1111's "Pad prompt/negative prompt" setting), so both run in one UNet batch;
+  prompt's chunk, so both run in one UNet batch: A1111 with its "Pad prompt/negative prompt"
+  setting on (off by default, where it runs the two lengths as separate UNet batches);
   prompts of one batch (and AND parts) of different lengths repeat their last vector, as A1111 does.
 - Extra-network tags (``<lora:name:w>``, ``<lyco:...>``) are cut from the text; applying them
   needs LoRA loading, which sdkit does not have yet, so a call with one raises an error naming it.

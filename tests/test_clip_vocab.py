@@ -112,3 +112,17 @@ def test_tokenizer_files_round_trip(tmp_path):
     from_files = CLIPTokenizer.from_pretrained(only, pad_token="!", model_max_length=77)
     expected = _ids(tokenizer, PROMPTS)
     assert torch.equal(_ids(again, PROMPTS), expected) and torch.equal(_ids(from_files, PROMPTS), expected)
+
+
+def test_a1111_chunks_of_sd2_prompts_are_open_clips_tokens(oracle):
+    """A1111 reads SD 2 prompts with OpenCLIP's tokenizer (sd_hijack_open_clip): sdkit's A1111 chunker
+    on the SD 2 tokenizer gives OpenCLIP's token ids, "!" and HTML entities included."""
+    from sdkit.text_chunks import chunk_text
+
+    tokenizer, reference = clip_tokenizer(OPENCLIP_PAD), oracle.SimpleTokenizer()
+    plain = [p for p in PROMPTS if not any(c in p for c in "()[]\\:") and "BREAK" not in p]
+    assert len(plain) >= 15 and any("!" in p for p in plain) and any("&amp;" in p for p in plain)
+    for prompt in plain:
+        tokens = [t for chunk in chunk_text(tokenizer, prompt, 75)  # every chunk's text tokens, in order
+                  for t in chunk.tokens[1:chunk.tokens.index(49407)]]
+        assert tokens == reference.encode(prompt), prompt

@@ -24,11 +24,12 @@ class CLIError(Exception):
 # -- A1111 "parameters" text ------------------------------------------------------------------
 
 def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height,
-                      model, strength=None, guidance_rescale=0.0, model_hash=None):
+                      model, strength=None, guidance_rescale=0.0, clip_skip=1, model_hash=None):
     """The PNG text A1111 writes and its PNG Info tab reads back.
 
     A non-zero ``guidance_rescale`` is written as "CFG Rescale phi", the field of A1111's CFG
-    rescale extension (A1111 itself has no such setting). ``model_hash`` (a single file's
+    rescale extension (A1111 itself has no such setting). ``clip_skip`` is A1111's count (1 = the
+    last layer), written as A1111 writes it: only when above 1. ``model_hash`` (a single file's
     :func:`model_hash`) goes before ``Model``, as A1111 writes it.
     """
     lines = [prompt]
@@ -39,6 +40,8 @@ def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, 
         [("Model", model)]
     if strength is not None:
         fields.append(("Denoising strength", f"{strength:g}"))
+    if clip_skip > 1:
+        fields.append(("Clip skip", clip_skip))
     if guidance_rescale:
         fields.append(("CFG Rescale phi", f"{guidance_rescale:g}"))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
@@ -144,6 +147,15 @@ def _model_label(model):
     return model.rstrip("/")
 
 
+def _clip_skip_option(args):
+    """--clip-skip (A1111's count) as the call option of the chosen prompt syntax."""
+    if args.clip_skip == 1:
+        return {}
+    if args.prompt_syntax == "a1111":
+        return {"clip_stop_at_last_layers": args.clip_skip}
+    return {"clip_skip": args.clip_skip - 1}  # the reference counts the layers skipped
+
+
 def model_hash(path):
     """A1111's short model hash of a checkpoint file: the first 10 hex digits of its SHA-256."""
     import hashlib
@@ -193,6 +205,8 @@ def generate(args):
         raise CLIError(f"--steps {args.steps} must be at least 1")
     if args.batch < 1:
         raise CLIError(f"--batch {args.batch} must be at least 1")
+    if args.clip_skip < 1:
+        raise CLIError(f"--clip-skip {args.clip_skip} must be at least 1 (1 = the text encoder's last layer)")
     if not 0.0 <= args.strength <= 1.0:
         raise CLIError(f"--strength {args.strength} must be between 0 and 1")
     if args.mask and not args.init_image:
@@ -229,7 +243,8 @@ def generate(args):
     generators = [torch.Generator().manual_seed(seed + i) for i in range(args.batch)]
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative or None, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, num_images_per_prompt=args.batch, generator=generators,
-                  height=args.height, width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale)
+                  height=args.height, width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale,
+                  prompt_syntax=args.prompt_syntax, **_clip_skip_option(args))
     strength = None
     if mask is not None:
         pipe, strength = InpaintPipeline(**pipe.components), args.strength
@@ -250,7 +265,7 @@ def generate(args):
         path = args.output if args.batch == 1 else f"{stem}-{i + 1}{ext}"
         params = format_parameters(args.prompt, args.negative, args.steps, sampler, args.guidance, seed + i,
                                    image.width, image.height, _model_label(model), strength, args.guidance_rescale,
-                                   model_hash=file_hash)
+                                   args.clip_skip, model_hash=file_hash)
         _save_png(image, path, params)
         print(path)
         scale = args.enlarge if args.enlarge is not None else (4 if max(image.size) < 256 else 1)
@@ -355,6 +370,13 @@ def build_parser():
                                             "batch uses seed + k)")
     g.add_argument("--scheduler", help="scheduler class name or A1111 sampler name, e.g. 'Euler a', "
                                        "'DPM++ 2M Karras', DDIMScheduler")
+    g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
+                   help="a1111 (default): read the prompts as A1111 does: (word:1.2), [word], BREAK, more than 75 "
+                        "tokens, [from:to:when], [a|b], AND; plain: as the reference pipeline does (one window of "
+                        "tokens, no syntax)")
+    g.add_argument("--clip-skip", type=int, default=1,
+                   help="A1111's Clip skip: 1 (default) uses the text encoder's last layer, 2 the one before, ... "
+                        "(no effect on SD 2 models with a1111 syntax, as in A1111)")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--batch", type=int, default=1, help="number of images")

@@ -63,9 +63,9 @@ def is_clip_vocabulary(tokenizer):
     return len(tokenizer) == VOCAB_SIZE and tokenizer.get_vocab() == vocabulary()[0]
 
 
-def uses_openclip_text(tokenizer):
-    """True for the OpenCLIP convention (SD 2): the tokenizer pads with "!"."""
-    return getattr(tokenizer, "pad_token", None) == OPENCLIP_PAD
+def is_open_clip(tokenizer):
+    """True for SD 2's OpenCLIP tokenizers, whose padding ("!", id 0) is not the end token."""
+    return tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
 def openclip_clean(text):
@@ -79,8 +79,9 @@ def prepare(tokenizer, texts):
     """(texts, tokenizer keywords): OpenCLIP tokenizers get cleaned texts, and "!" in a prompt is text.
 
     "!" is the pad token of SD 2 tokenizers; transformers would otherwise read every "!" of a
-    prompt as padding, which OpenCLIP (what SD 2 was trained with) does not.
+    prompt as padding, which OpenCLIP (what SD 2 was trained with, and A1111 reads SD 2 prompts
+    with) does not.
     """
-    if not uses_openclip_text(tokenizer):
+    if not is_open_clip(tokenizer):
         return list(texts), {}
     return [openclip_clean(t) for t in texts], {"split_special_tokens": True}

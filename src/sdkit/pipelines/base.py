@@ -24,9 +24,8 @@ import torch
 
 from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
-from ..text import encode_prompts
-from . import loading
-from .denoising import ModelCall, PromptEmbeds, classifier_free_guidance, compose, guidance_for, unet_model
+from . import loading, prompting
+from .denoising import ModelCall, classifier_free_guidance, compose, unet_model
 from .images import to_output
 from .options import CallOptions
 
@@ -248,11 +247,28 @@ class DiffusionPipeline:
         return options.height or default_height, options.width or default_width
 
     def prepare_conditioning(self, run, options):
-        """The prompt embeddings of every model call (``.at(index)``): here the same at every step."""
-        cond, uncond = encode_prompts(self.text_encoder, self.tokenizer, options.prompts, options.negative_prompts,
-                                      options.num_images_per_prompt, run.guidance.needs_uncond, run.device,
-                                      run.dtype)
-        return PromptEmbeds(cond, uncond)
+        """The prompt embeddings of every model call (``.at(index)``): the same at every step, or
+        A1111's per-step schedule (prompting.py)."""
+        request = prompting.request_for_call(options, run.guidance.needs_uncond)
+        return prompting.conditioning(self.text_encoder, self.tokenizer, request, options.num_images_per_prompt,
+                                      run.device, run.dtype)
+
+    def encode_prompt(self, prompt, negative_prompt=None, prompt_syntax="plain", clip_skip=None,
+                      clip_stop_at_last_layers=None, num_inference_steps=None,
+                      comma_padding_backtrack=prompting.DEFAULT_COMMA_PADDING_BACKTRACK):
+        """(prompt_embeds, negative_prompt_embeds) a call with these prompts would use, for
+        ``pipe(prompt_embeds=..., negative_prompt_embeds=...)``.
+
+        (B, T, D) tensors of one shape (the negative prompt defaults to the empty one), or, for
+        A1111 prompts that change during the run or use AND, ``prompting.ScheduledPromptEmbeds``
+        (those need ``num_inference_steps``, the call's step count). ``clip_skip`` is the
+        reference's (layers skipped; "plain" only), ``clip_stop_at_last_layers`` A1111's Clip skip
+        (1 = last layer; "a1111" only). One row per prompt: a call repeats them per image.
+        """
+        with torch.no_grad():  # not inference mode: callers may edit the embeddings
+            return prompting.encode_prompt(self.text_encoder, self.tokenizer, prompt, negative_prompt, prompt_syntax,
+                                           clip_skip, clip_stop_at_last_layers, num_inference_steps,
+                                           comma_padding_backtrack, self.device, self.dtype)
 
     def prepare_start(self, run, options):
         """How the run starts (the pipeline's own part): a :class:`Start`."""
@@ -284,7 +300,7 @@ class DiffusionPipeline:
             device, dtype = self.device, self.dtype
             state = scheduler.set_timesteps(options.num_inference_steps, device=device,
                                             strength=options.denoising_strength, **run_options)
-            guidance = guidance_for(options.guidance_scale, options.guidance_rescale)
+            guidance = prompting.guidance_for_call(options)
             run = Run(options.batch_size, height, width, options.generator, scheduler, state, guidance,
                       device, dtype)
             conditioning = self.prepare_conditioning(run, options)

@@ -354,8 +354,15 @@ def generate(args):
 
 # -- parser -------------------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line ("sdkit: error: ...", exit status 2) like every other error."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"sdkit: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="sdkit", description="sdkit: a small latent-diffusion toolkit")
+    parser = OneLineParser(prog="sdkit", description="sdkit: a small latent-diffusion toolkit")
     sub = parser.add_subparsers(dest="command")
     g = sub.add_parser("generate", help="make images from a prompt (txt2img, img2img with --init-image, "
                                         "inpaint with --mask)")

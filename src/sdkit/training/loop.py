@@ -116,7 +116,7 @@ def load_checkpoint(out_dir) -> dict | None:
         return torch.load(legacy, map_location="cpu", weights_only=True)
     except Exception as e:  # the safe unpickler raises UnpicklingError, RuntimeError, EOFError, ...
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        reason = next((line for line in lines if "unsupported" in line.lower()), lines[0].split(". ")[0])
+        reason = next((line for line in lines if "unsupported" in line.lower()), lines[0]).split(". ")[0]
         raise CheckpointError(f"cannot resume from {legacy}: torch.load(weights_only=True) refused it ({reason}); "
                               f"the file is damaged or holds objects that could run code. Delete it or pass "
                               f"--no-resume to start over") from None

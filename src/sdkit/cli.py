@@ -195,7 +195,7 @@ def _check_sizes(args, pipe, height, width, scale):
     if scale > 1 and budget is not None and needed > budget:
         most = max(1, math.isqrt(budget // (width * height * ENLARGED_BYTES)))
         raise CLIError(f"--enlarge {scale} makes a {width * scale}x{height * scale} copy needing about "
-                       f"{needed / 2**30:.1f} GiB but {budget / 2**30:.1f} GiB is available: use --enlarge "
+                       f"{memory.format_bytes(needed)} but {memory.format_bytes(budget)} is available: use --enlarge "
                        f"{most} or less (1: no copy), or pass --allow-large to try anyway")
 
 

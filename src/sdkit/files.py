@@ -6,9 +6,11 @@ temporary name beside it and renamed into place only when every file of the grou
 so a failed or interrupted write leaves the old files as they were and no new ones.
 """
 
+import contextlib
 import json
 import os
 import tempfile
+from pathlib import Path
 
 TEMP_PREFIX = ".sdkit-"  # temporaries are hidden files beside their target
 
@@ -104,6 +106,21 @@ class AtomicFiles:
         else:
             self.discard()
         return False
+
+
+@contextlib.contextmanager
+def plain_modes(folder):
+    """Give the files another library writes into ``folder`` a plain open()'s mode (some write 0600).
+
+        with plain_modes(folder):
+            text_encoder.save_pretrained(folder)
+    """
+    before = {p: p.stat().st_mode & 0o7777 for p in Path(folder).rglob("*") if p.is_file()}
+    yield
+    new = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, before.get(path, new))
 
 
 def atomic_write(path, write):

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..files import plain_modes
 from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
 from . import loading, memory, prompting
@@ -163,7 +164,10 @@ class DiffusionPipeline:
         """Write a folder that sdkit and diffusers both load (model_index.json + one folder per part)."""
         os.makedirs(save_directory, exist_ok=True)
         for name, part in self.components.items():
-            part.save_pretrained(os.path.join(save_directory, name))
+            folder = os.path.join(save_directory, name)
+            os.makedirs(folder, exist_ok=True)
+            with plain_modes(folder):  # transformers' parts write some files 0600
+                part.save_pretrained(folder)
         loading.write_model_index(save_directory, self.reference_class_name, self.parts, self.components)
 
     def to(self, *args, **kwargs):

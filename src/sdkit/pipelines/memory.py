@@ -141,8 +141,9 @@ def largest_fitting(needs, height, width, budget, factor):
     return size(low)
 
 
-def _gib(n):
-    return f"{n / 2**30:.1f} GiB"
+def format_bytes(n):
+    """'1.5 GiB', or '300 MiB' under 1 GiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def size_error(pipe, height, width, batch_size, guided=True, decode=True, device=None):
@@ -171,5 +172,5 @@ def size_error(pipe, height, width, batch_size, guided=True, decode=True, device
         fits = (f"the largest that fits is about {same_shape[1]}x{same_shape[0]} (width x height) in these "
                 f"proportions, {square[1]}x{square[0]} square")
     batch = f" x {batch_size} images" if batch_size > 1 else ""
-    return (f"{width}x{height}{batch} needs about {_gib(needed)} (estimated: latents, UNet activations, "
-            f"VAE decode) but {_gib(budget)} is available; {fits}")
+    return (f"{width}x{height}{batch} needs about {format_bytes(needed)} (estimated: latents, UNet activations, "
+            f"VAE decode) but {format_bytes(budget)} is available; {fits}")

@@ -8,8 +8,11 @@ Neither file can run code when read.
 
 import json
 import os
+from pathlib import Path
 
 import torch
+
+from ..files import atomic_write
 
 TENSORS_FILE = "tensors.safetensors"
 STATE_JSON = "state.json"
@@ -60,10 +63,9 @@ def save_state(folder, state):
     from safetensors.torch import save_file
 
     tensors = {}
-    data = _encode(state, tensors)
-    save_file(tensors, os.path.join(folder, TENSORS_FILE))
-    with open(os.path.join(folder, STATE_JSON), "w") as f:
-        json.dump(data, f)
+    text = json.dumps(_encode(state, tensors))
+    atomic_write(os.path.join(folder, TENSORS_FILE), lambda p: save_file(tensors, p))  # a plain open()'s mode
+    atomic_write(os.path.join(folder, STATE_JSON), lambda p: Path(p).write_text(text))
 
 
 def load_state(folder):

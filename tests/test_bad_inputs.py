@@ -28,7 +28,8 @@ slow = pytest.mark.slow
 
 # (case, arguments after `sdkit generate "a red circle" -o OUT --steps 1 -q`, text of the one stderr line)
 # {model} is the tiny pipeline, {broken:HOW} a copy broken as helpers.BREAKS[HOW], {images} a folder
-# of test pictures, {out} the output folder. A row with --model loads it; the others do not need to.
+# of test pictures, {out} the output folder. A row with --model loads it (a few seconds, marked slow;
+# the API rows load every broken copy, and test_hardening.py runs more of them through sdkit.cli.main).
 CLI = [
     ("guidance inf", ["--guidance", "inf"], "--guidance inf must be a finite number >= 0"),
     ("guidance nan", ["--guidance", "nan"], "--guidance nan must be a finite number >= 0"),
@@ -57,32 +58,22 @@ CLI = [
     ("init image missing", ["--init-image", "{images}/none.png"], "--init-image {images}/none.png does not exist"),
     ("init image not an image", ["--init-image", "{images}/text.png"], "--init-image {images}/text.png is not a readable image"),
     ("float image out of range", ["--init-image", "{images}/float3.tif"],
-     "a PIL image of mode 'F' must hold values in [0, 1], found [3, 3]"),
+     "--init-image {images}/float3.tif: a PIL image of mode 'F' must hold values in [0, 1], found [3, 3]"),
     ("unknown option", ["--sampler", "Euler"], "unrecognized arguments: --sampler Euler"),
-    pytest.param("width not a multiple of 8", ["--model", "{model}", "--width", "60"],
-                 "--width 60 must be a positive multiple of 8", marks=slow),
     pytest.param("too large for memory", ["--model", "{model}", "--width", "100000", "--height", "100000"],
                  "100000x100000 needs about", marks=slow),
-    pytest.param("batch too large for memory", ["--model", "{model}", "--batch", "200000", "-o", "{out}/n.png"],
-                 "x 200000 images needs about", marks=slow),
     pytest.param("enlarge too large for memory", ["--model", "{model}", "--enlarge", "100000"],
                  "--enlarge 100000 makes a 6400000x6400000 copy", marks=slow),
     pytest.param("init image 1x1", ["--model", "{model}", "--init-image", "{images}/one.png"],
                  "--init-image {images}/one.png is 1x1 pixels, smaller than the VAE's factor 8", marks=slow),
-    pytest.param("unknown scheduler", ["--model", "{model}", "--scheduler", "Heun++"], "unknown --scheduler 'Heun++'",
-                 marks=slow),
     pytest.param("guidance 1e30 (NaN latents)", ["--model", "{model}", "--guidance", "1e30", "--steps", "3"],
                  "denoised latents contain NaN or inf values", marks=slow),
     pytest.param("truncated text encoder", ["--model", "{broken:truncated text encoder}"],
                  BREAKS["truncated text encoder"][1], marks=slow),
     pytest.param("layers_per_block one", ["--model", "{broken:layers_per_block one}"],
                  BREAKS["layers_per_block one"][1], marks=slow),
-    pytest.param("config is a list", ["--model", "{broken:config is a list}"], BREAKS["config is a list"][1], marks=slow),
-    pytest.param("num_train_timesteps 0", ["--model", "{broken:num_train_timesteps 0}"],
-                 BREAKS["num_train_timesteps 0"][1], marks=slow),
     pytest.param("pickle text encoder", ["--model", "{broken:pickle text encoder}"], BREAKS["pickle text encoder"][1],
                  marks=slow),
-    pytest.param("empty tokenizer", ["--model", "{broken:empty tokenizer}"], BREAKS["empty tokenizer"][1], marks=slow),
     pytest.param("disk full while writing (file size limit)",
                  ["--model", "{model}", "--enlarge", "32", "--seed", "1", "fsize=14000"],  # out.png fits, x32 not
                  "cannot write {out}/out.x32.png: File too large; free some disk space", marks=slow),

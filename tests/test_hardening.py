@@ -325,21 +325,41 @@ def test_atomic_files_put_back_what_they_replaced_when_a_rename_fails(tmp_path, 
     assert os.listdir(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, text", [(signal.SIGTERM, 143, "sdkit: terminated"),
                                              (signal.SIGINT, 130, "sdkit: interrupted")])
-def test_a_signal_while_writing_removes_the_temporaries(model, tmp_path, sig, code, text):
+def test_a_signal_while_writing_removes_the_temporaries(model, tmp_path, capsys, monkeypatch, sig, code, text):
+    """The signal arrives while the enlarged copy's temporary is being written (image 1 is written too)."""
     (tmp_path / "out.png").write_bytes(b"older")
-    proc = subprocess.Popen([EXE, "generate", "a circle", "-o", str(tmp_path / "out.png"), "--model", model,
-                             "--steps", "1", "-q", "--seed", "1", "--enlarge", "40"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not any(".x40.png" in n for n in os.listdir(tmp_path)) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)  # until the enlarged copy's temporary appears: the run is writing
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code and err.strip().endswith(text), err[-2000:]
+    real_save, seen = Image.Image.save, []
+
+    def save(self, fp, *args, **kwargs):
+        real_save(self, fp, *args, **kwargs)
+        seen.append(sorted(os.listdir(tmp_path)))
+        if self.size[0] > 64:
+            os.kill(os.getpid(), sig)  # delivered to main()'s handler (SIGTERM) or Python's (SIGINT)
+            time.sleep(1)  # the handler runs before this returns
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["generate", "a circle", "-o", str(tmp_path / "out.png"), "--model", model, "--steps", "1",
+                 "-q"]) == code
+    assert capsys.readouterr().err.strip() == text
+    assert len(seen[-1]) == 3  # out.png and the two temporaries were there when the signal came
     assert os.listdir(tmp_path) == ["out.png"] and (tmp_path / "out.png").read_bytes() == b"older"
+    assert signal.getsignal(signal.SIGTERM) == handler  # main() put the handler back
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_with_one_line_and_writes_nothing(model, tmp_path):
+    proc = subprocess.Popen([EXE, "generate", "a circle", "-o", str(tmp_path / "out.png"), "--model", model,
+                             "--steps", "1000", "-q", "--seed", "-1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout.readline().startswith("seed: ")  # the run has started
+    time.sleep(2)  # importing, loading or denoising now (1000 steps take far longer)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.strip().endswith("sdkit: terminated"), err[-2000:]
+    assert os.listdir(tmp_path) == []
 
 
 # -- 7. written files get a plain open()'s mode --------------------------------------------------------

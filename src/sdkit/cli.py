@@ -170,8 +170,10 @@ def _load_image(path, what):
             return to_8bit(im, f"{what} {path}").convert("RGB")
     except FileNotFoundError:
         raise CLIError(f"{what} {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError) as e:
         raise CLIError(f"{what} {path} is not a readable image: {e}") from None
+    except ValueError as e:  # to_8bit: values outside the mode's range
+        raise CLIError(str(e)) from None
 
 
 def _out_of_memory(error):

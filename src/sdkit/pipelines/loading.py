@@ -59,7 +59,7 @@ def _transformers_part(folder, load):
 def _load_text_encoder(folder, class_name, torch_dtype, variant):
     import transformers
 
-    weights = sorted(p for p in folder.glob("*.safetensors") if not variant or f".{variant}." in p.name)
+    weights = sorted(folder.glob("*.safetensors"))
     if not weights and not any(folder.glob("*.safetensors.index.json")):
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         found = f"only the pickle file {pickles[0]}, which can run code when loaded" if pickles else "no weights"

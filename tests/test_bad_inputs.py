@@ -60,6 +60,8 @@ CLI = [
     ("float image out of range", ["--init-image", "{images}/float3.tif"],
      "--init-image {images}/float3.tif: a PIL image of mode 'F' must hold values in [0, 1], found [3, 3]"),
     ("unknown option", ["--sampler", "Euler"], "unrecognized arguments: --sampler Euler"),
+    ("clip skip 0", ["--clip-skip", "0"], "--clip-skip 0 must be at least 1"),
+    ("unknown prompt syntax", ["--prompt-syntax", "comfy"], "argument --prompt-syntax: invalid choice: 'comfy'"),
     pytest.param("too large for memory", ["--model", "{model}", "--width", "100000", "--height", "100000"],
                  "100000x100000 needs about", marks=slow),
     pytest.param("enlarge too large for memory", ["--model", "{model}", "--enlarge", "100000"],

@@ -2,12 +2,13 @@
 
 ``estimate_bytes`` counts what a call holds at its peak beyond the loaded weights: the latents,
 the UNet's activations (the skip connections it keeps plus the largest working set of one
-block, for the whole batch, doubled by classifier-free guidance) and the VAE's (decoding, or
-encoding an init image) at the image size; the two are added, as allocators keep part of the
-UNet's memory when the VAE runs. It assumes memory-efficient
-attention (torch's ``scaled_dot_product_attention`` on CPU and CUDA does not build the
-tokens x tokens matrix), so it grows with the number of pixels. A pipeline call refuses a size
-whose estimate exceeds ``available_bytes`` unless ``allow_large=True``.
+block, for the whole batch, doubled by classifier-free guidance; AND prompts, which add a batch
+per part, are not counted) and the VAE's (``vae_bytes``: decoding, or encoding an init image, at
+the image size). The two are added, as allocators keep part of the UNet's memory when the VAE
+runs. It assumes memory-efficient attention (torch's ``scaled_dot_product_attention`` does not
+build the tokens x tokens matrix on CPU, measured, nor with CUDA's memory-efficient kernels), so
+it grows with the number of pixels. A pipeline call refuses a size whose estimate exceeds
+``available_bytes`` unless ``allow_large=True``.
 """
 
 import os

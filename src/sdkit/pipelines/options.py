@@ -40,7 +40,8 @@ class CallOptions:
     negative_prompt: replaces the empty unconditional prompt; a string or one per prompt.
     height, width: image size in pixels, multiples of the VAE's downsampling factor.
     num_inference_steps: sampler steps (img2img/inpaint run int(steps * strength) of them).
-    guidance_scale: classifier-free guidance weight; <= 1 runs the conditional half only.
+    guidance_scale: classifier-free guidance weight, a finite number >= 0; from 0 to 1 it runs the
+        conditional half only (no guidance, the same images as 1), as diffusers does.
     num_images_per_prompt: images made for each prompt.
     generator: a torch.Generator, or a list with one per image (image k then equals the same
         image made alone with that generator).
@@ -67,6 +68,8 @@ class CallOptions:
         penultimate (= clip_skip 1), for prompt and negative prompt; no effect on SD 2, as in A1111.
     comma_padding_backtrack: with "a1111", A1111's setting: when a 75-token chunk fills up, text
         after a comma among its last this-many tokens moves to the next chunk (0: off).
+    allow_large: run even when the memory estimate of this size and batch exceeds the memory at
+        hand (``sdkit.pipelines.memory``); by default such a call is refused before it starts.
     """
 
     positional: ClassVar[tuple] = ("prompt",)  # the arguments a call may give by position
@@ -91,6 +94,7 @@ class CallOptions:
     clip_skip: Optional[int] = None
     clip_stop_at_last_layers: Optional[int] = None
     comma_padding_backtrack: int = DEFAULT_COMMA_PADDING_BACKTRACK
+    allow_large: bool = False
 
     @classmethod
     def from_call(cls, args, kwargs):
@@ -151,13 +155,17 @@ class CallOptions:
         if not _is_int(self.num_images_per_prompt):
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {self.num_images_per_prompt!r}.")
         scale = self.guidance_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"guidance_scale must be a finite number (<= 1: no guidance), got {scale!r}.")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (0 to 1: no guidance; 7.5 is "
+                             f"usual), got {scale!r}.")
         check_fraction("guidance_rescale", self.guidance_rescale, " (0: off; 0.7 in Lin et al. 2024)")
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={self.output_type!r} is not one of {OUTPUT_TYPES}.")
         if self.callback is not None and not callable(self.callback):
             raise ValueError("callback must be callable as callback(step, timestep, latents).")
+        if not isinstance(self.allow_large, bool):
+            raise ValueError(f"allow_large must be True or False, got {self.allow_large!r}.")
         if self.scheduler_options is not None and not isinstance(self.scheduler_options, dict):
             raise ValueError(f"scheduler_options must be a dict of run options, got {self.scheduler_options!r}.")
         self._check_generator()
@@ -181,6 +189,15 @@ class TextToImageOptions(CallOptions):
     sample_size times the VAE factor."""
 
     latents: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        latents = self.latents
+        if latents is not None and not (isinstance(latents, torch.Tensor) and latents.is_floating_point()):
+            kind = f"a {latents.dtype} tensor" if isinstance(latents, torch.Tensor) else \
+                f"{type(latents).__module__}.{type(latents).__name__}"
+            raise ValueError(f"latents must be a float torch.Tensor (B, C, h, w), got {kind}; convert it "
+                             f"with torch.as_tensor(latents, dtype=torch.float32).")
 
 
 @dataclass(frozen=True)

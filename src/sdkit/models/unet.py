@@ -4,6 +4,7 @@ Config keys and checkpoint key names are those of the diffusers reference, so a 
 ``unet/`` folder loads as it is.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -81,17 +82,17 @@ class DownBlock2D(nn.Module):
                                         transformer_layers, cfg) if with_attention else None
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
 
-    def forward(self, x, temb, context):
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-            skips.append(x)
+    def layers(self):
+        """The block's steps in order, each ``step(x, temb, context) -> x`` and each output a skip."""
+        steps = [functools.partial(self.layer, i) for i in range(len(self.resnets))]
         if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-            skips.append(x)
-        return x, skips
+            steps.append(lambda x, temb, context: self.downsamplers[0](x))
+        return steps
+
+    def layer(self, i, x, temb, context):
+        """Resnet i, then its transformer."""
+        x = self.resnets[i](x, temb)
+        return self.attentions[i](x, context) if self.attentions is not None else x
 
 
 class UpBlock2D(nn.Module):
@@ -109,14 +110,10 @@ class UpBlock2D(nn.Module):
                                         transformer_layers, cfg) if with_attention else None
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
-    def forward(self, x, skips, temb, context, upsample_size=None):
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x, upsample_size)
-        return x
+    def layer(self, i, x, skip, temb, context):
+        """Resnet i on [x, skip], then its transformer."""
+        x = self.resnets[i](torch.cat([x, skip], dim=1), temb)
+        return self.attentions[i](x, context) if self.attentions is not None else x
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
@@ -221,6 +218,27 @@ class UNet2DConditionModel(ModelMixin):
     def forward(self, sample, timestep, encoder_hidden_states):
         """sample: (B, C, h, w) latents; timestep: int, float, 0-d or (B,) tensor;
         encoder_hidden_states: (B, T, cross_attention_dim). Returns (B, out_channels, h, w)."""
+        return self._run(sample, *self._embed(sample, timestep, encoder_hidden_states))[0]
+
+    def deep_cache_branches(self):
+        """How many DeepCache branches the UNet has: one per skip connection (conv_in's is branch 0)."""
+        return 1 + sum(len(block.layers()) for block in self.down_blocks)
+
+    def deep_cache_forward(self, sample, timestep, encoder_hidden_states, branch, deep=None):
+        """One step of DeepCache (Ma et al. 2023, arXiv 2312.00858): (prediction, deep features).
+
+        With ``deep=None`` the whole UNet runs and also returns the deep features of ``branch``:
+        the up path's input to the layer that reads skip ``branch`` (0: conv_in's, the shallowest).
+        With ``deep`` given (from an earlier step) only the shallow path runs: conv_in, the first
+        ``branch`` down layers, then the up layers from that one on, on the cached features.
+        """
+        if not 0 <= branch < self.deep_cache_branches():
+            raise ValueError(f"DeepCache branch {branch} does not exist: this UNet has branches 0 to "
+                             f"{self.deep_cache_branches() - 1} (0 is the shallowest and fastest).")
+        return self._run(sample, *self._embed(sample, timestep, encoder_hidden_states), branch, deep)
+
+    def _embed(self, sample, timestep, encoder_hidden_states):
+        """(time embedding (B, 4 C0), context (B, T, D)) after checking the inputs."""
         cfg = self.config
         B = sample.shape[0]
         t = timestep if torch.is_tensor(timestep) else torch.tensor(
@@ -236,32 +254,37 @@ class UNet2DConditionModel(ModelMixin):
                              f"match sample batch {B}.")
         if sample.shape[1] != cfg.in_channels:
             raise ValueError(f"sample has {sample.shape[1]} channels; this UNet takes {cfg.in_channels}.")
-
-        # 1. time embedding
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(emb.to(sample.dtype))
         context = encoder_hidden_states.to(sample.dtype)
         if self.add_embedding is not None:
             emb = emb + self.add_embedding(context)
+        return emb, context
 
-        # 2. down: keep every intermediate for the skip connections
-        if cfg.center_input_sample:
+    def _run(self, sample, emb, context, branch=None, deep=None):
+        """Down, middle, up and out; with a ``branch``, also the deep features there (see deep_cache_forward)."""
+        if self.config.center_input_sample:
             sample = 2 * sample - 1.0
+        shallow = deep is not None
+        # 1. down: keep every intermediate for the skip connections
         x = self.conv_in(sample)
         skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, emb, context)
-            skips.extend(block_skips)
-
-        # 3. middle
-        x = self.mid_block(x, emb, context)
-
-        # 4. up: each block eats its resnet count of skips; upsample to the next skip's size
-        for block in self.up_blocks:
-            block_skips = skips[-len(block.resnets):]
-            del skips[-len(block.resnets):]
-            size = skips[-1].shape[2:] if skips else None
-            x = block(x, block_skips, emb, context, size)
-
-        # 5. out
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        steps = [step for block in self.down_blocks for step in block.layers()]
+        for step in steps[:branch] if shallow else steps:
+            x = step(x, emb, context)
+            skips.append(x)
+        # 2. middle
+        x = deep if shallow else self.mid_block(x, emb, context)
+        # 3. up: layer c reads skip S - 1 - c; a block upsamples to the next skip's size
+        layers = [(block, i) for block in self.up_blocks for i in range(len(block.resnets))]
+        enter = None if branch is None else len(layers) - 1 - branch  # the layer that reads skip `branch`
+        kept = None
+        for c in range(enter if shallow else 0, len(layers)):
+            block, i = layers[c]
+            if c == enter:
+                kept = x
+            x = block.layer(i, x, skips.pop(), emb, context)
+            if i == len(block.resnets) - 1 and block.upsamplers is not None:
+                x = block.upsamplers[0](x, skips[-1].shape[2:] if skips else None)
+        # 4. out
+        return self.conv_out(F.silu(self.conv_norm_out(x))), kept

@@ -26,7 +26,7 @@ from ..files import plain_modes
 from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
 from . import loading, memory, prompting
-from .denoising import ModelCall, classifier_free_guidance, compose, unet_model
+from .denoising import DeepCache, ModelCall, classifier_free_guidance, compose, truncate_guidance, unet_model
 from .images import to_output
 from .options import CallOptions
 
@@ -50,6 +50,7 @@ class Run:
     guidance: Callable  # the guidance piece (denoising.ClassifierFreeGuidance or ConditionalOnly)
     device: torch.device
     dtype: torch.dtype  # the UNet's dtype: latents and context are kept in it
+    deep_cache: Optional[DeepCache] = None  # DeepCache settings of the run (None: off)
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,7 @@ class DiffusionPipeline:
 
     def prepare_model(self, run, start):
         """The model function of this run: the UNet, then the start's pieces, then the guidance."""
-        return compose(unet_model(self.unet), [*start.pieces, run.guidance])
+        return compose(unet_model(self.unet, run.deep_cache), [*start.pieces, run.guidance])
 
     def _scheduler_options(self, scheduler, options):
         """The run options for the scheduler: ``scheduler_options`` plus ``eta`` where it has one."""
@@ -314,10 +315,11 @@ class DiffusionPipeline:
             device, dtype = self.device, self.dtype
             state = scheduler.set_timesteps(options.num_inference_steps, device=device,
                                             strength=options.denoising_strength, **run_options)
-            guidance = prompting.guidance_for_call(options)
+            guidance = truncate_guidance(prompting.guidance_for_call(options), options.guidance_end,
+                                         len(state.timesteps))
             self._check_memory(options, height, width, guidance)
             run = Run(options.batch_size, height, width, options.generator, scheduler, state, guidance,
-                      device, dtype)
+                      device, dtype, deep_cache=DeepCache(options.deep_cache_interval, options.deep_cache_branch))
             conditioning = self.prepare_conditioning(run, options)
             start = self.prepare_start(run, options)
             model = self.prepare_model(run, start)

@@ -3,9 +3,10 @@
 The loop (``DiffusionPipeline._denoise``) knows only ``model(x, call) -> prediction``. A pipeline
 composes that function for each call from small pieces, innermost first:
 
-    unet_model(unet)                 # the UNet on call.context
+    unet_model(unet, deep_cache)     # the UNet on call.context (DeepCache: the shallow path on most calls)
     -> with_extra_channels(extra)    # inpainting UNets: mask and masked-image latents appended
     -> ClassifierFreeGuidance(s, phi) or ConditionalOnly()   # owns the [uncond, cond] batch
+       (TruncatedGuidance: the conditional model alone after a fraction of the calls)
 
 Each piece is ``piece(model) -> model``. The conditioning is asked for the prompt of each model
 call (``conditioning.at(index)``), so a prompt may change from step to step. A new feature
@@ -14,6 +15,7 @@ or conditioning, not an edit of the loop.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -43,11 +45,44 @@ class ModelCall:
     context: Optional[torch.Tensor] = None  # (B', T, D) the UNet's encoder_hidden_states, set by guidance
 
 
-def unet_model(unet):
-    """The innermost piece: ``unet(x, t, context)``."""
+def unet_model(unet, deep_cache=None):
+    """The innermost piece: ``unet(x, t, context)``; with a :class:`DeepCache`, ``deep_cache_model``."""
+    if deep_cache is not None and deep_cache.interval > 1:
+        return deep_cache_model(unet, deep_cache)
 
     def model(x, call):
         return unet(x, call.timestep, call.context)
+
+    return model
+
+
+@dataclass(frozen=True)
+class DeepCache:
+    """DeepCache's settings for one run (Ma et al. 2023, arXiv 2312.00858; their ``cache_interval`` and
+    ``cache_branch_id``): the whole UNet on every ``interval``-th model call, the shallow path of
+    ``branch`` on the others."""
+
+    interval: int  # 1: every call runs the whole UNet (off)
+    branch: int = 0  # the skip connection at which deep features are cached; 0 is the shallowest
+
+
+def deep_cache_model(unet, deep_cache):
+    """The UNet with DeepCache: model call i runs the whole UNet when i % interval == 0 (and keeps its
+    deep features), else only the shallow path on the features kept last (``deep_cache_forward``).
+
+    The features live in this function's closure, made per run, so runs sharing the UNet never see
+    each other's. A call whose batch or context shape differs from the kept features' (guidance
+    that stopped, ``guidance_end``) runs the whole UNet.
+    """
+    kept = {}  # (x shape, context shape) -> deep features of the last full call
+
+    def model(x, call):
+        key = (tuple(x.shape), tuple(call.context.shape))
+        deep = kept.get(key) if call.index % deep_cache.interval else None
+        prediction, deep = unet.deep_cache_forward(x, call.timestep, call.context, deep_cache.branch, deep)
+        kept.clear()
+        kept[key] = deep
+        return prediction
 
     return model
 
@@ -111,6 +146,35 @@ class ConditionalOnly:
             return model(x, dataclasses.replace(call, context=call.prompt.cond))
 
         return conditional
+
+
+@dataclass(frozen=True)
+class TruncatedGuidance:
+    """Guidance on the first ``calls`` model calls, the conditional model alone after them: the late,
+    low-noise steps cost one batch of B instead of 2B (the unconditional half is stopped)."""
+
+    guided: Any  # the guidance piece of the first calls (ClassifierFreeGuidance or a subclass)
+    calls: int  # model calls that run guided, from the first
+    needs_uncond = True
+
+    def __call__(self, model):
+        guided, conditional = self.guided(model), ConditionalOnly()(model)
+
+        def truncated(x, call):
+            if call.index < self.calls or call.prompt.cond.shape[0] != x.shape[0]:  # AND parts need guidance
+                return guided(x, call)
+            return conditional(x, call)
+
+        return truncated
+
+
+def truncate_guidance(guidance, guidance_end, calls):
+    """The guidance piece of a run of ``calls`` model calls that guides only the first ``guidance_end``
+    fraction of them (ceil(guidance_end * calls)); unchanged when that is all of them or there is no guidance."""
+    guided_calls = math.ceil(guidance_end * calls - 1e-9)
+    if guided_calls >= calls or not guidance.needs_uncond:
+        return guidance
+    return TruncatedGuidance(guidance, guided_calls)
 
 
 def guidance_for(guidance_scale, guidance_rescale=0.0):

@@ -26,10 +26,14 @@ def _stand_in_torchvision():
 
 def _load_files(package, names):
     """Import ``package.<name>`` for each name from the installed files, with a stub package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise ImportError(f"{package} is not installed: pip install --no-deps -r tests/oracles.txt")
-    folder = spec.submodule_search_locations[0]
+    loaded = sys.modules.get(package)
+    if getattr(loaded, "_sdkit_stub", False):  # a second call: the stub has no import spec
+        folder = loaded.__path__[0]
+    else:
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            raise ImportError(f"{package} is not installed: pip install --no-deps -r tests/oracles.txt")
+        folder = spec.submodule_search_locations[0]
     if package not in sys.modules or not getattr(sys.modules[package], "_sdkit_stub", False):
         stub = types.ModuleType(package)
         stub.__path__ = [folder]

@@ -272,17 +272,19 @@ class KDiffusionScheduler(Scheduler):
         return original_samples + noise * S.per_sample(sigma, original_samples).to(original_samples.dtype)
 
     def _sigma_of(self, timesteps, state):
-        """Each timestep's noise level: sigmas[i] at a step's first call, the call's own sigma at a later one."""
-        out = []
-        for t in torch.as_tensor(timesteps).flatten().cpu():
-            found = (state.schedule == t).nonzero()
-            if len(found) == 0:
-                raise ValueError(f"{type(self).__name__}.add_noise: timestep {t.item()} is not in the state's "
-                                 "schedule; pass timesteps from state.timesteps (or no state for training).")
-            k = found[0].item()
-            i, stage = state.calls[k]
-            out.append(state.ladder[i] if stage == 0 else state.call_sigmas[k])
-        return torch.stack(out)
+        """Each timestep's noise level: the sigma of the state's model call at that timestep."""
+        return torch.stack([self._call_sigma(self._call_index(t, state), state)
+                            for t in torch.as_tensor(timesteps).flatten().cpu()])
+
+    def _call_index(self, t, state):
+        found = (state.schedule == t).nonzero()
+        if len(found) == 0:
+            raise ValueError(f"{type(self).__name__}.add_noise: timestep {t.item()} is not in the state's "
+                             "schedule; pass timesteps from state.timesteps (or no state for training).")
+        return found[0].item()
+
+    def _call_sigma(self, k, state):
+        return state.call_sigmas[k]
 
 
 class _Noise:
@@ -353,6 +355,11 @@ class ChurnScheduler(KDiffusionScheduler):
         if gamma > 0:
             x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
         return x
+
+    def _call_sigma(self, k, state):
+        """sigmas[i] for a step's first call: the level before its churn (img2img starts there)."""
+        i, stage = state.calls[k]
+        return state.ladder[i] if stage == 0 else state.call_sigmas[k]
 
     def begin(self, sample, state, generator=None):
         """The first step's churn (A1111 adds it before the first model call)."""

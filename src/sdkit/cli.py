@@ -112,7 +112,8 @@ def _load_image(path, what):
         raise CLIError(f"{what} {path} is not a readable image: {e}") from None
 
 
-def _scheduler(name, base):
+def _scheduler(name, base, schedule=None, settings=None):
+    """The scheduler for --scheduler (a class name, or an A1111 name with --schedule-type) on the model's config."""
     from sdkit import schedulers
 
     try:
@@ -120,7 +121,7 @@ def _scheduler(name, base):
     except ValueError:
         pass
     try:
-        return schedulers.from_name(name, base.config)
+        return schedulers.from_name(name, {**base.config, **(settings or {})}, schedule=schedule)
     except ValueError as e:
         raise CLIError(f"unknown --scheduler {name!r}: {e}") from None
 
@@ -140,9 +141,84 @@ def _model_label(model):
     return model.rstrip("/")
 
 
-def generate(args):
-    import torch
+def _seed_options(args, seed):
+    """The pipeline's A1111 seed options from the command line."""
+    w, h = args.seed_resize_from or (0, 0)
+    return dict(seed=seed, rng=args.rng, subseed=args.subseed, subseed_strength=args.subseed_strength,
+                seed_resize_from_w=w, seed_resize_from_h=h, eta_noise_seed_delta=args.ensd, eta=args.eta,
+                scheduler_options=args.scheduler_options or None)
 
+
+def _infotext(args, scheduler, run_options, seed, subseed, image, model, strength):
+    """The A1111 parameters text of one image of this run."""
+    import sdkit
+    from sdkit import infotext
+
+    extra = [("CFG Rescale phi", args.guidance_rescale)] if args.guidance_rescale else []
+    return infotext.create(
+        args.prompt, args.negative, steps=args.steps, scheduler=scheduler, run_options=run_options,
+        cfg_scale=args.guidance, seed=seed, width=image.width, height=image.height, model=model,
+        denoising_strength=strength, subseed=subseed, subseed_strength=args.subseed_strength,
+        seed_resize_from=args.seed_resize_from or (0, 0), ensd=args.ensd, rng=args.rng, extra=extra,
+        version=f"sdkit-{sdkit.__version__}")
+
+
+def _from_png(args, given):
+    """Fill the settings the command line leaves open from an A1111 PNG or parameters text (--from-png)."""
+    from sdkit import infotext
+
+    try:
+        info = infotext.load(args.from_png)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--from-png {args.from_png}: {e}") from None
+    unsupported = info.unsupported()
+    if unsupported:
+        print(f"sdkit: warning: ignoring settings sdkit does not support: {', '.join(unsupported)}", file=sys.stderr)
+    sampler, schedule, config, call = infotext.generation_settings(info)
+    values = {
+        "negative": call["negative_prompt"] or "", "steps": call["num_inference_steps"],
+        "guidance": call["guidance_scale"], "seed": call["seed"], "width": call["width"], "height": call["height"],
+        "scheduler": sampler, "schedule_type": schedule if sampler not in _class_names() else None,
+        "rng": call["rng"], "subseed": call.get("subseed"), "subseed_strength": call.get("subseed_strength", 0.0),
+        "ensd": call["eta_noise_seed_delta"], "eta": call.get("eta"), "guidance_rescale": call.get("guidance_rescale", 0.0),
+        "seed_resize_from": (call["seed_resize_from_w"], call["seed_resize_from_h"]) if call["seed_resize_from_w"] else None,
+        "scheduler_options": call.get("scheduler_options"), "strength": call.get("strength", args.strength),
+    }
+    for name, value in values.items():
+        if name not in given:
+            setattr(args, name, value)
+    if args.prompt is None:
+        args.prompt = call["prompt"]
+    if sampler not in _class_names():
+        args.scheduler_config = {k: v for k, v in config.items() if v is not None}
+    if "strength" in call and not args.init_image:
+        raise CLIError(f"{args.from_png} was made by img2img (Denoising strength {call['strength']}): "
+                       "pass its --init-image")
+    if args.model is None:
+        model = info.get("Model")
+        if model != "tiny-shapes":
+            raise CLIError(f"{args.from_png} was made with the model {model!r}: pass --model PATH_OR_REPO_ID")
+
+
+def _class_names():
+    from sdkit import schedulers
+
+    return (*schedulers.SCHEDULER_CLASSES, "PLMSScheduler", *schedulers.A1111_CLASSES)
+
+
+def _size(text):
+    """WxH on the command line, e.g. 512x768."""
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 512x768")
+    return int(m.group(1)), int(m.group(2))
+
+
+def generate(args):
+    if args.from_png:
+        _from_png(args, getattr(args, "given", set()))
+    if args.prompt is None:
+        raise CLIError("a prompt is needed (or --from-png IMAGE.png)")
     if args.steps < 1:
         raise CLIError(f"--steps {args.steps} must be at least 1")
     if args.batch < 1:
@@ -175,15 +251,17 @@ def generate(args):
         error = pipe.size_error(value) if value is not None else None
         if error:
             raise CLIError(f"--{name} {value} {error}")
-    scheduler = _scheduler(args.scheduler, pipe.scheduler) if args.scheduler else pipe.scheduler
-    sampler = args.scheduler if args.scheduler else sampler_name(scheduler)
+    if args.schedule_type and not args.scheduler:
+        raise CLIError("--schedule-type needs an A1111 --scheduler name, e.g. --scheduler 'DPM++ 2M'")
+    scheduler = _scheduler(args.scheduler, pipe.scheduler, args.schedule_type, args.scheduler_config) \
+        if args.scheduler else pipe.scheduler
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     if args.seed is None:
         print(f"seed: {seed}")
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(args.batch)]
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative or None, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, num_images_per_prompt=args.batch, generator=generators,
-                  height=args.height, width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale)
+                  guidance_scale=args.guidance, num_images_per_prompt=args.batch, height=args.height,
+                  width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale,
+                  **_seed_options(args, seed))
     strength = None
     if mask is not None:
         pipe, strength = InpaintPipeline(**pipe.components), args.strength
@@ -198,11 +276,18 @@ def generate(args):
     except ValueError as e:
         raise CLIError(str(e)) from None
 
+    from sdkit.noise import a1111_seeds
+
+    run_options = dict(args.scheduler_options or {})
+    if args.eta is not None and "eta" in scheduler.option_names():
+        run_options["eta"] = args.eta
+    run_options = scheduler.make_options(**run_options)
     stem, ext = os.path.splitext(args.output)
+    seeds, subseeds = a1111_seeds(seed, args.batch, args.subseed, args.subseed_strength)
     for i, image in enumerate(images):
         path = args.output if args.batch == 1 else f"{stem}-{i + 1}{ext}"
-        params = format_parameters(args.prompt, args.negative, args.steps, sampler, args.guidance, seed + i,
-                                   image.width, image.height, _model_label(model), strength, args.guidance_rescale)
+        params = _infotext(args, scheduler, run_options, seeds[i], subseeds[i] if subseeds else None, image,
+                           _model_label(model), strength).text
         _save_png(image, path, params)
         print(path)
         scale = args.enlarge if args.enlarge is not None else (4 if max(image.size) < 256 else 1)
@@ -223,7 +308,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command")
     g = sub.add_parser("generate", help="make images from a prompt (txt2img, img2img with --init-image, "
                                         "inpaint with --mask)")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?")
     g.add_argument("-o", "--output", required=True, help="output PNG path (batch: NAME-1.png, NAME-2.png, ...)")
     g.add_argument("--model", help="model folder or Hugging Face repo id (default: the bundled tiny-shapes model)")
     g.add_argument("--negative", default="", help="negative prompt")
@@ -246,9 +331,30 @@ def build_parser():
     g.add_argument("--enlarge", type=int, help="also write a copy enlarged by this factor for viewing "
                                               "(default 4 for images under 256 px; 1 = off)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--schedule-type", help="A1111 schedule type for an A1111 --scheduler: Automatic, Uniform, "
+                                           "Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal, "
+                                           "Align Your Steps, Simple, Normal, DDIM, Beta")
+    g.add_argument("--rng", choices=("cpu", "gpu", "nv"), default="cpu",
+                   help="random number source: cpu (default, the same on any device), gpu (A1111's default) or "
+                        "nv (NVIDIA's numbers on any device)")
+    g.add_argument("--subseed", type=int, help="A1111 variation seed")
+    g.add_argument("--subseed-strength", type=float, default=0.0, help="variation strength in [0, 1]")
+    g.add_argument("--seed-resize-from", type=_size, help="A1111 'Seed resize from' WIDTHxHEIGHT")
+    g.add_argument("--ensd", type=int, default=0, help="A1111 eta noise seed delta")
+    g.add_argument("--eta", type=float, help="eta of the sampler (DDIM noise; A1111 ancestral/SDE noise, default 1)")
+    g.add_argument("--from-png", help="regenerate the settings of an A1111 (or sdkit) PNG or a pasted parameters "
+                                      "text; other flags override them")
+    g.set_defaults(scheduler_config=None, scheduler_options=None)
     sub.add_parser("train", help="train the VAE or the text-to-image stage (see `sdkit train -h`)",
                    add_help=False)
     return parser
+
+
+def _given_options(parser, argv):
+    """The dests of the generate options named on the command line (they override --from-png)."""
+    generate_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    actions = generate_parser._option_string_actions
+    return {actions[t.split("=")[0]].dest for t in argv if t.split("=")[0] in actions}
 
 
 def main(argv=None):
@@ -262,6 +368,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
+    args.given = _given_options(parser, argv)
     try:
         return generate(args)
     except CLIError as e:

@@ -5,6 +5,7 @@ reference's ``scheduler_config.json`` keys) and constant tensors (CPU, float32 l
 and is never changed after construction. Every scheduler is used the same way:
 
     state = scheduler.set_timesteps(n, device=None, strength=1.0, **options)  # options: options_class
+    sample = scheduler.begin(noise * state.init_noise_sigma, state, generator)
     out = scheduler.step(model_output, timestep, sample, state, generator=None)
     sample, state = out.prev_sample, out.state
 
@@ -286,6 +287,11 @@ class Scheduler:
 
     def scale_model_input(self, sample, timestep=None, state=None):
         """The UNet input for ``sample``; unchanged for samplers that work on x_t itself."""
+        return sample
+
+    def begin(self, sample, state, generator=None):
+        """The sample the run's first model call sees: ``sample`` itself, except where a sampler adds
+        noise before its first step (A1111's Euler, Heun and DPM2 with churn)."""
         return sample
 
 

@@ -259,10 +259,6 @@ class KDiffusionScheduler(Scheduler):
         """(next sample, state changes) for call ``stage`` of ladder step ``i``."""
         raise NotImplementedError
 
-    def begin(self, sample, state, generator=None):
-        """The sample the first model call sees (unchanged unless a sampler adds noise before it)."""
-        return sample
-
     # ---------------------------------------------------------------- img2img noising
     def add_noise(self, original_samples, noise, timesteps, state=None):
         """x = x0 + sigma * noise, sigma the noise level of the state's call at ``timesteps`` (img2img, inpaint)."""

@@ -3,25 +3,35 @@
 k-diffusion and open-clip-torch import torchvision (and much else) at package import, and the
 PyPI torchvision does not load beside the CPU torch. They are installed with --no-deps
 (tests/oracles.txt); here the few files the tests need are loaded on their own under stub
-packages, with a stand-in ``torchvision`` whose only use (k-diffusion's image utilities) the
-tests never reach.
+packages, with a stand-in ``torchvision`` (while they import) whose only use (k-diffusion's image
+utilities) the tests never reach.
 """
 
+import contextlib
 import importlib.util
 import sys
 import types
 
 
+@contextlib.contextmanager
 def _stand_in_torchvision():
+    """A stand-in ``torchvision`` while k-diffusion's files import, removed after: transformers looks for the
+    real one (``importlib.util.find_spec``), and a module without a spec breaks that look-up."""
     if "torchvision" in sys.modules:
+        yield
         return
     tv = types.ModuleType("torchvision")
     transforms = types.ModuleType("torchvision.transforms")
     functional = types.ModuleType("torchvision.transforms.functional")
     transforms.functional = functional
     tv.transforms = transforms
-    sys.modules.update({"torchvision": tv, "torchvision.transforms": transforms,
-                        "torchvision.transforms.functional": functional})
+    names = {"torchvision": tv, "torchvision.transforms": transforms, "torchvision.transforms.functional": functional}
+    sys.modules.update(names)
+    try:
+        yield
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
 
 
 def _load_files(package, names):
@@ -54,8 +64,8 @@ def _load_files(package, names):
 
 def k_diffusion():
     """(sampling, external) modules of k-diffusion."""
-    _stand_in_torchvision()
-    _, sampling, external = _load_files("k_diffusion", ["utils", "sampling", "external"])
+    with _stand_in_torchvision():
+        _, sampling, external = _load_files("k_diffusion", ["utils", "sampling", "external"])
     return sampling, external
 
 

@@ -92,7 +92,7 @@ def oracle(pipe, name, steps, seeds, schedule="Automatic", ensd=0, guide_outputs
 
     function, _, opts = A1111[name]
     sigmas = a1111_sigmas(denoiser, name, steps, schedule)
-    rng = ImageRNG((4, 8, 8), seeds, ensd)
+    rng = ImageRNG((4, 8, 8), seeds, ensd=ensd)
     x = rng.next() * sigmas[0]
     kwargs = dict(params)
     if opts.get("brownian"):

@@ -5,12 +5,11 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import build_reference_pipeline
 from PIL import Image
+from test_cli import model, pixels, run  # noqa: F401 (model is a fixture)
 
 import sdkit.schedulers as ours
 from sdkit import StableDiffusionPipeline, infotext
-from sdkit.cli import main
 
 # Infotexts in the form A1111 writes them (modules/processing.py create_infotext order, JSON quoting)
 TABLE = [
@@ -94,21 +93,6 @@ def test_what_sdkit_writes_is_what_a1111_writes():
 
 
 # -- regenerating ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return str(build_reference_pipeline(tmp_path_factory.mktemp("tiny-sd1")))
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def pixels(path):
-    return np.asarray(Image.open(path).convert("RGB"))
-
 
 @pytest.mark.parametrize("flags", [
     ["--scheduler", "DPM++ 2M SDE", "--schedule-type", "Karras", "--subseed", "77", "--subseed-strength", "0.4",

@@ -69,10 +69,7 @@ class TimestepScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps, device=None, strength=1.0, **options):
         """Calls at timesteps[-1], ..., timesteps[1]; img2img keeps timesteps[:t_enc], noised at timesteps[t_enc]."""
-        S.check_num_steps(num_inference_steps, self._cfg.num_train_timesteps, type(self).__name__)
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
-        run_options = self.make_options(**options)
+        run_options = self._checked_run(num_inference_steps, strength, options)
         timesteps = self.a1111_timesteps(num_inference_steps)
         start = timesteps[-1:]
         if strength != 1.0:

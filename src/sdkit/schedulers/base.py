@@ -201,6 +201,13 @@ class Scheduler:
         n = plan.pop("num_inference_steps", num_inference_steps)
         return self._make_state(n, device, strength, run_options, **plan)
 
+    def _checked_run(self, num_inference_steps, strength, options):
+        """The run options of a ``set_timesteps`` call, after checking its step count and strength."""
+        S.check_num_steps(num_inference_steps, self._cfg.num_train_timesteps, type(self).__name__)
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
+        return self.make_options(**options)
+
     def _plan(self, num_inference_steps):
         """The run's schedule (DDPM, DDIM: int64 spaced timesteps) and any other state fields."""
         c = self._cfg

@@ -35,14 +35,9 @@ class KDPM2AncestralScheduler(KDiffusionScheduler):
     default_schedule = "karras"
     discard_next_to_last_sigma = True
 
-    def _calls(self, sigmas, options):
-        calls = []
-        for i in range(len(sigmas) - 1):
-            calls.append((i, 0, sigmas[i]))
-            sigma_down, _ = ancestral_step(sigmas[i], sigmas[i + 1], options.eta)
-            if sigma_down != 0:
-                calls.append((i, 1, log_lerp(sigmas[i], sigma_down)))
-        return calls
+    def _second_sigma(self, sigmas, i, options):
+        sigma_down, _ = ancestral_step(sigmas[i], sigmas[i + 1], options.eta)
+        return log_lerp(sigmas[i], sigma_down) if sigma_down != 0 else None
 
     def _step(self, x, denoised, i, stage, sigmas, state, noise):
         o = state.options
@@ -72,13 +67,10 @@ class KDPMPP2SAncestralScheduler(KDiffusionScheduler):
         h = t_next - t
         return t, t_next, t + 1 / 2 * h, h
 
-    def _calls(self, sigmas, options):
-        calls = []
-        for i in range(len(sigmas) - 1):
-            calls.append((i, 0, sigmas[i]))
-            if ancestral_step(sigmas[i], sigmas[i + 1], options.eta)[0] != 0:
-                calls.append((i, 1, sigma_fn(self._times(sigmas, i, options.eta)[2])))
-        return calls
+    def _second_sigma(self, sigmas, i, options):
+        if ancestral_step(sigmas[i], sigmas[i + 1], options.eta)[0] == 0:
+            return None
+        return sigma_fn(self._times(sigmas, i, options.eta)[2])
 
     def _step(self, x, denoised, i, stage, sigmas, state, noise):
         o = state.options

@@ -43,13 +43,8 @@ class KDPMPPSDEScheduler(KDiffusionScheduler):
     default_schedule = "karras"
     options_class = SDEOptions
 
-    def _calls(self, sigmas, options):
-        calls = []
-        for i in range(len(sigmas) - 1):
-            calls.append((i, 0, sigmas[i]))
-            if sigmas[i + 1] != 0:
-                calls.append((i, 1, sigma_fn(times(sigmas, i, options.r)[3])))
-        return calls
+    def _second_sigma(self, sigmas, i, options):
+        return sigma_fn(times(sigmas, i, options.r)[3]) if sigmas[i + 1] != 0 else None
 
     def _step(self, x, denoised, i, stage, sigmas, state, noise):
         o = state.options

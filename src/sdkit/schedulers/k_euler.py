@@ -28,13 +28,8 @@ class KHeunScheduler(ChurnScheduler):
 
     a1111_name = "Heun"
 
-    def _calls(self, sigmas, options):
-        calls = []
-        for i, sigma_hat in self._churn_calls(sigmas, options):
-            calls.append((i, 0, sigma_hat))
-            if sigmas[i + 1] != 0:
-                calls.append((i, 1, sigmas[i + 1]))
-        return calls
+    def _second_sigma(self, sigmas, i, options):
+        return sigmas[i + 1] if sigmas[i + 1] != 0 else None
 
     def _step(self, x, denoised, i, stage, sigmas, state, noise):
         _, sigma_hat = churn(sigmas, i, state.options)
@@ -57,13 +52,8 @@ class KDPM2Scheduler(ChurnScheduler):
     default_schedule = "karras"
     discard_next_to_last_sigma = True
 
-    def _calls(self, sigmas, options):
-        calls = []
-        for i, sigma_hat in self._churn_calls(sigmas, options):
-            calls.append((i, 0, sigma_hat))
-            if sigmas[i + 1] != 0:
-                calls.append((i, 1, log_lerp(sigma_hat, sigmas[i + 1])))
-        return calls
+    def _second_sigma(self, sigmas, i, options):
+        return log_lerp(self._first_sigma(sigmas, i, options), sigmas[i + 1]) if sigmas[i + 1] != 0 else None
 
     def _step(self, x, denoised, i, stage, sigmas, state, noise):
         _, sigma_hat = churn(sigmas, i, state.options)

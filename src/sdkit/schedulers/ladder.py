@@ -202,10 +202,7 @@ class KDiffusionScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps, device=None, strength=1.0, **options):
         """The state of a run: the sigmas (from ``start_index`` for img2img) and every model call's timestep."""
-        S.check_num_steps(num_inference_steps, self._cfg.num_train_timesteps, type(self).__name__)
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
-        run_options = self.make_options(**options)
+        run_options = self._checked_run(num_inference_steps, strength, options)
         sigmas = self.sigmas(num_inference_steps)
         ladder = sigmas[self.start_index(num_inference_steps, strength):]
         if len(ladder) < 2:
@@ -227,8 +224,22 @@ class KDiffusionScheduler(Scheduler):
         return torch.sqrt(1.0 + sigma_max**2.0) if self._cfg.sgm_noise_multiplier else sigma_max
 
     def _calls(self, sigmas, options):
-        """[(i, stage, sigma)] of the model calls: by default one call per step, at sigmas[i]."""
-        return [(i, 0, sigmas[i]) for i in range(len(sigmas) - 1)]
+        """[(i, stage, sigma)] of the model calls: one at ``_first_sigma`` a step, and one at ``_second_sigma`` if any."""
+        calls = []
+        for i in range(len(sigmas) - 1):
+            calls.append((i, 0, self._first_sigma(sigmas, i, options)))
+            second = self._second_sigma(sigmas, i, options)
+            if second is not None:
+                calls.append((i, 1, second))
+        return calls
+
+    def _first_sigma(self, sigmas, i, options):
+        """The sigma of step i's first model call."""
+        return sigmas[i]
+
+    def _second_sigma(self, sigmas, i, options):
+        """The sigma of step i's second model call, or None for a one-call step."""
+        return None
 
     # ---------------------------------------------------------------- the model and a step
     def scale_model_input(self, sample, timestep, state):
@@ -335,12 +346,9 @@ class ChurnScheduler(KDiffusionScheduler):
 
     options_class = ChurnOptions
 
-    def _churn_calls(self, sigmas, options):
-        """(i, sigma_hat) of each step."""
-        return [(i, churn(sigmas, i, options)[1]) for i in range(len(sigmas) - 1)]
-
-    def _calls(self, sigmas, options):
-        return [(i, 0, sigma_hat) for i, sigma_hat in self._churn_calls(sigmas, options)]
+    def _first_sigma(self, sigmas, i, options):
+        """sigma_hat: the step's sigma raised by the churn."""
+        return churn(sigmas, i, options)[1]
 
     def _churned(self, x, sigmas, i, options, noise):
         """x raised from sigmas[i] to sigma_hat with fresh noise (drawn every step once s_churn > 0)."""

@@ -395,3 +395,20 @@ def test_image_k_of_a_batch_is_image_k_made_alone(random_model):
     batch = ours_latents(random_model, "DPM++ 2M SDE", 5, SEED, 2)
     alone = ours_latents(random_model, "DPM++ 2M SDE", 5, SEED + 1, 1)
     assert rel_err(batch[1:], alone) <= 1e-5
+
+
+def test_concurrent_calls_with_their_own_seeds_and_samplers_equal_serial_ones(random_model):
+    """Each call draws from its own SeedNoise and runs its own state: threads change nothing."""
+    jobs = [("Euler a", 3), ("DPM++ SDE", 4), ("DPM++ 2M", 5), ("Heun", 6)]
+    serial = [ours_latents(random_model, name, 4, seed, 2, eta_noise_seed_delta=9) for name, seed in jobs]
+    results = [None] * len(jobs)
+
+    def work(k):
+        results[k] = ours_latents(random_model, jobs[k][0], 4, jobs[k][1], 2, eta_noise_seed_delta=9)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(torch.equal(a, b) for a, b in zip(results, serial))

@@ -5,8 +5,9 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import build_reference_pipeline
 from PIL import Image
-from test_cli import model, pixels, run  # noqa: F401 (model is a fixture)
+from test_cli import pixels, run
 
 import sdkit.schedulers as ours
 from sdkit import StableDiffusionPipeline, infotext
@@ -93,6 +94,11 @@ def test_what_sdkit_writes_is_what_a1111_writes():
 
 
 # -- regenerating ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(build_reference_pipeline(tmp_path_factory.mktemp("sd1")))
+
 
 @pytest.mark.parametrize("flags", [
     ["--scheduler", "DPM++ 2M SDE", "--schedule-type", "Karras", "--subseed", "77", "--subseed-strength", "0.4",

@@ -1,6 +1,7 @@
 """A1111 1.10's parameters text: real infotexts parse into settings and format back to the same text; a
 PNG the CLI wrote regenerates pixel for pixel with --from-png (and with infotext.regenerate)."""
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -105,7 +106,8 @@ def model(tmp_path_factory):
      "--ensd", "31337", "--rng", "nv", "--eta", "0.8"],
     ["--scheduler", "Euler a", "--batch", "2"],
     ["--scheduler", "Euler", "--seed-resize-from", "48x40", "--negative", "blurry, dark"],
-    ["--scheduler", "DDIMScheduler"],
+    ["--scheduler", "DDIMScheduler", "--eta", "0.5"],
+    ["--scheduler", "Heun", "--schedule-type", "Beta", "--ensd", "3"],
 ])
 def test_cli_png_regenerates_identically_from_png(model, tmp_path, capsys, flags):
     out = tmp_path / "out.png"
@@ -166,3 +168,19 @@ def test_regenerate_function_gives_the_cli_pixels(model, tmp_path, capsys):
     assert np.array_equal(np.asarray(image), pixels(out))
     with pytest.warns(UserWarning, match="sdkit ignores these settings of the infotext: Clip skip"):
         infotext.regenerate(TABLE[0][0].replace("Size: 512x768", "Size: 64x64"), pipe, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scheduler", "Euler", "--schedule-type", "Fast"], "unknown --schedule-type 'Fast': use one of Automatic"),
+    (["--schedule-type", "Karras"], "--schedule-type needs an A1111 --scheduler name"),
+    (["--subseed-strength", "0.5"], "subseed_strength needs a subseed"),
+    (["--rng", "amd"], None),
+])
+def test_seed_and_schedule_flags_fail_in_one_line(model, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) if message is None else contextlib.nullcontext():  # argparse refuses --rng
+        code, _, err = run(capsys, "generate", "a circle", "-o", str(tmp_path / "x.png"), "--model", model,
+                           "--steps", "1", "-q", *args)
+    if message is not None:
+        assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+

@@ -253,6 +253,10 @@ def generate(args):
             raise CLIError(f"--{name} {value} {error}")
     if args.schedule_type and not args.scheduler:
         raise CLIError("--schedule-type needs an A1111 --scheduler name, e.g. --scheduler 'DPM++ 2M'")
+    from sdkit.schedulers import SCHEDULE_LABELS, sigma_schedules
+
+    if args.schedule_type and sigma_schedules.schedule_type(args.schedule_type) is None:
+        raise CLIError(f"unknown --schedule-type {args.schedule_type!r}: use one of {', '.join(SCHEDULE_LABELS.values())}")
     scheduler = _scheduler(args.scheduler, pipe.scheduler, args.schedule_type, args.scheduler_config) \
         if args.scheduler else pipe.scheduler
     seed = args.seed if args.seed is not None else random.randrange(2**32)

@@ -198,9 +198,9 @@ def scheduler_fields(scheduler, run_options):
     if c.get("sgm_noise_multiplier"):
         fields.append(("SGM noise multiplier", True))
     defaults = type(scheduler).options_class()
-    labels = {"eta": "Eta DDIM" if scheduler.a1111_name == "DDIM" else "Eta", "s_churn": "Sigma churn",
-              "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"} \
-        if hasattr(scheduler, "a1111_name") else {}
+    # "Eta DDIM" for the samplers whose eta defaults to 0 (DDIM's), "Eta" for the k-diffusion ones (default 1)
+    labels = {"eta": "Eta DDIM" if getattr(defaults, "eta", 0) == 0 else "Eta", "s_churn": "Sigma churn",
+              "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
     for name, label in labels.items():
         value = getattr(run_options, name, None)
         if value is not None and value != getattr(defaults, name):

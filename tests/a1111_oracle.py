@@ -282,3 +282,148 @@ def align_your_steps(n):
     else:
         sigmas.append(0.0)
     return torch.FloatTensor(sigmas)
+
+
+# -- modules/models/diffusion/uni_pc/uni_pc.py (discrete schedule, multistep, B(h) variants) and sd_samplers_timesteps_impl.unipc
+
+def interpolate_fn(x, xp, yp):
+    N, K = x.shape[0], xp.shape[1]
+    all_x = torch.cat([x.unsqueeze(2), xp.unsqueeze(0).repeat((N, 1, 1))], dim=2)
+    sorted_all_x, x_indices = torch.sort(all_x, dim=2)
+    x_idx = torch.argmin(x_indices, dim=2)
+    cand_start_idx = x_idx - 1
+    start_idx = torch.where(torch.eq(x_idx, 0), torch.tensor(1),
+                            torch.where(torch.eq(x_idx, K), torch.tensor(K - 2), cand_start_idx))
+    end_idx = torch.where(torch.eq(start_idx, cand_start_idx), start_idx + 2, start_idx + 1)
+    start_x = torch.gather(sorted_all_x, dim=2, index=start_idx.unsqueeze(2)).squeeze(2)
+    end_x = torch.gather(sorted_all_x, dim=2, index=end_idx.unsqueeze(2)).squeeze(2)
+    start_idx2 = torch.where(torch.eq(x_idx, 0), torch.tensor(0),
+                             torch.where(torch.eq(x_idx, K), torch.tensor(K - 2), cand_start_idx))
+    y_positions_expanded = yp.unsqueeze(0).expand(N, -1, -1)
+    start_y = torch.gather(y_positions_expanded, dim=2, index=start_idx2.unsqueeze(2)).squeeze(2)
+    end_y = torch.gather(y_positions_expanded, dim=2, index=(start_idx2 + 1).unsqueeze(2)).squeeze(2)
+    return start_y + (x - start_x) * (end_y - start_y) / (end_x - start_x)
+
+
+class NoiseScheduleVP:
+    def __init__(self, alphas_cumprod):
+        log_alphas = 0.5 * torch.log(alphas_cumprod)
+        self.total_N, self.T = len(log_alphas), 1.0
+        self.t_array = torch.linspace(0.0, 1.0, self.total_N + 1)[1:].reshape((1, -1))
+        self.log_alpha_array = log_alphas.reshape((1, -1))
+
+    def marginal_log_mean_coeff(self, t):
+        return interpolate_fn(t.reshape((-1, 1)), self.t_array, self.log_alpha_array).reshape((-1))
+
+    def marginal_alpha(self, t):
+        return torch.exp(self.marginal_log_mean_coeff(t))
+
+    def marginal_std(self, t):
+        return torch.sqrt(1.0 - torch.exp(2.0 * self.marginal_log_mean_coeff(t)))
+
+    def marginal_lambda(self, t):
+        log_mean_coeff = self.marginal_log_mean_coeff(t)
+        return log_mean_coeff - 0.5 * torch.log(1.0 - torch.exp(2.0 * log_mean_coeff))
+
+    def inverse_lambda(self, lamb):
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros((1,)), -2.0 * lamb)
+        t = interpolate_fn(log_alpha.reshape((-1, 1)), torch.flip(self.log_alpha_array, [1]),
+                           torch.flip(self.t_array, [1]))
+        return t.reshape((-1,))
+
+
+def expand_dims(v, dims):
+    return v[(...,) + (None,) * (dims - 1)]
+
+
+class UniPC:
+    """UniPC with predict_x0=True, no thresholding, as A1111's UniPCCFG (model called at (t - 1/N) * 1000)."""
+
+    def __init__(self, eps_model, noise_schedule, variant="bh1"):
+        self.eps_model, self.noise_schedule, self.variant = eps_model, noise_schedule, variant
+
+    def model_fn(self, x, t):
+        noise = self.eps_model(x, (t - 1.0 / self.noise_schedule.total_N) * 1000.0)
+        alpha_t, sigma_t = self.noise_schedule.marginal_alpha(t), self.noise_schedule.marginal_std(t)
+        return (x - expand_dims(sigma_t, x.dim()) * noise) / expand_dims(alpha_t, x.dim())
+
+    def get_time_steps(self, skip_type, t_T, t_0, N):
+        if skip_type == "logSNR":
+            lambda_T = self.noise_schedule.marginal_lambda(torch.tensor(t_T))
+            lambda_0 = self.noise_schedule.marginal_lambda(torch.tensor(t_0))
+            return self.noise_schedule.inverse_lambda(torch.linspace(lambda_T.cpu().item(), lambda_0.cpu().item(), N + 1))
+        if skip_type == "time_uniform":
+            return torch.linspace(t_T, t_0, N + 1)
+        return torch.linspace(t_T ** (1.0 / 2), t_0 ** (1.0 / 2), N + 1).pow(2)
+
+    def multistep_uni_pc_bh_update(self, x, model_prev_list, t_prev_list, t, order, x_t=None, use_corrector=True):
+        ns, dims = self.noise_schedule, x.dim()
+        t_prev_0 = t_prev_list[-1]
+        lambda_prev_0, lambda_t = ns.marginal_lambda(t_prev_0), ns.marginal_lambda(t)
+        model_prev_0 = model_prev_list[-1]
+        sigma_prev_0, sigma_t = ns.marginal_std(t_prev_0), ns.marginal_std(t)
+        alpha_t = torch.exp(ns.marginal_log_mean_coeff(t))
+        h = lambda_t - lambda_prev_0
+        rks, D1s = [], []
+        for i in range(1, order):
+            t_prev_i, model_prev_i = t_prev_list[-(i + 1)], model_prev_list[-(i + 1)]
+            rk = ((ns.marginal_lambda(t_prev_i) - lambda_prev_0) / h)[0]
+            rks.append(rk)
+            D1s.append((model_prev_i - model_prev_0) / rk)
+        rks.append(1.0)
+        rks = torch.tensor(rks)
+        R, b = [], []
+        hh = -h[0]
+        h_phi_1 = torch.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        factorial_i = 1
+        B_h = hh if self.variant == "bh1" else torch.expm1(hh)
+        for i in range(1, order + 1):
+            R.append(torch.pow(rks, i - 1))
+            b.append(h_phi_k * factorial_i / B_h)
+            factorial_i *= (i + 1)
+            h_phi_k = h_phi_k / hh - 1 / factorial_i
+        R, b = torch.stack(R), torch.tensor(b)
+        use_predictor = len(D1s) > 0 and x_t is None
+        if len(D1s) > 0:
+            D1s = torch.stack(D1s, dim=1)
+            if x_t is None:
+                rhos_p = torch.tensor([0.5]) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        else:
+            D1s = None
+        if use_corrector:
+            rhos_c = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(R, b)
+        model_t = None
+        x_t_ = expand_dims(sigma_t / sigma_prev_0, dims) * x - expand_dims(alpha_t * h_phi_1, dims) * model_prev_0
+        if x_t is None:
+            pred_res = torch.einsum("k,bkchw->bchw", rhos_p, D1s) if use_predictor else 0
+            x_t = x_t_ - expand_dims(alpha_t * B_h, dims) * pred_res
+        if use_corrector:
+            model_t = self.model_fn(x_t, t)
+            corr_res = torch.einsum("k,bkchw->bchw", rhos_c[:-1], D1s) if D1s is not None else 0
+            D1_t = model_t - model_prev_0
+            x_t = x_t_ - expand_dims(alpha_t * B_h, dims) * (corr_res + rhos_c[-1] * D1_t)
+        return x_t, model_t
+
+    def sample(self, x, steps, t_start=None, order=3, skip_type="time_uniform", lower_order_final=True):
+        t_0 = 1.0 / self.noise_schedule.total_N
+        t_T = self.noise_schedule.T if t_start is None else t_start
+        timesteps = self.get_time_steps(skip_type, t_T, t_0, steps)
+        vec_t = timesteps[0].expand((x.shape[0]))
+        model_prev_list, t_prev_list = [self.model_fn(x, vec_t)], [vec_t]
+        for init_order in range(1, order):
+            vec_t = timesteps[init_order].expand(x.shape[0])
+            x, model_x = self.multistep_uni_pc_bh_update(x, model_prev_list, t_prev_list, vec_t, init_order)
+            model_prev_list.append(model_x)
+            t_prev_list.append(vec_t)
+        for step in range(order, steps + 1):
+            vec_t = timesteps[step].expand(x.shape[0])
+            step_order = min(order, steps + 1 - step) if lower_order_final else order
+            x, model_x = self.multistep_uni_pc_bh_update(x, model_prev_list, t_prev_list, vec_t, step_order,
+                                                         use_corrector=step != steps)
+            for i in range(order - 1):
+                t_prev_list[i], model_prev_list[i] = t_prev_list[i + 1], model_prev_list[i + 1]
+            t_prev_list[-1] = vec_t
+            if step < steps:
+                model_prev_list[-1] = model_x
+        return x

@@ -16,8 +16,8 @@ import warnings
 
 import pytest
 import torch
-from a1111_oracle import (A1111, CompVisModel, ImageRNG, TorchHijack, a1111_ddim, a1111_plms, a1111_restart,
-                          a1111_sigmas, external, ldm_alphas_cumprod, sampling)
+from a1111_oracle import (A1111, CompVisModel, ImageRNG, NoiseScheduleVP, TorchHijack, UniPC, a1111_ddim, a1111_plms,
+                          a1111_restart, a1111_sigmas, external, ldm_alphas_cumprod, sampling)
 from helpers import build_reference_pipeline, rel_err
 
 import sdkit
@@ -302,8 +302,8 @@ def test_names_map_as_a1111_maps_them():
     assert ours.from_name("DPM++ 2M", schedule="Karras").config["schedule_type"] == "karras"
     assert ours.from_name("DPM++ 2M Karras", schedule="Uniform").config["schedule_type"] == "karras"  # name wins
     assert type(ours.from_name("DDIMScheduler")) is ours.DDIMScheduler  # the reference's class by its name
-    with pytest.raises(ValueError, match="Unknown sampler name 'UniPC'.*DPM\\+\\+ 2M"):
-        ours.from_name("UniPC")
+    with pytest.raises(ValueError, match="Unknown sampler name 'DPM fast'.*DPM\\+\\+ 2M"):
+        ours.from_name("DPM fast")
     with pytest.raises(ValueError, match="Unknown schedule type 'Fast'.*Karras"):
         ours.from_name("Euler", schedule="Fast")
     with pytest.raises(ValueError, match="reference class"):
@@ -412,3 +412,33 @@ def test_concurrent_calls_with_their_own_seeds_and_samplers_equal_serial_ones(ra
     for th in threads:
         th.join()
     assert all(torch.equal(a, b) for a, b in zip(results, serial))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("settings", [{}, {"unipc_variant": "bh2"}, {"unipc_skip_type": "time_quadratic"},
+                                      {"unipc_skip_type": "logSNR", "unipc_order": 2},
+                                      {"unipc_lower_order_final": False}])
+def test_unipc_matches_a1111s_uni_pc(request, model, settings):
+    """A1111's UniPC (modules/models/diffusion/uni_pc/uni_pc.py with its UniPCCFG, transcribed in a1111_oracle)."""
+    pipe = request.getfixturevalue(model)
+    scheduler = ours.from_name("UniPC", {**pipe.scheduler.config, **settings})
+    latents = pipe(PROMPT, negative_prompt=NEGATIVE, scheduler=scheduler, seed=SEED, num_images_per_prompt=2,
+                   num_inference_steps=7, guidance_scale=SCALE, guidance_rescale=0.0, output_type="latent").images
+    alphas_cumprod = ldm_alphas_cumprod(pipe.scheduler.config)
+    unet = guided(pipe, 2)
+
+    def eps(x, t):  # A1111's CompVisTimestepsVDenoiser for v models
+        out = unet(x, t)
+        if pipe.scheduler.config["prediction_type"] != "v_prediction":
+            return out
+        i = t.to(torch.int)
+        return alphas_cumprod.sqrt()[i, None, None, None] * out + (1 - alphas_cumprod).sqrt()[i, None, None, None] * x
+
+    sampler = UniPC(eps, NoiseScheduleVP(alphas_cumprod), settings.get("unipc_variant", "bh1"))
+    with torch.inference_mode():
+        steps = len(range(0, 1000, 1000 // 7))  # A1111 runs UniPC over len(get_timesteps(p, 7)) = 8 steps
+        expected = sampler.sample(ImageRNG((4, 8, 8), [SEED, SEED + 1]).next(), steps,
+                                  order=settings.get("unipc_order", 3),
+                                  skip_type=settings.get("unipc_skip_type", "time_uniform"),
+                                  lower_order_final=settings.get("unipc_lower_order_final", True))
+    assert rel_err(latents, expected) <= TOL

@@ -20,13 +20,13 @@ FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A
 SIZE = re.compile(r"^(\d+)x(\d+)$")
 INTEGER = re.compile(r"^-?\d+$")
 
-INT_FIELDS = ("Steps", "Seed", "Clip skip", "ENSD", "Variation seed")
+INT_FIELDS = ("Steps", "Seed", "Clip skip", "ENSD", "Variation seed", "UniPC order")
 NUMBER_FIELDS = ("CFG scale", "Denoising strength", "Variation seed strength", "Eta", "Eta DDIM", "Sigma churn",
                  "Sigma tmin", "Sigma tmax", "Sigma noise", "Schedule rho", "Schedule min sigma", "Schedule max sigma",
                  "Beta schedule alpha", "Beta schedule beta", "CFG Rescale phi")
 SIZE_FIELDS = ("Size", "Seed resize from")
 HASH_FIELDS = ("Lora hashes", "TI hashes")
-FLAG_FIELDS = ("Discard penultimate sigma", "SGM noise multiplier", "Downcast alphas_cumprod")
+FLAG_FIELDS = ("Discard penultimate sigma", "SGM noise multiplier", "Downcast alphas_cumprod", "UniPC lower order final")
 
 # fields that change nothing sdkit draws, and the ones it honours (anything else is reported)
 INFORMATIONAL = ("Model hash", "Model", "Version", "User", "Init image hash")
@@ -34,7 +34,8 @@ HONOURED = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "D
             "Variation seed", "Variation seed strength", "Seed resize from", "RNG", "Eta", "Eta DDIM", "Sigma churn",
             "Sigma tmin", "Sigma tmax", "Sigma noise", "Schedule rho", "Schedule min sigma", "Schedule max sigma",
             "Beta schedule alpha", "Beta schedule beta", "Discard penultimate sigma", "SGM noise multiplier",
-            "Noise Schedule", "Downcast alphas_cumprod", "CFG Rescale phi")
+            "Noise Schedule", "Downcast alphas_cumprod", "CFG Rescale phi", "UniPC variant", "UniPC skip type",
+            "UniPC order", "UniPC lower order final")
 ZERO_SNR = "Zero Terminal SNR"
 V170_TSNR = (1, 7, 0, 225)  # A1111 versions before v1.7.0-225 sampled with float16 alpha_bar
 
@@ -197,6 +198,9 @@ def scheduler_fields(scheduler, run_options):
         fields += [("Beta schedule alpha", c["beta_alpha"]), ("Beta schedule beta", c["beta_beta"])]
     if c.get("sgm_noise_multiplier"):
         fields.append(("SGM noise multiplier", True))
+    unipc = (("unipc_variant", "UniPC variant", "bh1"), ("unipc_skip_type", "UniPC skip type", "time_uniform"),
+             ("unipc_order", "UniPC order", 3), ("unipc_lower_order_final", "UniPC lower order final", True))
+    fields += [(label, c[key]) for key, label, default in unipc if key in c and c[key] != default]
     defaults = type(scheduler).options_class()
     # "Eta DDIM" for the samplers whose eta defaults to 0 (DDIM's), "Eta" for the k-diffusion ones (default 1)
     labels = {"eta": "Eta DDIM" if getattr(defaults, "eta", 0) == 0 else "Eta", "s_churn": "Sigma churn",
@@ -258,6 +262,8 @@ def generation_settings(info):
         "rho": info.get("Schedule rho"), "sigma_min": info.get("Schedule min sigma"),
         "sigma_max": info.get("Schedule max sigma"),
         "beta_alpha": info.get("Beta schedule alpha", 0.6), "beta_beta": info.get("Beta schedule beta", 0.6),
+        "unipc_variant": info.get("UniPC variant"), "unipc_skip_type": info.get("UniPC skip type"),
+        "unipc_order": info.get("UniPC order"), "unipc_lower_order_final": info.get("UniPC lower order final"),
     }
     width, height = info.get("Size", (None, None))
     resize_w, resize_h = info.get("Seed resize from", (0, 0))

@@ -12,6 +12,7 @@ The reference's classes (DDIMScheduler, ...) sample as the reference does; A1111
 """
 
 from .a1111_timesteps import A1111DDIMScheduler, A1111PLMSScheduler
+from .a1111_unipc import A1111UniPCScheduler
 from .base import Scheduler, SchedulerOutput, SchedulerState, SigmaScheduler
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
@@ -42,6 +43,6 @@ __all__ = [
     "KDiffusionScheduler", "KEulerScheduler", "KEulerAncestralScheduler", "KHeunScheduler", "KDPM2Scheduler",
     "KDPM2AncestralScheduler", "KDPMPP2SAncestralScheduler", "KDPMPP2MScheduler", "KDPMPPSDEScheduler",
     "KDPMPP2MSDEScheduler", "KDPMPP3MSDEScheduler", "KLMSScheduler", "KRestartScheduler", "KLCMScheduler",
-    "A1111DDIMScheduler", "A1111PLMSScheduler", "A1111_CLASSES", "A1111_SAMPLERS", "SCHEDULE_LABELS",
+    "A1111DDIMScheduler", "A1111PLMSScheduler", "A1111UniPCScheduler", "A1111_CLASSES", "A1111_SAMPLERS", "SCHEDULE_LABELS",
     "SCHEDULE_TYPES", "a1111_schedule", "split_sampler_name",
 ]

@@ -6,6 +6,7 @@ The rule: a reference class name (``DDIMScheduler``) gives the reference's sampl
 
 from . import sigma_schedules as K
 from .a1111_timesteps import A1111DDIMScheduler, A1111PLMSScheduler
+from .a1111_unipc import A1111UniPCScheduler
 from .base import Scheduler, _load_config_dict
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
@@ -45,6 +46,7 @@ A1111_SAMPLERS = {
     "Restart": (KRestartScheduler, {}, ("restart",)),
     "DDIM": (A1111DDIMScheduler, {}, ("ddim",)),
     "PLMS": (A1111PLMSScheduler, {}, ("plms",)),
+    "UniPC": (A1111UniPCScheduler, {}, ("unipc",)),
     "LCM": (KLCMScheduler, {}, ("k_lcm",)),
 }
 SAMPLER_NAMES = tuple(A1111_SAMPLERS)

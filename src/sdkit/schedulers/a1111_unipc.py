@@ -107,7 +107,7 @@ class A1111UniPCScheduler(TimestepScheduler):
             t_T = timesteps[-1] / 1000 + 1 / 1000 if len(timesteps) else 1.0
         n = len(timesteps)
         if n < max(self._cfg.unipc_order, 1):
-            raise ValueError(f"UniPC order {self._cfg.unipc_order} must be below the number of sampling steps "
+            raise ValueError(f"UniPC order {self._cfg.unipc_order} must not exceed the number of sampling steps "
                              f"({n} here); use more steps or strength, or a lower unipc_order.")
         times = self._times(t_T, n)
         schedule = torch.stack([(t - 1.0 / self.vp.total_N) * 1000.0 for t in times[:-1]])

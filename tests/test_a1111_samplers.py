@@ -40,8 +40,13 @@ def bundled():
 
 
 @pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    pipe = StableDiffusionPipeline.from_pretrained(build_reference_pipeline(tmp_path_factory.mktemp("sd1")))
+def random_folder(tmp_path_factory):
+    return build_reference_pipeline(tmp_path_factory.mktemp("sd1"))
+
+
+@pytest.fixture(scope="module")
+def random_model(random_folder):
+    pipe = StableDiffusionPipeline.from_pretrained(random_folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -189,20 +194,27 @@ def guided(pipe, batch):
     return model_out
 
 
+def guided_eps(pipe, batch, alphas_cumprod):
+    """The guided eps of A1111's timestep samplers (CompVisTimestepsVDenoiser converts v at the integer timestep)."""
+    unet = guided(pipe, batch)
+
+    def eps(x, t):
+        out = unet(x, t)
+        if pipe.scheduler.config["prediction_type"] != "v_prediction":
+            return out
+        i = t.to(torch.int)
+        return alphas_cumprod.sqrt()[i, None, None, None] * out + (1 - alphas_cumprod).sqrt()[i, None, None, None] * x
+
+    return eps
+
+
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("name, eta", [("DDIM", 0.0), ("DDIM", 0.6), ("PLMS", None)])
 def test_a1111_ddim_and_plms_match_a1111s_functions(request, model, name, eta):
     pipe = request.getfixturevalue(model)
     latents = ours_latents(pipe, name, 8, SEED, 2, eta=eta, eta_noise_seed_delta=7)
     alphas_cumprod = ldm_alphas_cumprod(pipe.scheduler.config)
-    unet = guided(pipe, 2)
-
-    def eps(x, t):  # A1111's CompVisTimestepsVDenoiser for v models
-        out = unet(x, t)
-        if pipe.scheduler.config["prediction_type"] != "v_prediction":
-            return out
-        i = t.to(torch.int)
-        return alphas_cumprod.sqrt()[i, None, None, None] * out + (1 - alphas_cumprod).sqrt()[i, None, None, None] * x
+    eps = guided_eps(pipe, 2, alphas_cumprod)
 
     timesteps = torch.clip(torch.arange(0, 1000, 1000 // 8) + 1, 0, 999)
     rng = ImageRNG((4, 8, 8), [SEED, SEED + 1], ensd=7)
@@ -371,23 +383,32 @@ def test_a1111_samplers_keep_the_contract(name):
         sch.set_timesteps(4, bogus=1)
 
 
-@pytest.mark.parametrize("name", ["Euler a", "DPM++ SDE", "Heun"])
-def test_threads_sharing_one_a1111_sampler_match_serial_runs(name):
-    sch = ours.from_name(name, {"beta_schedule": "scaled_linear"})
-    jobs = [(4, 0), (7, 1), (5, 2), (6, 3)]
-    options = {"s_churn": 1.0} if name == "Heun" else {}
-    serial = [toy_run(sch, n, seed, **options) for n, seed in jobs]
+def in_threads(work, jobs):
+    """work(*job) for every job, all at once in threads; the results in the jobs' order."""
     results = [None] * len(jobs)
 
-    def work(k):
-        results[k] = toy_run(sch, *jobs[k], **options)
+    def run(k):
+        results[k] = work(*jobs[k])
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(jobs))]
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    assert all(torch.equal(a, b) for a, b in zip(results, serial))
+    return results
+
+
+@pytest.mark.parametrize("name", ["Euler a", "DPM++ SDE", "Heun"])
+def test_threads_sharing_one_a1111_sampler_match_serial_runs(name):
+    sch = ours.from_name(name, {"beta_schedule": "scaled_linear"})
+    options = {"s_churn": 1.0} if name == "Heun" else {}
+    jobs = [(4, 0), (7, 1), (5, 2), (6, 3)]
+
+    def work(n, seed):
+        return toy_run(sch, n, seed, **options)
+
+    serial = [work(*job) for job in jobs]
+    assert all(torch.equal(a, b) for a, b in zip(in_threads(work, jobs), serial))
 
 
 def test_image_k_of_a_batch_is_image_k_made_alone(random_model):
@@ -400,18 +421,12 @@ def test_image_k_of_a_batch_is_image_k_made_alone(random_model):
 def test_concurrent_calls_with_their_own_seeds_and_samplers_equal_serial_ones(random_model):
     """Each call draws from its own SeedNoise and runs its own state: threads change nothing."""
     jobs = [("Euler a", 3), ("DPM++ SDE", 4), ("DPM++ 2M", 5), ("Heun", 6)]
-    serial = [ours_latents(random_model, name, 4, seed, 2, eta_noise_seed_delta=9) for name, seed in jobs]
-    results = [None] * len(jobs)
 
-    def work(k):
-        results[k] = ours_latents(random_model, jobs[k][0], 4, jobs[k][1], 2, eta_noise_seed_delta=9)
+    def work(name, seed):
+        return ours_latents(random_model, name, 4, seed, 2, eta_noise_seed_delta=9)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(jobs))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert all(torch.equal(a, b) for a, b in zip(results, serial))
+    serial = [work(*job) for job in jobs]
+    assert all(torch.equal(a, b) for a, b in zip(in_threads(work, jobs), serial))
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -425,14 +440,7 @@ def test_unipc_matches_a1111s_uni_pc(request, model, settings):
     latents = pipe(PROMPT, negative_prompt=NEGATIVE, scheduler=scheduler, seed=SEED, num_images_per_prompt=2,
                    num_inference_steps=7, guidance_scale=SCALE, guidance_rescale=0.0, output_type="latent").images
     alphas_cumprod = ldm_alphas_cumprod(pipe.scheduler.config)
-    unet = guided(pipe, 2)
-
-    def eps(x, t):  # A1111's CompVisTimestepsVDenoiser for v models
-        out = unet(x, t)
-        if pipe.scheduler.config["prediction_type"] != "v_prediction":
-            return out
-        i = t.to(torch.int)
-        return alphas_cumprod.sqrt()[i, None, None, None] * out + (1 - alphas_cumprod).sqrt()[i, None, None, None] * x
+    eps = guided_eps(pipe, 2, alphas_cumprod)
 
     sampler = UniPC(eps, NoiseScheduleVP(alphas_cumprod), settings.get("unipc_variant", "bh1"))
     with torch.inference_mode():
@@ -442,3 +450,16 @@ def test_unipc_matches_a1111s_uni_pc(request, model, settings):
                                   skip_type=settings.get("unipc_skip_type", "time_uniform"),
                                   lower_order_final=settings.get("unipc_lower_order_final", True))
     assert rel_err(latents, expected) <= TOL
+
+
+def test_the_unet_takes_the_continuous_timesteps_as_the_reference_does(random_folder, random_model):
+    """k-diffusion calls the UNet at fractional timesteps: sdkit's UNet embeds them as diffusers' does."""
+    import diffusers
+
+    ref = diffusers.UNet2DConditionModel.from_pretrained(random_folder, subfolder="unet").eval()
+    unet = random_model.unet
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32)
+    t = torch.tensor([437.3125, 12.75])
+    with torch.inference_mode():
+        assert rel_err(unet(x, t, context), ref(x, t, context).sample) <= TOL
+        assert not torch.equal(unet(x, t, context), unet(x, t.round(), context))

@@ -180,8 +180,10 @@ def _from_png(args, given):
         "guidance": call["guidance_scale"], "seed": call["seed"], "width": call["width"], "height": call["height"],
         "scheduler": sampler, "schedule_type": schedule if sampler not in _class_names() else None,
         "rng": call["rng"], "subseed": call.get("subseed"), "subseed_strength": call.get("subseed_strength", 0.0),
-        "ensd": call["eta_noise_seed_delta"], "eta": call.get("eta"), "guidance_rescale": call.get("guidance_rescale", 0.0),
-        "seed_resize_from": (call["seed_resize_from_w"], call["seed_resize_from_h"]) if call["seed_resize_from_w"] else None,
+        "ensd": call["eta_noise_seed_delta"], "eta": call.get("eta"),
+        "guidance_rescale": call.get("guidance_rescale", 0.0),
+        "seed_resize_from": (call["seed_resize_from_w"], call["seed_resize_from_h"]) if call["seed_resize_from_w"]
+        else None,
         "scheduler_options": call.get("scheduler_options"), "strength": call.get("strength", args.strength),
     }
     for name, value in values.items():
@@ -256,7 +258,8 @@ def generate(args):
     from sdkit.schedulers import SCHEDULE_LABELS, sigma_schedules
 
     if args.schedule_type and sigma_schedules.schedule_type(args.schedule_type) is None:
-        raise CLIError(f"unknown --schedule-type {args.schedule_type!r}: use one of {', '.join(SCHEDULE_LABELS.values())}")
+        raise CLIError(f"unknown --schedule-type {args.schedule_type!r}: use one of "
+                       f"{', '.join(SCHEDULE_LABELS.values())}")
     scheduler = _scheduler(args.scheduler, pipe.scheduler, args.schedule_type, args.scheduler_config) \
         if args.scheduler else pipe.scheduler
     seed = args.seed if args.seed is not None else random.randrange(2**32)

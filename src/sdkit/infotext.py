@@ -26,7 +26,8 @@ NUMBER_FIELDS = ("CFG scale", "Denoising strength", "Variation seed strength", "
                  "Beta schedule alpha", "Beta schedule beta", "CFG Rescale phi")
 SIZE_FIELDS = ("Size", "Seed resize from")
 HASH_FIELDS = ("Lora hashes", "TI hashes")
-FLAG_FIELDS = ("Discard penultimate sigma", "SGM noise multiplier", "Downcast alphas_cumprod", "UniPC lower order final")
+FLAG_FIELDS = ("Discard penultimate sigma", "SGM noise multiplier", "Downcast alphas_cumprod",
+               "UniPC lower order final")
 
 # fields that change nothing sdkit draws, and the ones it honours (anything else is reported)
 INFORMATIONAL = ("Model hash", "Model", "Version", "User", "Init image hash")
@@ -191,7 +192,8 @@ def scheduler_fields(scheduler, run_options):
         fields.append(("Noise Schedule", ZERO_SNR))
     if c.get("discard_penultimate_sigma"):
         fields.append(("Discard penultimate sigma", True))
-    for key, label in (("sigma_min", "Schedule min sigma"), ("sigma_max", "Schedule max sigma"), ("rho", "Schedule rho")):
+    for key, label in (("sigma_min", "Schedule min sigma"), ("sigma_max", "Schedule max sigma"),
+                       ("rho", "Schedule rho")):
         if c.get(key):
             fields.append((label, c[key]))
     if getattr(scheduler, "schedule_name", None) == "beta":
@@ -228,8 +230,10 @@ def create(prompt, negative_prompt, *, steps, scheduler, cfg_scale, seed, width,
         ("Steps", steps), ("Sampler", a1111_name(scheduler)), ("Schedule type", a1111_schedule(scheduler)),
         ("CFG scale", cfg_scale), ("Seed", seed), ("Size", (width, height)), ("Model hash", model_hash),
         ("Model", model), ("Variation seed", subseed if subseed_strength else None),
-        ("Variation seed strength", subseed_strength or None), ("Seed resize from", (w, h) if w > 0 and h > 0 else None),
-        ("Denoising strength", denoising_strength), ("ENSD", ensd or None), ("RNG", None if rng == "gpu" else rng.upper()),
+        ("Variation seed strength", subseed_strength or None),
+        ("Seed resize from", (w, h) if w > 0 and h > 0 else None),
+        ("Denoising strength", denoising_strength), ("ENSD", ensd or None),
+        ("RNG", None if rng == "gpu" else rng.upper()),
         *scheduler_fields(scheduler, options), *extra, ("Version", version),
     ]
     return Infotext(prompt, negative_prompt or "", tuple((k, _write(v)) for k, v in fields if v is not None))
@@ -256,7 +260,8 @@ def generation_settings(info):
     version = _version_tuple(info.get("Version"))
     config = {
         "rescale_betas_zero_snr": info.get("Noise Schedule") == ZERO_SNR,
-        "downcast_alphas_cumprod": bool(info.get("Downcast alphas_cumprod")) or (version is not None and version < V170_TSNR),
+        "downcast_alphas_cumprod": bool(info.get("Downcast alphas_cumprod"))
+        or (version is not None and version < V170_TSNR),
         "discard_penultimate_sigma": bool(info.get("Discard penultimate sigma")),
         "sgm_noise_multiplier": bool(info.get("SGM noise multiplier")),
         "rho": info.get("Schedule rho"), "sigma_min": info.get("Schedule min sigma"),

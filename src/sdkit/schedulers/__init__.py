@@ -43,6 +43,7 @@ __all__ = [
     "KDiffusionScheduler", "KEulerScheduler", "KEulerAncestralScheduler", "KHeunScheduler", "KDPM2Scheduler",
     "KDPM2AncestralScheduler", "KDPMPP2SAncestralScheduler", "KDPMPP2MScheduler", "KDPMPPSDEScheduler",
     "KDPMPP2MSDEScheduler", "KDPMPP3MSDEScheduler", "KLMSScheduler", "KRestartScheduler", "KLCMScheduler",
-    "A1111DDIMScheduler", "A1111PLMSScheduler", "A1111UniPCScheduler", "A1111_CLASSES", "A1111_SAMPLERS", "SCHEDULE_LABELS",
+    "A1111DDIMScheduler", "A1111PLMSScheduler", "A1111UniPCScheduler", "A1111_CLASSES", "A1111_SAMPLERS",
+    "SCHEDULE_LABELS",
     "SCHEDULE_TYPES", "a1111_schedule", "split_sampler_name",
 ]

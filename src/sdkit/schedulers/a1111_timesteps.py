@@ -112,7 +112,7 @@ class TimestepScheduler(Scheduler):
 
     @staticmethod
     def _update(x, e_t, coefficients, sigma_t=0.0):
-        """(x_prev, pred_x0): x_prev = sqrt(a_prev) pred_x0 + sqrt(1 - a_prev - sigma_t^2) e_t (Song et al. 2020, eq. 12)."""
+        """(x_prev, pred_x0): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) e_t (Song et al. 2020, eq. 12)."""
         a_t, a_prev, sqrt_one_minus_at = coefficients[:3]
         pred_x0 = (x - sqrt_one_minus_at * e_t) / a_t.sqrt()
         dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * e_t

@@ -175,7 +175,8 @@ class A1111UniPCScheduler(TimestepScheduler):
         D1s = torch.stack(D1s, dim=1) if D1s else None  # (B, K, C, H, W)
 
         # 3. the predictor, or the corrector with the model's value at t
-        x_t_ = (sigma_t / sigma_prev_0)[:, None, None, None] * x - (alpha_t * h_phi_1)[:, None, None, None] * model_prev_0
+        x_t_ = (sigma_t / sigma_prev_0)[:, None, None, None] * x \
+            - (alpha_t * h_phi_1)[:, None, None, None] * model_prev_0
         scale = (alpha_t * B_h)[:, None, None, None]
         if model_t is None:
             pred_res = 0

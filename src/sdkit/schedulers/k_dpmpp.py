@@ -67,7 +67,8 @@ class KDPMPP2MSDEScheduler(KDiffusionScheduler):
             else:
                 x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
         if o.eta:
-            x = x + noise.between(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * o.s_noise
+            W = noise.between(sigmas[i], sigmas[i + 1])
+            x = x + W * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * o.s_noise
         return x, {"history": (denoised, h)}
 
 
@@ -103,5 +104,6 @@ class KDPMPP3MSDEScheduler(KDiffusionScheduler):
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 x = x + phi_2 * d
             if o.eta:
-                x = x + noise.between(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * o.eta).expm1().neg().sqrt() * o.s_noise
+                W = noise.between(sigmas[i], sigmas[i + 1])
+                x = x + W * sigmas[i + 1] * (-2 * h * o.eta).expm1().neg().sqrt() * o.s_noise
         return x, {"history": (denoised, denoised_1, h, h_1)}

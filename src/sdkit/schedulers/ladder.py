@@ -224,7 +224,7 @@ class KDiffusionScheduler(Scheduler):
         return torch.sqrt(1.0 + sigma_max**2.0) if self._cfg.sgm_noise_multiplier else sigma_max
 
     def _calls(self, sigmas, options):
-        """[(i, stage, sigma)] of the model calls: one at ``_first_sigma`` a step, and one at ``_second_sigma`` if any."""
+        """[(i, stage, sigma)] of the model calls: one at ``_first_sigma`` a step, a second at ``_second_sigma``."""
         calls = []
         for i in range(len(sigmas) - 1):
             calls.append((i, 0, self._first_sigma(sigmas, i, options)))

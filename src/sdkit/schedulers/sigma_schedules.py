@@ -15,7 +15,7 @@ sigma_min, as in A1111). ``ladder`` is the model's own discrete noise levels (:c
 | simple           | Simple           | every (T / n)-th sigma of the ladder from the top                        |
 | normal           | Normal           | timesteps spaced between sigma_max's and sigma_min's                     |
 | ddim             | DDIM             | the ladder at DDIM's timesteps 1, 1 + T // n, ...                        |
-| beta             | Beta             | the Beta(alpha, beta) quantiles of the ramp (Lee et al. 2024, arXiv 2407.12173) |
+| beta             | Beta             | Beta(alpha, beta) quantiles of the ramp (Lee et al. 2024, arXiv 2407.12173) |
 """
 
 import math

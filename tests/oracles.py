@@ -14,18 +14,28 @@ import types
 
 
 @contextlib.contextmanager
-def _stand_in_torchvision():
-    """A stand-in ``torchvision`` while k-diffusion's files import, removed after: transformers looks for the
-    real one (``importlib.util.find_spec``), and a module without a spec breaks that look-up."""
+def _stand_in_torchvision(ops=False):
+    """A stand-in ``torchvision`` while the reference files import, removed after: transformers looks for the
+    real one (``importlib.util.find_spec``), and a module without a spec breaks that look-up. With ``ops``,
+    the ``torchvision.ops.misc.FrozenBatchNorm2d`` open_clip's utils import (for image towers the tests
+    never build)."""
     if "torchvision" in sys.modules:
         yield
         return
+    from torch import nn
+
     tv = types.ModuleType("torchvision")
     transforms = types.ModuleType("torchvision.transforms")
     functional = types.ModuleType("torchvision.transforms.functional")
     transforms.functional = functional
     tv.transforms = transforms
     names = {"torchvision": tv, "torchvision.transforms": transforms, "torchvision.transforms.functional": functional}
+    if ops:
+        tv_ops, misc = types.ModuleType("torchvision.ops"), types.ModuleType("torchvision.ops.misc")
+        misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (nn.Module,), {})
+        tv_ops.misc = misc
+        tv.ops = tv_ops
+        names.update({"torchvision.ops": tv_ops, "torchvision.ops.misc": misc})
     sys.modules.update(names)
     try:
         yield
@@ -36,9 +46,8 @@ def _stand_in_torchvision():
 
 def _load_files(package, names):
     """Import ``package.<name>`` for each name from the installed files, with a stub package."""
-    loaded = sys.modules.get(package)
-    if getattr(loaded, "_sdkit_stub", False):  # a second call: the stub has no import spec
-        folder = loaded.__path__[0]
+    if getattr(sys.modules.get(package), "_sdkit_stub", False):  # a second call: the stub is in place
+        folder = sys.modules[package].__path__[0]
     else:
         spec = importlib.util.find_spec(package)
         if spec is None:
@@ -73,3 +82,10 @@ def open_clip_tokenizer():
     """open_clip's tokenizer module (``tokenize``, ``SimpleTokenizer``)."""
     (tokenizer,) = _load_files("open_clip", ["tokenizer"])
     return tokenizer
+
+
+def open_clip_transformer():
+    """open_clip's transformer module (``TextTransformer``: the text tower SD 2 conditions on)."""
+    with _stand_in_torchvision(ops=True):
+        *_, transformer = _load_files("open_clip", ["utils", "pos_embed", "transformer"])
+    return transformer

@@ -116,7 +116,7 @@ def test_pipeline_seed_options_are_checked():
         (dict(seed=1, subseed_strength=0.5), "subseed_strength needs a subseed"),
         (dict(seed=1, rng="amd"), "rng='amd' is not a random number source"),
         (dict(subseed=3), "need A1111 seeds: pass seed"),
-        (dict(seed=-1), "seed must be a whole number in \\[0, 2\\*\\*32\\)"),
+        (dict(seed=-1), "seed must be a whole number in \\[0, 2\\*\\*64\\)"),
         (dict(seed=1, seed_resize_from_w=-8), "seed_resize_from_w must be a whole number"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -6,7 +6,8 @@ The text is the prompt, an optional "Negative prompt: ..." (both may span lines)
 parse_generation_parameters). :func:`parse` reads it into an :class:`Infotext` whose ``text``
 gives back the same string; :func:`generation_settings` turns it into sdkit call options, naming
 the fields sdkit cannot honour (Hires fix, ADetailer, ControlNet, LoRA, ...); :func:`regenerate`
-runs them.
+runs them. An infotext means A1111's prompt syntax (``prompt_syntax="a1111"``, "Clip skip" as
+``clip_stop_at_last_layers``).
 """
 
 import dataclasses
@@ -31,7 +32,7 @@ FLAG_FIELDS = ("Discard penultimate sigma", "SGM noise multiplier", "Downcast al
 
 # fields that change nothing sdkit draws, and the ones it honours (anything else is reported)
 INFORMATIONAL = ("Model hash", "Model", "Version", "User", "Init image hash")
-HONOURED = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "ENSD",
+HONOURED = ("Steps", "Sampler", "Clip skip", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "ENSD",
             "Variation seed", "Variation seed strength", "Seed resize from", "RNG", "Eta", "Eta DDIM", "Sigma churn",
             "Sigma tmin", "Sigma tmax", "Sigma noise", "Schedule rho", "Schedule min sigma", "Schedule max sigma",
             "Beta schedule alpha", "Beta schedule beta", "Discard penultimate sigma", "SGM noise multiplier",
@@ -135,7 +136,7 @@ class Infotext:
         """The fields sdkit does not honour (Hires fix, ADetailer, ControlNet, LoRA and TI hashes, ...)."""
         out = []
         for key, _ in self.fields:
-            if key in HONOURED or key in INFORMATIONAL or (key == "Clip skip" and self.get(key) == 1):
+            if key in HONOURED or key in INFORMATIONAL:
                 continue
             if key == "Denoising strength" and "Hires upscale" in self:
                 continue  # the Hires fix's strength: reported with the Hires fields
@@ -215,7 +216,7 @@ def scheduler_fields(scheduler, run_options):
 
 
 def create(prompt, negative_prompt, *, steps, scheduler, cfg_scale, seed, width, height, run_options=None,
-           model=None, model_hash=None, denoising_strength=None, subseed=None, subseed_strength=0.0,
+           model=None, model_hash=None, denoising_strength=None, clip_skip=None, subseed=None, subseed_strength=0.0,
            seed_resize_from=(0, 0), ensd=0, rng="gpu", extra=(), version=None):
     """The :class:`Infotext` of one image, fields in the order A1111's create_infotext writes them.
 
@@ -232,7 +233,7 @@ def create(prompt, negative_prompt, *, steps, scheduler, cfg_scale, seed, width,
         ("Model", model), ("Variation seed", subseed if subseed_strength else None),
         ("Variation seed strength", subseed_strength or None),
         ("Seed resize from", (w, h) if w > 0 and h > 0 else None),
-        ("Denoising strength", denoising_strength), ("ENSD", ensd or None),
+        ("Denoising strength", denoising_strength), ("Clip skip", clip_skip), ("ENSD", ensd or None),
         ("RNG", None if rng == "gpu" else rng.upper()),
         *scheduler_fields(scheduler, options), *extra, ("Version", version),
     ]
@@ -273,7 +274,7 @@ def generation_settings(info):
     width, height = info.get("Size", (None, None))
     resize_w, resize_h = info.get("Seed resize from", (0, 0))
     call = {
-        "prompt": info.prompt, "negative_prompt": info.negative_prompt or None,
+        "prompt": info.prompt, "negative_prompt": info.negative_prompt or None, "prompt_syntax": "a1111",
         "num_inference_steps": info.get("Steps", 20), "guidance_scale": info.get("CFG scale", 7.0),
         "width": width, "height": height, "seed": info.get("Seed"),
         "rng": str(info.get("RNG", "GPU")).lower(), "eta_noise_seed_delta": info.get("ENSD", 0),
@@ -283,6 +284,8 @@ def generation_settings(info):
         call.update(subseed=info.get("Variation seed"), subseed_strength=info.get("Variation seed strength"))
     if "Denoising strength" in info and "Hires upscale" not in info:
         call["strength"] = info.get("Denoising strength")
+    if info.get("Clip skip", 1) > 1:
+        call["clip_stop_at_last_layers"] = info.get("Clip skip")
     if "CFG Rescale phi" in info:
         call["guidance_rescale"] = info.get("CFG Rescale phi")
     eta = info.get("Eta DDIM") if "Eta DDIM" in info else info.get("Eta")

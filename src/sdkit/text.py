@@ -1,12 +1,15 @@
 """Prompt encoding with transformers' CLIP tokenizer and text encoder, as Stable Diffusion does it.
 
 Prompts are padded (and truncated) to ``tokenizer.model_max_length`` and the UNet is conditioned
-on the text encoder's ``last_hidden_state`` (Rombach et al. 2022, LDM). Tokenization holds a lock:
-a fast (Rust) tokenizer shared between threads otherwise fails with "Already borrowed".
+on the text encoder's ``last_hidden_state`` (Rombach et al. 2022, LDM). Tokenizers that pad with
+"!" (SD 2, OpenCLIP) read prompts as OpenCLIP does (``clip_vocab.prepare``). Tokenization holds a
+lock: a fast (Rust) tokenizer shared between threads otherwise fails with "Already borrowed".
 """
 
 import threading
 import warnings
+
+from .clip_vocab import prepare
 
 _TOKENIZER_LOCK = threading.Lock()
 
@@ -14,10 +17,11 @@ _TOKENIZER_LOCK = threading.Lock()
 def tokenize(tokenizer, texts):
     """Token ids (B, model_max_length) for a list of strings; warns when a prompt is cut short."""
     max_length = tokenizer.model_max_length
+    texts, options = prepare(tokenizer, texts)
     with _TOKENIZER_LOCK:
         ids = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+                        return_tensors="pt", **options).input_ids
+        full = tokenizer(texts, padding="longest", return_tensors="pt", **options).input_ids
         if full.shape[-1] > max_length:
             removed = tokenizer.batch_decode(full[:, max_length - 1:-1])
     if full.shape[-1] > max_length:
@@ -27,29 +31,51 @@ def tokenize(tokenizer, texts):
     return ids
 
 
-def encode_text(text_encoder, tokenizer, texts, device=None, dtype=None):
-    """(B, T, D) hidden states of the text encoder's last layer for a list of strings."""
+def hidden_states(text_encoder, ids, layer=1, attention_mask=None):
+    """(B, T, D) text features: the last layer's (``layer=1``), else hidden state ``-layer`` put
+    through the final layer norm, as both A1111 (``CLIP_stop_at_last_layers``) and the reference
+    (``clip_skip + 1``) take an earlier layer."""
+    if layer == 1:
+        return text_encoder(ids, attention_mask=attention_mask).last_hidden_state
+    out = text_encoder(ids, attention_mask=attention_mask, output_hidden_states=True)
+    norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 wraps the model
+    return norm(out.hidden_states[-layer])
+
+
+def check_layer(text_encoder, layer, what):
+    """Raise unless hidden state ``-layer`` is a transformer layer's output (1 .. num_hidden_layers)."""
+    layers = text_encoder.config.num_hidden_layers
+    if not 1 <= layer <= layers:
+        raise ValueError(f"{what} asks for layer {layer} from the end, but this text encoder has {layers} "
+                         f"layers.")
+
+
+def encode_text(text_encoder, tokenizer, texts, device=None, dtype=None, clip_skip=None):
+    """(B, T, D) hidden states of the text encoder's last layer (``clip_skip`` layers earlier) for a list of strings."""
     ids = tokenize(tokenizer, list(texts))
     encoder_device = next(text_encoder.parameters()).device
     mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
+        texts, options = prepare(tokenizer, texts)
         with _TOKENIZER_LOCK:
-            mask = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").attention_mask.to(encoder_device)
-    hidden = text_encoder(ids.to(encoder_device), attention_mask=mask).last_hidden_state
+            mask = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt", **options).attention_mask.to(encoder_device)
+    hidden = hidden_states(text_encoder, ids.to(encoder_device), (clip_skip or 0) + 1, mask)
     return hidden.to(device=device or encoder_device,
                      dtype=dtype or next(text_encoder.parameters()).dtype)
 
 
 def encode_prompts(text_encoder, tokenizer, prompts, negative_prompts=None, num_images_per_prompt=1,
-                   guidance=True, device=None, dtype=None):
+                   guidance=True, device=None, dtype=None, clip_skip=None):
     """(cond, uncond): (N, T, D) embeddings of the prompts and, with guidance, of the negative prompts.
 
     N = len(prompts) * num_images_per_prompt, each prompt's rows consecutive. Negative prompts
     default to the empty string (the unconditional embedding of classifier-free guidance); without
-    guidance ``uncond`` is None.
+    guidance ``uncond`` is None. ``clip_skip`` (the reference's meaning: layers skipped, 1 = the
+    penultimate layer) applies to the prompts only: the reference encodes negative prompts from
+    the last layer whatever ``clip_skip`` is, and so does sdkit, to give its pixels.
     """
-    cond = encode_text(text_encoder, tokenizer, prompts, device, dtype)
+    cond = encode_text(text_encoder, tokenizer, prompts, device, dtype, clip_skip)
     cond = cond.repeat_interleave(num_images_per_prompt, dim=0)  # (N, T, D)
     if not guidance:
         return cond, None

@@ -56,9 +56,9 @@ class _Source:
 
 
 def check_seed(name, value):
-    """Raise unless ``value`` is a whole number in [0, 2**32) (an A1111 seed)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
-        raise ValueError(f"{name} must be a whole number in [0, 2**32), got {value!r}.")
+    """Raise unless ``value`` is a whole number in [0, 2**64) (what torch generators and Philox take)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be a whole number in [0, 2**64), got {value!r}.")
 
 
 class SeedNoise:

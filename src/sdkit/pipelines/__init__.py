@@ -12,9 +12,10 @@ from .img2img import Img2ImgPipeline
 from .inpaint import InpaintPipeline
 from .loading import Part
 from .options import CallOptions, ImageToImageOptions, InpaintOptions, TextToImageOptions
+from .prompting import ComposableGuidance, PromptSchedule, ScheduledPromptEmbeds
 from .txt2img import StableDiffusionPipeline
 
-__all__ = ["CallOptions", "ClassifierFreeGuidance", "ConditionalOnly", "DiffusionPipeline", "ImageToImageOptions",
+__all__ = ["CallOptions", "ClassifierFreeGuidance", "ComposableGuidance", "PromptSchedule", "ScheduledPromptEmbeds", "ConditionalOnly", "DiffusionPipeline", "ImageToImageOptions",
            "Img2ImgPipeline", "InpaintOptions", "InpaintPipeline", "ModelCall", "Part", "PipelineOutput",
            "PromptEmbeds", "Run", "Start", "StableDiffusionPipeline", "TextToImageOptions",
            "classifier_free_guidance", "unet_model", "with_extra_channels"]

@@ -12,6 +12,9 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
+from ..text_chunks import DEFAULT_COMMA_PADDING_BACKTRACK
+from .prompting import check_prompt_options, embeds_count
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -37,7 +40,8 @@ class CallOptions:
     negative_prompt: replaces the empty unconditional prompt; a string or one per prompt.
     height, width: image size in pixels, multiples of the VAE's downsampling factor.
     num_inference_steps: sampler steps (img2img/inpaint run int(steps * strength) of them).
-    guidance_scale: classifier-free guidance weight; <= 1 runs the conditional half only.
+    guidance_scale: classifier-free guidance weight, a finite number >= 0; from 0 to 1 it runs the
+        conditional half only (no guidance, the same images as 1), as diffusers does.
     num_images_per_prompt: images made for each prompt.
     generator: a torch.Generator, or a list with one per image (image k then equals the same
         image made alone with that generator).
@@ -54,6 +58,19 @@ class CallOptions:
         this fraction (Lin et al. 2024; 0.7 there, 0 = off as in diffusers).
     scheduler_options: further run options of the scheduler for this call, e.g. ``{"order": 2}``
         for LMSDiscreteScheduler (``scheduler.option_names()`` lists them).
+    prompt_syntax: "plain" reads prompts as the reference does (one window of tokens, no syntax);
+        "a1111" as stable-diffusion-webui does: (x:1.2) weights, prompts past 75 tokens, BREAK,
+        [from:to:when] and [a|b] (per step), AND (composable diffusion); see pipelines/prompting.py.
+    prompt_embeds, negative_prompt_embeds: embeddings instead of text, as the reference takes them
+        ((B, T, D) tensors of one shape), or what ``pipe.encode_prompt`` returns.
+    clip_skip: with "plain", the reference's clip_skip: text-encoder layers skipped (1: the
+        penultimate layer's features); like the reference, the negative prompt ignores it.
+    clip_stop_at_last_layers: with "a1111", A1111's "Clip skip": 1 is the last layer, 2 the
+        penultimate (= clip_skip 1), for prompt and negative prompt; no effect on SD 2, as in A1111.
+    comma_padding_backtrack: with "a1111", A1111's setting: when a 75-token chunk fills up, text
+        after a comma among its last this-many tokens moves to the next chunk (0: off).
+    allow_large: run even when the memory estimate of this size and batch exceeds the memory at
+        hand (``sdkit.pipelines.memory``); by default such a call is refused before it starts.
     seed: A1111 seeds instead of ``generator``: image k of the batch uses seed + k with its own
         generator for its initial noise and every later draw (sdkit.noise.SeedNoise).
     subseed, subseed_strength: A1111's variation seed: the initial noise is slerped this far
@@ -81,6 +98,13 @@ class CallOptions:
     scheduler: Any = None
     guidance_rescale: float = 0.0
     scheduler_options: Optional[dict] = None
+    prompt_syntax: str = "plain"
+    prompt_embeds: Any = None
+    negative_prompt_embeds: Any = None
+    clip_skip: Optional[int] = None
+    clip_stop_at_last_layers: Optional[int] = None
+    comma_padding_backtrack: int = DEFAULT_COMMA_PADDING_BACKTRACK
+    allow_large: bool = False
     seed: Optional[int] = None
     subseed: Optional[int] = None
     subseed_strength: float = 0.0
@@ -109,17 +133,22 @@ class CallOptions:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     @property
+    def prompt_count(self):
+        """Prompts in the call: given as text, or rows of ``prompt_embeds``."""
+        return len(self.prompts) if self.prompt is not None else embeds_count(self.prompt_embeds, "prompt_embeds")
+
+    @property
     def negative_prompts(self):
         """One negative prompt per prompt, or None (the empty prompt)."""
         if self.negative_prompt is None:
             return None
         if isinstance(self.negative_prompt, str):
-            return [self.negative_prompt] * len(self.prompts)
+            return [self.negative_prompt] * self.prompt_count
         return list(self.negative_prompt)
 
     @property
     def batch_size(self):
-        return len(self.prompts) * self.num_images_per_prompt
+        return self.prompt_count * self.num_images_per_prompt
 
     @property
     def denoising_strength(self):
@@ -127,27 +156,33 @@ class CallOptions:
         return 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.prompt, str) or (_strings(self.prompt) and self.prompt)):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {self.prompt!r}.")
+        if self.prompt_embeds is None and not (isinstance(self.prompt, str) or (_strings(self.prompt) and self.prompt)):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings (or pass prompt_embeds), "
+                             f"got {self.prompt!r}.")
+        check_prompt_options(self)
         negative = self.negative_prompt
         if negative is not None and not isinstance(negative, str):
             if not _strings(negative):
                 raise ValueError(f"negative_prompt must be a string or a list of strings, got {negative!r}.")
-            if len(negative) != len(self.prompts):
-                raise ValueError(f"negative_prompt has {len(negative)} entries for {len(self.prompts)} "
+            if len(negative) != self.prompt_count:
+                raise ValueError(f"negative_prompt has {len(negative)} entries for {self.prompt_count} "
                                  f"prompts: pass one string, or a list with one per prompt.")
         if not _is_int(self.num_inference_steps):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {self.num_inference_steps!r}.")
         if not _is_int(self.num_images_per_prompt):
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {self.num_images_per_prompt!r}.")
         scale = self.guidance_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"guidance_scale must be a finite number (<= 1: no guidance), got {scale!r}.")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (0 to 1: no guidance; 7.5 is "
+                             f"usual), got {scale!r}.")
         check_fraction("guidance_rescale", self.guidance_rescale, " (0: off; 0.7 in Lin et al. 2024)")
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={self.output_type!r} is not one of {OUTPUT_TYPES}.")
         if self.callback is not None and not callable(self.callback):
             raise ValueError("callback must be callable as callback(step, timestep, latents).")
+        if not isinstance(self.allow_large, bool):
+            raise ValueError(f"allow_large must be True or False, got {self.allow_large!r}.")
         if self.scheduler_options is not None and not isinstance(self.scheduler_options, dict):
             raise ValueError(f"scheduler_options must be a dict of run options, got {self.scheduler_options!r}.")
         self._check_generator()
@@ -207,6 +242,15 @@ class TextToImageOptions(CallOptions):
     sample_size times the VAE factor."""
 
     latents: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        latents = self.latents
+        if latents is not None and not (isinstance(latents, torch.Tensor) and latents.is_floating_point()):
+            kind = f"a {latents.dtype} tensor" if isinstance(latents, torch.Tensor) else \
+                f"{type(latents).__module__}.{type(latents).__name__}"
+            raise ValueError(f"latents must be a float torch.Tensor (B, C, h, w), got {kind}; convert it "
+                             f"with torch.as_tensor(latents, dtype=torch.float32).")
 
 
 @dataclass(frozen=True)

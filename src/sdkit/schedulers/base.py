@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 
 from .. import configuration
 from ..configuration import choice
+from ..files import atomic_write, read_json_object
 from . import schedules as S
 
 CONFIG_NAME = "scheduler_config.json"
@@ -89,8 +91,7 @@ def _load_config_dict(config):
         if not os.path.isfile(path):
             raise ValueError(f"No scheduler config at {path!r}; pass a dict, a json file or a folder "
                              f"containing {CONFIG_NAME}.")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json_object(path, "scheduler config")
     raise TypeError(f"Expected a config dict, a scheduler or a path, got {type(config).__name__}.")
 
 
@@ -111,6 +112,8 @@ class Scheduler:
     # ---------------------------------------------------------------- construction and config
     def __init__(self, **settings):
         cfg = configuration.build(type(self).__name__, self.config_class, settings)
+        configuration.check_number(type(self).__name__, "num_train_timesteps", cfg.num_train_timesteps, low=1,
+                                   integer=True)
         object.__setattr__(self, "_cfg", cfg)
         self._setup(cfg)
         object.__setattr__(self, "_frozen", True)
@@ -143,17 +146,23 @@ class Scheduler:
     def from_config(cls, config, **overrides):
         """Build from reference config keys (dict, json file or folder); unused keys are ignored."""
         values = {**_load_config_dict(config), **overrides}
-        cfg, _ = configuration.read_config(cls.__name__, cls.config_class, values, cls._fixed,
-                                           none_is_unset=True)
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+        try:
+            cfg, _ = configuration.read_config(cls.__name__, cls.config_class, values, cls._fixed,
+                                               none_is_unset=True)
+            return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+        except ValueError as e:
+            if isinstance(config, (str, os.PathLike)):  # a bad value in a file: name the file
+                folder = os.fspath(config)
+                path = os.path.join(folder, CONFIG_NAME) if os.path.isdir(folder) else folder
+                raise ValueError(f"{path}: {e} Fix the file or download the model again.") from None
+            raise
 
     def save_pretrained(self, save_directory):
         """Write scheduler_config.json (loadable by sdkit and by the reference) into a folder."""
         os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(dict(self.config), f, indent=2, sort_keys=True)
-        return path
+        text = json.dumps(dict(self.config), indent=2, sort_keys=True)
+        return atomic_write(os.path.join(save_directory, CONFIG_NAME),
+                            lambda p: Path(p).write_text(text, encoding="utf-8"))
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, subfolder=None, local_files_only=None):

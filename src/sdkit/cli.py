@@ -229,7 +229,8 @@ def _write_pngs(items):
         raise
 
 
-def _scheduler(name, base):
+def _scheduler(name, base, schedule=None, settings=None):
+    """The scheduler for --scheduler (a class name, or an A1111 name with --schedule-type) on the model's config."""
     from sdkit import schedulers
 
     try:
@@ -237,9 +238,11 @@ def _scheduler(name, base):
     except ValueError:
         pass
     try:
-        return schedulers.from_name(name, base.config)
+        return schedulers.from_name(name, {**base.config, **(settings or {})}, schedule=schedule)
     except ValueError as e:
         raise CLIError(f"unknown --scheduler {name!r}: {e}") from None
+
+
 
 
 def sampler_name(scheduler):
@@ -310,15 +313,96 @@ def _load_pipeline(args, model):
     return StableDiffusionPipeline.from_pretrained(model, **parts)
 
 
+def _seed_options(args, seed):
+    """The pipeline's A1111 seed options from the command line."""
+    w, h = args.seed_resize_from or (0, 0)
+    return dict(seed=seed, rng=args.rng, subseed=args.subseed, subseed_strength=args.subseed_strength,
+                seed_resize_from_w=w, seed_resize_from_h=h, eta_noise_seed_delta=args.ensd, eta=args.eta,
+                scheduler_options=args.scheduler_options or None)
+
+
+def _infotext(args, scheduler, run_options, seed, subseed, image, model, strength, file_hash):
+    """The A1111 parameters text of one image of this run (CFG scale 0 to 1 runs unguided: written as 1)."""
+    import sdkit
+    from sdkit import infotext
+
+    extra = [("CFG Rescale phi", args.guidance_rescale)] if args.guidance_rescale else []
+    return infotext.create(
+        args.prompt, args.negative, steps=args.steps, scheduler=scheduler, run_options=run_options,
+        cfg_scale=max(args.guidance, 1.0), seed=seed, width=image.width, height=image.height, model=model,
+        model_hash=file_hash, denoising_strength=strength, clip_skip=args.clip_skip if args.clip_skip > 1 else None,
+        subseed=subseed, subseed_strength=args.subseed_strength, seed_resize_from=args.seed_resize_from or (0, 0),
+        ensd=args.ensd, rng=args.rng, extra=extra, version=f"sdkit-{sdkit.__version__}")
+
+
+def _from_png(args, given):
+    """Fill the settings the command line leaves open from an A1111 PNG or parameters text (--from-png)."""
+    from sdkit import infotext
+
+    try:
+        info = infotext.load(args.from_png)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--from-png {args.from_png}: {e}") from None
+    unsupported = info.unsupported()
+    if unsupported:
+        print(f"sdkit: warning: ignoring settings sdkit does not support: {', '.join(unsupported)}", file=sys.stderr)
+    sampler, schedule, config, call = infotext.generation_settings(info)
+    values = {
+        "negative": call["negative_prompt"] or "", "steps": call["num_inference_steps"],
+        "guidance": call["guidance_scale"], "seed": call["seed"], "width": call["width"], "height": call["height"],
+        "scheduler": sampler, "schedule_type": schedule if sampler not in _class_names() else None,
+        "rng": call["rng"], "subseed": call.get("subseed"), "subseed_strength": call.get("subseed_strength", 0.0),
+        "ensd": call["eta_noise_seed_delta"], "eta": call.get("eta"),
+        "guidance_rescale": call.get("guidance_rescale", 0.0),
+        "seed_resize_from": (call["seed_resize_from_w"], call["seed_resize_from_h"]) if call["seed_resize_from_w"]
+        else None,
+        "scheduler_options": call.get("scheduler_options"), "strength": call.get("strength", args.strength),
+        "clip_skip": call.get("clip_stop_at_last_layers", 1), "prompt_syntax": call["prompt_syntax"],
+    }
+    for name, value in values.items():
+        if name not in given:
+            setattr(args, name, value)
+    if args.prompt is None:
+        args.prompt = call["prompt"]
+    if sampler not in _class_names():
+        args.scheduler_config = {k: v for k, v in config.items() if v is not None}
+    if "strength" in call and not args.init_image:
+        raise CLIError(f"{args.from_png} was made by img2img (Denoising strength {call['strength']}): "
+                       "pass its --init-image")
+    if args.model is None:
+        model = info.get("Model")
+        if model != "tiny-shapes":
+            raise CLIError(f"{args.from_png} was made with the model {model!r}: pass --model PATH_OR_REPO_ID")
+    elif info.get("Model hash") and os.path.isfile(args.model) and model_hash(args.model) != info.get("Model hash"):
+        print(f"sdkit: warning: {args.model} has the hash {model_hash(args.model)}, the PNG's model "
+              f"{info.get('Model hash')}", file=sys.stderr)
+
+
+def _class_names():
+    from sdkit import schedulers
+
+    return (*schedulers.SCHEDULER_CLASSES, "PLMSScheduler", *schedulers.A1111_CLASSES)
+
+
+def _size(text):
+    """WxH on the command line, e.g. 512x768."""
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 512x768")
+    return int(m.group(1)), int(m.group(2))
+
+
 def generate(args):
+    if args.from_png:
+        _from_png(args, getattr(args, "given", set()))
+    if args.prompt is None:
+        raise CLIError("a prompt is needed (or --from-png IMAGE.png)")
     _check_args(args)
     seed = resolve_seed(args.seed, args.batch)
     if args.seed is None or args.seed == RANDOM_SEED:
         print(f"seed: {seed}")
     init = _load_image(args.init_image, "--init-image") if args.init_image else None
     mask = _load_image(args.mask, "--mask") if args.mask else None
-
-    import torch
 
     from sdkit.pipelines import Img2ImgPipeline, InpaintPipeline
     from sdkit.pipelines.img2img import small_image_error
@@ -354,13 +438,19 @@ def generate(args):
         _check_outputs(enlarged_path(p, scale) for p in paths)
     _check_sizes(args, pipe, height, width, scale)
 
-    scheduler = _scheduler(args.scheduler, pipe.scheduler) if args.scheduler else pipe.scheduler
-    sampler = args.scheduler if args.scheduler else sampler_name(scheduler)
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(args.batch)]
+    if args.schedule_type and not args.scheduler:
+        raise CLIError("--schedule-type needs an A1111 --scheduler name, e.g. --scheduler 'DPM++ 2M'")
+    from sdkit.schedulers import SCHEDULE_LABELS, sigma_schedules
+
+    if args.schedule_type and sigma_schedules.schedule_type(args.schedule_type) is None:
+        raise CLIError(f"unknown --schedule-type {args.schedule_type!r}: use one of "
+                       f"{', '.join(SCHEDULE_LABELS.values())}")
+    scheduler = _scheduler(args.scheduler, pipe.scheduler, args.schedule_type, args.scheduler_config) \
+        if args.scheduler else pipe.scheduler
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative or None, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, num_images_per_prompt=args.batch, generator=generators,
-                  height=args.height, width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale,
-                  prompt_syntax=args.prompt_syntax, **_clip_skip_option(args),
+                  guidance_scale=args.guidance, num_images_per_prompt=args.batch, height=args.height,
+                  width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale,
+                  prompt_syntax=args.prompt_syntax, **_clip_skip_option(args), **_seed_options(args, seed),
                   allow_large=True)  # _check_sizes has checked, or --allow-large was given
     strength = None
     if mask is not None:
@@ -381,13 +471,18 @@ def generate(args):
         raise CLIError(f"out of memory generating {width}x{height} x {args.batch}: lower --width/--height/"
                        f"--batch (nothing was written)") from None
 
-    cfg_scale = max(args.guidance, 1.0)  # 0 to 1 runs without guidance: the same images as scale 1
+    from sdkit.noise import a1111_seeds
+
+    run_options = dict(args.scheduler_options or {})
+    if args.eta is not None and "eta" in scheduler.option_names():
+        run_options["eta"] = args.eta
+    run_options = scheduler.make_options(**run_options)
+    seeds, subseeds = a1111_seeds(seed, args.batch, args.subseed, args.subseed_strength)
     file_hash = model_hash(model) if os.path.isfile(model) else None
     items, shown = [], []
     for i, (image, path) in enumerate(zip(images, paths)):
-        params = format_parameters(args.prompt, args.negative, args.steps, sampler, cfg_scale, seed + i,
-                                   image.width, image.height, _model_label(model), strength, args.guidance_rescale,
-                                   args.clip_skip, model_hash=file_hash)
+        params = _infotext(args, scheduler, run_options, seeds[i], subseeds[i] if subseeds else None, image,
+                           _model_label(model), strength, file_hash).text
         items.append((lambda image=image: image, path, params))
         shown.append(path)
         if scale > 1:
@@ -482,7 +577,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command")
     g = sub.add_parser("generate", help="make images from a prompt (txt2img, img2img with --init-image, "
                                         "inpaint with --mask)")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?")
     g.add_argument("-o", "--output", required=True, help="output PNG path (batch: NAME-1.png, NAME-2.png, ...)")
     g.add_argument("--model", help="model folder, Hugging Face repo id or single-file checkpoint (.safetensors; "
                                    ".ckpt with --allow-pickle) (default: the bundled tiny-shapes model)")
@@ -499,8 +594,8 @@ def build_parser():
                         f"{BUNDLED_GUIDANCE_RESCALE:g} for the bundled model")
     g.add_argument("--seed", type=int, help="random seed, 0 to 2**64-1 (-1 or not given: random, printed and "
                                             "written as the seed used; image k of a batch uses seed + k)")
-    g.add_argument("--scheduler", help="scheduler class name or A1111 sampler name, e.g. 'Euler a', "
-                                       "'DPM++ 2M Karras', DDIMScheduler")
+    g.add_argument("--scheduler", help="A1111 sampler name (A1111's sampling), e.g. 'Euler a', 'DPM++ 2M', "
+                                       "'DPM++ 2M Karras', or an sdkit class name, e.g. DDIMScheduler")
     g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
                    help="a1111 (default): read the prompts as A1111 does: (word:1.2), [word], BREAK, more than 75 "
                         "tokens, [from:to:when], [a|b], AND; plain: as the reference pipeline does (one window of "
@@ -519,6 +614,20 @@ def build_parser():
     g.add_argument("--allow-large", action="store_true", help="run even when the memory estimate of the "
                                                              "size, batch or --enlarge exceeds the memory at hand")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--schedule-type", help="A1111 schedule type for an A1111 --scheduler: Automatic, Uniform, "
+                                           "Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal, "
+                                           "Align Your Steps, Simple, Normal, DDIM, Beta")
+    g.add_argument("--rng", choices=("cpu", "gpu", "nv"), default="cpu",
+                   help="random number source: cpu (default, the same on any device), gpu (A1111's default) or "
+                        "nv (NVIDIA's numbers on any device)")
+    g.add_argument("--subseed", type=int, help="A1111 variation seed")
+    g.add_argument("--subseed-strength", type=float, default=0.0, help="variation strength in [0, 1]")
+    g.add_argument("--seed-resize-from", type=_size, help="A1111 'Seed resize from' WIDTHxHEIGHT")
+    g.add_argument("--ensd", type=int, default=0, help="A1111 eta noise seed delta")
+    g.add_argument("--eta", type=float, help="eta of the sampler (DDIM noise; A1111 ancestral/SDE noise, default 1)")
+    g.add_argument("--from-png", help="regenerate the settings of an A1111 (or sdkit) PNG or a pasted parameters "
+                                      "text; other flags override them")
+    g.set_defaults(scheduler_config=None, scheduler_options=None)
     c = sub.add_parser("convert", help="convert a diffusers folder to a single .safetensors file (A1111 layout), "
                                        "a single file to a folder, or a .ckpt to .safetensors")
     c.add_argument("input", help="a diffusers pipeline folder or a single-file checkpoint")
@@ -528,6 +637,13 @@ def build_parser():
     sub.add_parser("train", help="train the VAE or the text-to-image stage (see `sdkit train -h`)",
                    add_help=False)
     return parser
+
+
+def _given_options(parser, argv):
+    """The dests of the generate options named on the command line (they override --from-png)."""
+    generate_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    actions = generate_parser._option_string_actions
+    return {actions[t.split("=")[0]].dest for t in argv if t.split("=")[0] in actions}
 
 
 def main(argv=None):
@@ -554,6 +670,8 @@ def _run(argv):
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "generate":
+        args.given = _given_options(parser, argv)
     try:
         return convert(args) if args.command == "convert" else generate(args)
     except CLIError as e:

@@ -14,6 +14,7 @@ Each pipeline adds only its options and its ``prepare_start``.
 """
 
 import copy
+import dataclasses
 import os
 import threading
 import warnings
@@ -23,6 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..files import plain_modes
+from ..noise import SeedNoise
 from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
 from . import loading, memory, prompting
@@ -44,7 +46,7 @@ class Run:
     batch_size: int  # images in this call: len(prompts) * num_images_per_prompt
     height: int
     width: int
-    generator: Any  # None, a torch.Generator, or a list with one per image
+    generator: Any  # None, a torch.Generator, a list with one per image, or an A1111 SeedNoise
     scheduler: Scheduler
     state: Any  # the scheduler state at the start of the run
     guidance: Callable  # the guidance piece (denoising.ClassifierFreeGuidance or ConditionalOnly)
@@ -71,6 +73,8 @@ def encode_latents(vae, images, batch_size, generator, dtype):
     images are sampled together and then repeated, in the reference's order of random draws.
     """
     images = images.to(device=vae.device, dtype=vae.dtype)
+    if isinstance(generator, SeedNoise):
+        generator = generator.posterior_generators
     if isinstance(generator, (list, tuple)):
         images = repeat_to_batch(images, batch_size, "image")
         latents = torch.cat([vae.encode(images[i:i + 1]).sample(generator[i]) for i in range(batch_size)])
@@ -297,7 +301,8 @@ class DiffusionPipeline:
         """The run options for the scheduler: ``scheduler_options`` plus ``eta`` where it has one."""
         run_options = dict(options.scheduler_options or {})
         if "eta" in scheduler.option_names():
-            run_options.setdefault("eta", options.eta)
+            if options.eta is not None:
+                run_options.setdefault("eta", options.eta)
         elif options.eta:
             warnings.warn(f"eta={options.eta} is ignored: {type(scheduler).__name__} has no eta "
                           f"(DDIMScheduler has).", stacklevel=4)
@@ -318,10 +323,13 @@ class DiffusionPipeline:
             guidance = truncate_guidance(prompting.guidance_for_call(options), options.guidance_end,
                                          len(state.timesteps))
             self._check_memory(options, height, width, guidance)
-            run = Run(options.batch_size, height, width, options.generator, scheduler, state, guidance,
-                      device, dtype, deep_cache=DeepCache(options.deep_cache_interval, options.deep_cache_branch))
+            seed_noise = options.seed_noise(device, self.vae_scale_factor)
+            generator = options.generator if seed_noise is None else seed_noise
+            run = Run(options.batch_size, height, width, generator, scheduler, state, guidance, device, dtype,
+                      deep_cache=DeepCache(options.deep_cache_interval, options.deep_cache_branch))
             conditioning = self.prepare_conditioning(run, options)
             start = self.prepare_start(run, options)
+            start = dataclasses.replace(start, latents=scheduler.begin(start.latents, state, generator))
             model = self.prepare_model(run, start)
             latents, interrupted = self._denoise(model, conditioning, start, run, options.callback)
             check_finite(latents, "denoised latents", options)

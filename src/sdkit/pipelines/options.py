@@ -45,8 +45,9 @@ class CallOptions:
     num_images_per_prompt: images made for each prompt.
     generator: a torch.Generator, or a list with one per image (image k then equals the same
         image made alone with that generator).
-    eta: DDIM's noise weight, the ``eta`` run option of the schedulers that have one (others warn
-        when it is not 0).
+    eta: the ``eta`` run option of the schedulers that have one (DDIM's noise weight; A1111's
+        ancestral and SDE samplers' noise); None keeps each scheduler's default (0 for DDIM, 1 for
+        the A1111 ones, as in A1111). Schedulers without eta warn when it is set and not 0.
     output_type: "pil" (list of images), "np" (B, H, W, 3) float [0, 1], "pt" (B, 3, H, W) tensor
         in [0, 1], or "latent" (the final latents, not decoded).
     callback: ``callback(step, timestep, latents)`` after every scheduler step (step counts from
@@ -78,6 +79,15 @@ class CallOptions:
     guidance_end: the fraction of model calls that run classifier-free guidance, from the
         first (1: all, the exact images); the rest run the conditional half alone, which halves
         their cost. AND prompts keep guidance at every call.
+    seed: A1111 seeds instead of ``generator``: image k of the batch uses seed + k with its own
+        generator for its initial noise and every later draw (sdkit.noise.SeedNoise).
+    subseed, subseed_strength: A1111's variation seed: the initial noise is slerped this far
+        (0-1) towards the noise of subseed + k (every image then uses ``seed`` itself, as in A1111).
+    seed_resize_from_w, seed_resize_from_h: A1111's "Seed resize from": the noise is drawn at
+        this size (pixels) and pasted centred, so a seed keeps its composition at another size.
+    rng: the random number source: "cpu" (default; the same numbers on any device), "gpu" (the
+        device's generator, A1111's default) or "nv" (Philox: an NVIDIA card's numbers anywhere).
+    eta_noise_seed_delta: A1111's ENSD: draws after the initial noise use seed + k + ENSD.
     """
 
     positional: ClassVar[tuple] = ("prompt",)  # the arguments a call may give by position
@@ -90,7 +100,7 @@ class CallOptions:
     guidance_scale: float = 7.5
     num_images_per_prompt: int = 1
     generator: Any = None
-    eta: float = 0.0
+    eta: Optional[float] = None
     output_type: str = "pil"
     callback: Optional[Callable] = None
     scheduler: Any = None
@@ -106,6 +116,13 @@ class CallOptions:
     deep_cache_interval: int = 1
     deep_cache_branch: int = 0
     guidance_end: float = 1.0
+    seed: Optional[int] = None
+    subseed: Optional[int] = None
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    rng: str = "cpu"
+    eta_noise_seed_delta: int = 0
 
     @classmethod
     def from_call(cls, args, kwargs):
@@ -187,6 +204,42 @@ class CallOptions:
                              f"got {self.deep_cache_branch!r}.")
         check_fraction("guidance_end", self.guidance_end, " (1: guidance at every step)")
         self._check_generator()
+        self._check_seeds()
+
+    def _check_seeds(self):
+        from ..noise import RNG_SOURCES, check_seed
+
+        if self.seed is None:
+            given = [name for name in ("subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
+                                       "eta_noise_seed_delta") if getattr(self, name)]
+            if given:
+                raise ValueError(f"{', '.join(given)} need A1111 seeds: pass seed= too.")
+            return
+        if self.generator is not None:
+            raise ValueError("pass either generator (torch generators) or seed (A1111 seeds), not both.")
+        check_seed("seed", self.seed)
+        check_fraction("subseed_strength", self.subseed_strength, " (A1111's variation strength)")
+        if self.subseed is not None:
+            check_seed("subseed", self.subseed)
+        elif self.subseed_strength:
+            raise ValueError("subseed_strength needs a subseed (the variation seed) too.")
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            if not _is_int(getattr(self, name), low=0):
+                raise ValueError(f"{name} must be a whole number of pixels >= 0 (0: off), got {getattr(self, name)!r}.")
+        if not _is_int(self.eta_noise_seed_delta, low=0):
+            raise ValueError(f"eta_noise_seed_delta must be a whole number >= 0, got {self.eta_noise_seed_delta!r}.")
+        if self.rng not in RNG_SOURCES:
+            raise ValueError(f"rng={self.rng!r} is not a random number source; use one of {', '.join(RNG_SOURCES)}.")
+
+    def seed_noise(self, device, factor):
+        """The call's A1111 random numbers (a SeedNoise), or None when it uses torch generators."""
+        from ..noise import SeedNoise, a1111_seeds
+
+        if self.seed is None:
+            return None
+        seeds, subseeds = a1111_seeds(self.seed, self.batch_size, self.subseed, self.subseed_strength)
+        return SeedNoise(seeds, self.rng, device, subseeds, self.subseed_strength,
+                         (self.seed_resize_from_w, self.seed_resize_from_h), factor, self.eta_noise_seed_delta)
 
     def _check_generator(self):
         generator, batch_size = self.generator, self.batch_size

@@ -5,6 +5,7 @@ reference's ``scheduler_config.json`` keys) and constant tensors (CPU, float32 l
 and is never changed after construction. Every scheduler is used the same way:
 
     state = scheduler.set_timesteps(n, device=None, strength=1.0, **options)  # options: options_class
+    sample = scheduler.begin(noise * state.init_noise_sigma, state, generator)
     out = scheduler.step(model_output, timestep, sample, state, generator=None)
     sample, state = out.prev_sample, out.state
 
@@ -209,6 +210,13 @@ class Scheduler:
         n = plan.pop("num_inference_steps", num_inference_steps)
         return self._make_state(n, device, strength, run_options, **plan)
 
+    def _checked_run(self, num_inference_steps, strength, options):
+        """The run options of a ``set_timesteps`` call, after checking its step count and strength."""
+        S.check_num_steps(num_inference_steps, self._cfg.num_train_timesteps, type(self).__name__)
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
+        return self.make_options(**options)
+
     def _plan(self, num_inference_steps):
         """The run's schedule (DDPM, DDIM: int64 spaced timesteps) and any other state fields."""
         c = self._cfg
@@ -295,6 +303,11 @@ class Scheduler:
 
     def scale_model_input(self, sample, timestep=None, state=None):
         """The UNet input for ``sample``; unchanged for samplers that work on x_t itself."""
+        return sample
+
+    def begin(self, sample, state, generator=None):
+        """The sample the run's first model call sees: ``sample`` itself, except where a sampler adds
+        noise before its first step (A1111's Euler, Heun and DPM2 with churn)."""
         return sample
 
 

@@ -1,5 +1,7 @@
 """Test helpers: tiny reference-shaped configs, weight perturbation, error metrics."""
 
+import threading
+
 import torch
 
 SD1_UNET = dict(
@@ -154,6 +156,29 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def run_in_threads(work, jobs):
+    """work(job) for every job, started together in threads (a barrier); the results in the jobs'
+    order. An exception in any thread is raised here."""
+    results, errors = [None] * len(jobs), []
+    barrier = threading.Barrier(len(jobs))
+
+    def worker(i):
+        try:
+            barrier.wait()
+            results[i] = work(jobs[i])
+        except Exception as e:  # re-raised in the calling thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 # -- broken model folders (for the error tests) -----------------------------------------------------

@@ -1,6 +1,5 @@
 """Fewer UNet calls, opt-in per call: DeepCache step caching and guidance truncation."""
 
-import threading
 
 import diffusers
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 import sdkit.schedulers
-from helpers import SD1_UNET, build_reference_pipeline, one_torch_thread, perturb, quiet
+from helpers import SD1_UNET, build_reference_pipeline, one_torch_thread, perturb, quiet, run_in_threads
 from sdkit import StableDiffusionPipeline
 from sdkit.models import UNet2DConditionModel
 
@@ -157,21 +156,6 @@ def test_threads_with_deep_cache_and_guidance_end_give_the_sequential_images(pip
                     deep_cache_interval=job["deep_cache_interval"], guidance_end=job["guidance_end"]).images
 
     expected = [run(job) for job in jobs]
-    results, errors = [None] * len(jobs), []
-    barrier = threading.Barrier(len(jobs))
-
-    def worker(i):
-        try:
-            barrier.wait()
-            results[i] = run(jobs[i])
-        except Exception as e:  # re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_in_threads(run, jobs)
     for i, (a, b) in enumerate(zip(expected, results)):
         np.testing.assert_array_equal(a, b, err_msg=f"job {i}")

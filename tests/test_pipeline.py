@@ -3,7 +3,6 @@
 import copy
 import json
 import shutil
-import threading
 import warnings
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import sdkit.schedulers as sch
-from helpers import build_reference_pipeline, one_torch_thread, sample_image, sample_mask
+from helpers import build_reference_pipeline, one_torch_thread, run_in_threads, sample_image, sample_mask
 from sdkit import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
 
 SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
@@ -68,8 +67,19 @@ def test_img2img_and_inpaint_batches_are_per_image_reproducible(pipe):
             np.testing.assert_allclose(batch[k], alone[0], atol=1e-5)
 
 
-def test_eight_threads_give_the_sequential_images(pipe):
-    pipe = StableDiffusionPipeline.from_pipe(pipe)
+def with_memory_settings(pipe):
+    """The pipeline on copies of its UNet and VAE, with attention slicing, VAE slicing and VAE tiling on
+    (tiles of 32 pixels, smaller than the images, so every decode is tiled)."""
+    pipe = StableDiffusionPipeline.from_pipe(pipe, unet=copy.deepcopy(pipe.unet), vae=copy.deepcopy(pipe.vae))
+    pipe.enable_attention_slicing("max")
+    pipe.enable_vae_slicing()
+    pipe.enable_vae_tiling(tile_sample_min_size=32)
+    return pipe
+
+
+@pytest.mark.parametrize("memory_settings", [False, True], ids=["plain", "sliced-and-tiled"])
+def test_eight_threads_give_the_sequential_images(pipe, memory_settings):
+    pipe = with_memory_settings(pipe) if memory_settings else StableDiffusionPipeline.from_pipe(pipe)
     pipe.scheduler = scheduler(pipe, "DDIMScheduler")  # set beforehand; some calls pass their own
     jobs = [dict(prompt=p, generator_seed=i, num_inference_steps=2 + i % 3,
                  scheduler=None if i % 2 else scheduler(pipe, SCHEDULERS[i % len(SCHEDULERS)]))
@@ -82,22 +92,7 @@ def test_eight_threads_give_the_sequential_images(pipe):
                     scheduler=job["scheduler"], output_type="np").images
 
     expected = [run(job) for job in jobs]
-    results, errors = [None] * len(jobs), []
-    barrier = threading.Barrier(len(jobs))
-
-    def worker(i):
-        try:
-            barrier.wait()
-            results[i] = run(jobs[i])
-        except Exception as e:  # re-raised in the main thread below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = run_in_threads(run, jobs)
     for i, (a, b) in enumerate(zip(expected, results)):
         np.testing.assert_array_equal(a, b, err_msg=f"job {i}")
 

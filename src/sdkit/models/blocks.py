@@ -151,16 +151,41 @@ class Upsample2D(nn.Module):
         return self.conv(x.to(dtype))
 
 
-def attention(q, k, v, heads, upcast=False):
-    """Multi-head scaled dot-product attention. q: (B, T, heads*d), k/v: (B, S, heads*d)."""
+def attention(q, k, v, heads, upcast=False, slice_size=None):
+    """Multi-head scaled dot-product attention. q: (B, T, heads*d), k/v: (B, S, heads*d).
+
+    ``slice_size``: attend for this many (image, head) pairs at a time (the reference's attention
+    slicing), so a kernel that builds the T x S weights holds only that many at once.
+    """
     B, T, inner = q.shape
     d = inner // heads
     q, k, v = (x.view(B, -1, heads, d).transpose(1, 2) for x in (q, k, v))  # (B, heads, T|S, d)
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d)
+    if slice_size is None or slice_size >= B * heads:
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d)
+    else:
+        q, k, v = (x.flatten(0, 1) for x in (q, k, v))  # (B * heads, T|S, d)
+        out = q.new_empty(q.shape[0], T, v.shape[-1])
+        for i in range(0, q.shape[0], slice_size):
+            out[i:i + slice_size] = F.scaled_dot_product_attention(q[i:i + slice_size], k[i:i + slice_size],
+                                                                   v[i:i + slice_size])
+        out = out.unflatten(0, (B, heads))  # (B, heads, T, d)
     return out.to(dtype).transpose(1, 2).reshape(B, T, inner)
+
+
+def slice_size_for(slice_size, heads):
+    """The (image, head) pairs per slice for ``set_attention_slice``: "auto" half the heads, "max" one, None all."""
+    if slice_size is None:
+        return None
+    if slice_size == "auto":
+        return max(heads // 2, 1)
+    if slice_size == "max":
+        return 1
+    if isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1:
+        raise ValueError(f"slice_size must be 'auto', 'max', None or an integer >= 1, got {slice_size!r}.")
+    return slice_size
 
 
 class Attention(nn.Module):
@@ -172,6 +197,7 @@ class Attention(nn.Module):
         inner = heads * dim_head
         context_dim = cross_attention_dim or query_dim
         self.heads, self.upcast = heads, upcast
+        self.slice_size = None  # attention slicing (set_attention_slice): (image, head) pairs at a time
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
@@ -179,7 +205,8 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast,
+                        self.slice_size)
         return self.to_out[1](self.to_out[0](out))
 
 

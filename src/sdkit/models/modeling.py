@@ -19,6 +19,7 @@ from .. import configuration
 from ..configuration import Config
 from ..files import atomic_write, read_json_object
 from ..hub import resolve_folder
+from .blocks import Attention, slice_size_for
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -240,7 +241,15 @@ class ModelMixin(nn.Module):
     def device(self):
         return next(self.parameters()).device
 
+    def set_attention_slice(self, slice_size):
+        """Attention slicing, a setting of the model: "auto" (half the heads at a time), "max" (one),
+        an integer, or None (off). Outputs equal the unsliced ones to float rounding."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.slice_size = slice_size_for(slice_size, module.heads)
+
     # -- loading --------------------------------------------------------------------------------
+
     @classmethod
     def convert_state_dict(cls, state_dict):
         """Hook: rename legacy keys before the check (identity by default)."""

@@ -149,6 +149,46 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
+def tile_starts(size, tile, stride):
+    """Origins of tiles of length ``tile`` that cover [0, size) every ``stride``; the last one ends at ``size``."""
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, stride)) + [size - tile]
+
+
+def blend_window(n, ramp, device, dtype):
+    """(n,) weights rising linearly over ``ramp`` values from each end to 1: overlapping tiles cross-fade."""
+    i = torch.arange(n, device=device, dtype=dtype) + 0.5
+    return (torch.minimum(i, n - i) / max(ramp, 1)).clamp(max=1.0)
+
+
+def tiled(fn, x, tile, overlap):
+    """``fn`` over overlapping (tile x tile) windows of (B, C, H, W) ``x``, blended into one output.
+
+    Windows start every tile - overlap (the last ones end at the border); each output window is
+    weighted by a linear ramp over its overlap, and the weighted sum is divided by the summed
+    weights, so neighbouring tiles cross-fade and no seam is left. ``fn`` may change the size by a
+    constant factor (decode: x8 into pixels; encode: /8 into latents).
+    """
+    H, W = x.shape[2:]
+    out = weight = None
+    for top in tile_starts(H, tile, tile - overlap):
+        for left in tile_starts(W, tile, tile - overlap):
+            window = x[:, :, top:top + tile, left:left + tile]
+            y = fn(window)
+            scale = y.shape[2] / window.shape[2]
+            if out is None:
+                out = y.new_zeros(y.shape[0], y.shape[1], round(H * scale), round(W * scale))
+                weight = y.new_zeros(1, 1, *out.shape[2:])
+            ramp = overlap * scale
+            w = blend_window(y.shape[2], ramp, y.device, y.dtype)[:, None] * \
+                blend_window(y.shape[3], ramp, y.device, y.dtype)[None, :]  # (h, w)
+            t, l = round(top * scale), round(left * scale)
+            out[:, :, t:t + y.shape[2], l:l + y.shape[3]] += y * w
+            weight[:, :, t:t + y.shape[2], l:l + y.shape[3]] += w
+    return out / weight
+
+
 class AutoencoderKL(ModelMixin):
     """KL-regularised autoencoder with diffusers' config keys and checkpoint names."""
 
@@ -169,6 +209,61 @@ class AutoencoderKL(ModelMixin):
         c = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
+        # memory settings (the reference's names), read by every call, changed only by the enable_* methods
+        self.use_slicing = False  # encode and decode a batch one image at a time
+        self.use_tiling = False  # encode and decode large images in blended overlapping tiles
+        sample = cfg.sample_size if isinstance(cfg.sample_size, int) else min(cfg.sample_size)
+        self.tile_sample_min_size = sample  # tile side in pixels
+        self.tile_overlap_factor = 0.25  # fraction of a tile shared with its neighbour
+
+    def enable_slicing(self):
+        """Decode (and encode) a batch one image at a time: the same images, the memory of one."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    def enable_tiling(self, tile_sample_min_size=None, tile_overlap_factor=None):
+        """Decode (and encode) images larger than a tile (default: the VAE's sample_size, in pixels) in
+        overlapping tiles blended together, so memory stays that of one tile at any size.
+
+        Tiles are normalised on their own, so a tiled image differs slightly from an untiled one;
+        the linear cross-fade over the overlap leaves no visible seam."""
+        f = self.downsample_factor
+        size = self.tile_sample_min_size if tile_sample_min_size is None else tile_sample_min_size
+        overlap = self.tile_overlap_factor if tile_overlap_factor is None else tile_overlap_factor
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2 * f or size % f:
+            raise ValueError(f"tile_sample_min_size must be a multiple of {f} (the VAE factor) of at least "
+                             f"{2 * f} pixels, got {size!r}.")
+        if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+            raise ValueError(f"tile_overlap_factor must be a number in [0, 1), got {overlap!r}.")
+        self.tile_sample_min_size, self.tile_overlap_factor = size, overlap
+        self.use_tiling = True
+
+    def disable_tiling(self):
+        self.use_tiling = False
+
+    def memory_settings(self):
+        """The slicing and tiling settings, to give a copy of this VAE (``vars(copy).update(...)``)."""
+        names = ("use_slicing", "use_tiling", "tile_sample_min_size", "tile_overlap_factor")
+        return {name: getattr(self, name) for name in names}
+
+    def _tile(self, in_pixels):
+        """(tile side, overlap) in the units of the input: pixels to encode, latents to decode."""
+        f = self.downsample_factor
+        size = self.tile_sample_min_size if in_pixels else self.tile_sample_min_size // f
+        unit = f if in_pixels else 1  # tiles start on latent pixels
+        overlap = int(size * self.tile_overlap_factor) // unit * unit
+        return size, overlap
+
+    def _by_settings(self, fn, x, in_pixels):
+        """``fn`` on x as the settings say: per image (slicing), in tiles (tiling), or whole."""
+        if self.use_slicing and x.shape[0] > 1:
+            return torch.cat([self._by_settings(fn, x[i:i + 1], in_pixels) for i in range(x.shape[0])])
+        size, overlap = self._tile(in_pixels)
+        if self.use_tiling and max(x.shape[2:]) > size:
+            return tiled(fn, x, size, overlap)
+        return fn(x)
 
     @classmethod
     def from_single_file(cls, path, torch_dtype=None, allow_pickle=False):
@@ -184,13 +279,17 @@ class AutoencoderKL(ModelMixin):
 
     def encode(self, x):
         """x: (B, 3, H, W) in [-1, 1] -> DiagonalGaussian over (B, latent_channels, H/f, W/f)."""
-        h = self.encoder(x)
-        if self.quant_conv is not None:
-            h = self.quant_conv(h)
-        return DiagonalGaussian(h)
+        return DiagonalGaussian(self._by_settings(self._encode, x, in_pixels=True))
 
     def decode(self, z):
         """z: (B, latent_channels, h, w) unscaled latents -> (B, 3, h*f, w*f), roughly in [-1, 1]."""
+        return self._by_settings(self._decode, z, in_pixels=False)
+
+    def _encode(self, x):
+        h = self.encoder(x)
+        return self.quant_conv(h) if self.quant_conv is not None else h
+
+    def _decode(self, z):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

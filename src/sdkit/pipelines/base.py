@@ -31,6 +31,7 @@ from . import loading, memory, prompting
 from .denoising import DeepCache, ModelCall, classifier_free_guidance, compose, truncate_guidance, unet_model
 from .images import to_output
 from .options import CallOptions
+from .performance import PerformanceSettings
 
 
 @dataclass
@@ -105,7 +106,7 @@ def repeat_to_batch(x, batch_size, what):
     return x.repeat_interleave(batch_size // b, dim=0)
 
 
-class DiffusionPipeline:
+class DiffusionPipeline(PerformanceSettings):
     """Base of the Stable Diffusion pipelines. Build from parts, or with ``from_pretrained``."""
 
     reference_class_name = "StableDiffusionPipeline"  # written to model_index.json
@@ -219,7 +220,8 @@ class DiffusionPipeline:
 
     @property
     def device(self):
-        return self.unet.device
+        """Where calls run: the UNet's device, or the accelerator while offloading (performance.py)."""
+        return self._execution_device if self._execution_device is not None else self.unet.device
 
     @property
     def dtype(self):
@@ -258,7 +260,9 @@ class DiffusionPipeline:
         """Generate images. The options, with their meaning and defaults, are ``self.options_class``
         (``help(type(pipe).options_class)``); ``prompt`` (and ``image``, ``mask_image``) may be given
         by position. Returns a PipelineOutput with ``.images`` and ``.interrupted``."""
-        return self._generate(self.options_class.from_call(args, kwargs))
+        options = self.options_class.from_call(args, kwargs)
+        with self._call_guard():
+            return self._generate(options)
 
     def image_size(self, options):
         """(height, width) of this call's images: the options', else the pipeline's default."""
@@ -295,7 +299,7 @@ class DiffusionPipeline:
 
     def prepare_model(self, run, start):
         """The model function of this run: the UNet, then the start's pieces, then the guidance."""
-        return compose(unet_model(self.unet, run.deep_cache), [*start.pieces, run.guidance])
+        return compose(unet_model(self._unet_for_run(), run.deep_cache), [*start.pieces, run.guidance])
 
     def _scheduler_options(self, scheduler, options):
         """The run options for the scheduler: ``scheduler_options`` plus ``eta`` where it has one."""
@@ -395,7 +399,9 @@ class DiffusionPipeline:
         with self._fp32_lock:
             if self._fp32_vae is None or self._fp32_vae[0] is not self.vae:
                 self._fp32_vae = (self.vae, copy.deepcopy(self.vae).float())
-            return self._fp32_vae[1]
+            fp32 = self._fp32_vae[1]
+            vars(fp32).update(self.vae.memory_settings())  # tiling or slicing set after the copy was made
+            return fp32
 
     def _noise(self, run, shape):
         """Standard normal (B, ...) noise from the run's generator(s), as the reference draws it."""

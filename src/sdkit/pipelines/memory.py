@@ -22,6 +22,7 @@ WORK_ATTENTION = 40
 WORK_RESNET = 8
 WORK_VAE = 5
 IMAGE_COPIES = 24  # float32 RGB copies of the decoded images (decode, clamp, numpy, uint8, PIL)
+TILE_BUFFERS = 16  # tiled decoding: the float32 RGB sum of the blended tiles and its weights, per pixel
 
 
 def _bytes_per_value(module):
@@ -45,18 +46,24 @@ def unet_bytes(config, h, w, batch, value_bytes):
     return int(batch * value_bytes * (skips + work))
 
 
-def vae_bytes(config, height, width, batch, value_bytes):
+def vae_bytes(config, height, width, batch, value_bytes, tile=None, sliced=False):
     """Peak VAE activations decoding (or encoding) ``batch`` images of height x width pixels.
 
     The largest level is the full-size one, where the resnets read the next level's channels.
+    ``tile``: the side in pixels of the tiles a tiling VAE works in (``vae.enable_tiling``) when
+    the image is larger, so the work is one tile's, plus the blended output and its weights;
+    ``sliced``: the batch is decoded one image at a time (``vae.enable_slicing``).
     """
     channels = config["block_out_channels"]
     n = len(channels)
+    tiles = tile is not None and max(height, width) > tile
+    work_h, work_w = (min(height, tile), min(width, tile)) if tiles else (height, width)
     work = 0
     for i in range(n):  # level i works at 1 / 4**i of the pixels, reading channels[i + 1] at most
         widest = max(channels[i], channels[min(i + 1, n - 1)])
-        work = max(work, WORK_VAE * widest * height * width / 4 ** i)
-    return int(batch * (value_bytes * work + IMAGE_COPIES * height * width))
+        work = max(work, WORK_VAE * widest * work_h * work_w / 4 ** i)
+    blended = TILE_BUFFERS * height * width if tiles else 0
+    return int((1 if sliced else batch) * value_bytes * work + batch * (IMAGE_COPIES * height * width + blended))
 
 
 def estimate_bytes(pipe, height, width, batch_size, guided=True, decode=True):
@@ -66,7 +73,9 @@ def estimate_bytes(pipe, height, width, batch_size, guided=True, decode=True):
     unet_batch = batch_size * (2 if guided else 1)
     latents = 8 * unet_batch * pipe.unet.config["in_channels"] * h * w * 4  # latents, noise, predictions
     unet = unet_bytes(pipe.unet.config, h, w, unet_batch, _bytes_per_value(pipe.unet))
-    vae = vae_bytes(pipe.vae.config, height, width, batch_size, _bytes_per_value(pipe.vae)) if decode else 0
+    tile = pipe.vae.tile_sample_min_size if getattr(pipe.vae, "use_tiling", False) else None
+    vae = vae_bytes(pipe.vae.config, height, width, batch_size, _bytes_per_value(pipe.vae), tile,
+                    getattr(pipe.vae, "use_slicing", False)) if decode else 0
     return latents + unet + vae
 
 

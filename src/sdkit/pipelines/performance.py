@@ -1,0 +1,182 @@
+"""Speed and memory settings of a pipeline, with the reference's names.
+
+Each is a setting of the pipeline or of its models, made before calls and read by every call;
+none is per-call state, so concurrent calls stay correct with them on:
+
+    pipe.enable_attention_slicing("auto")   # attention a few heads at a time (exact)
+    pipe.enable_vae_slicing()               # decode a batch one image at a time (exact)
+    pipe.enable_vae_tiling()                # decode large images in blended tiles (close, no seams)
+    pipe.enable_model_cpu_offload()         # accelerators: one model at a time on the device
+    pipe.enable_sequential_cpu_offload()    # accelerators: one layer's weights at a time
+    pipe.compile(backend="inductor")        # torch.compile of the UNet (GPU or CPU)
+
+The offload methods and torch.compile's CUDA graphs are for accelerators and are not tested on
+this project's CPU-only machines beyond their errors.
+"""
+
+import contextlib
+import functools
+import threading
+
+import torch
+
+from ..models.modeling import ModelMixin
+
+
+def accelerator(device, gpu_id, method):
+    """The accelerator ``method`` offloads to; a RuntimeError when there is none (as the reference)."""
+    if device is None:
+        for kind in ("cuda", "xpu", "mps"):
+            backend = getattr(torch, kind, None) if kind != "mps" else getattr(torch.backends, "mps", None)
+            if backend is not None and backend.is_available():
+                device = kind
+                break
+        else:
+            raise RuntimeError(f"{method} needs an accelerator (CUDA, XPU or MPS) and torch finds none. On a CPU "
+                               f"the models already live in RAM: leave offloading off (enable_vae_tiling and "
+                               f"enable_attention_slicing lower the peak instead).")
+    device = torch.device(device)
+    if device.type == "cpu":
+        raise RuntimeError(f"{method} moves weights between the CPU and an accelerator; device='cpu' has nothing "
+                           f"to offload to: leave it off, or name the accelerator (e.g. device='cuda').")
+    return torch.device(device.type, gpu_id if gpu_id is not None else (device.index or 0))
+
+
+class ModelOffload:
+    """One part on the accelerator at a time (the reference's model CPU offload): a part moves there
+    when one of its modules runs, and the part there before moves back to the CPU. Tensor inputs of
+    those modules move to the accelerator with it."""
+
+    def __init__(self, parts, device):
+        self.device, self.current = device, None
+        self.handles = [child.register_forward_pre_hook(functools.partial(self._load, part))
+                        for part in parts for child in part.children()]
+
+    def _load(self, part, module, args):
+        if self.current is not part:
+            if self.current is not None:
+                self.current.to("cpu")
+            part.to(self.device)
+            self.current = part
+        return tuple(a.to(self.device) if torch.is_tensor(a) else a for a in args)
+
+
+class CompiledUNet:
+    """The UNet under ``torch.compile``: one static-shape graph per input shape, compiled on first use.
+
+    A shape's first call compiles under a lock (dynamo's compilation is not meant to run in
+    several threads at once); with ``mode="reduce-overhead"`` (CUDA graphs, which reuse their
+    buffers) every call holds it, so calls on the device run one at a time.
+    """
+
+    def __init__(self, unet, backend, **options):
+        self.unet = unet
+        self.function = torch.compile(unet, backend=backend, dynamic=False, **options)
+        self.serial = options.get("mode") == "reduce-overhead"
+        self._seen, self._lock = set(), threading.Lock()
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        timestep = torch.as_tensor(timestep, device=sample.device)  # a tensor input: no recompile per value
+        key = (tuple(sample.shape), tuple(encoder_hidden_states.shape))
+        if key in self._seen and not self.serial:
+            return self.function(sample, timestep, encoder_hidden_states)
+        with self._lock:
+            out = self.function(sample, timestep, encoder_hidden_states)
+            self._seen.add(key)
+            return out
+
+    def deep_cache_forward(self, *args, **kwargs):
+        return self.unet.deep_cache_forward(*args, **kwargs)
+
+    def deep_cache_branches(self):
+        return self.unet.deep_cache_branches()
+
+
+class PerformanceSettings:
+    """The speed and memory methods of DiffusionPipeline (module docstring)."""
+
+    _execution_device = None  # the accelerator while offloading (the models' own device is then the CPU)
+    _offload_lock = None  # offloaded calls run one at a time: the hooks move shared models
+    _compiled_unet = None  # CompiledUNet of this pipeline's UNet, or None
+
+    def _models(self):
+        return [part for part in self.components.values() if isinstance(part, torch.nn.Module)]
+
+    def enable_attention_slicing(self, slice_size="auto"):
+        """Attention for a few (image, head) pairs at a time: "auto" half the heads, "max" one, or a count.
+
+        Outputs equal the unsliced ones to float rounding; it lowers the peak where the attention
+        kernel builds the tokens x tokens weights (the CPU's and CUDA's flash kernels do not)."""
+        for part in self._models():
+            if isinstance(part, ModelMixin):
+                part.set_attention_slice(slice_size)
+
+    def disable_attention_slicing(self):
+        self.enable_attention_slicing(None)
+
+    def enable_vae_slicing(self):
+        """Decode a batch one image at a time (the same images; the VAE's memory of one image)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self, tile_sample_min_size=None, tile_overlap_factor=None):
+        """Decode and encode large images in overlapping tiles blended together (``AutoencoderKL.enable_tiling``):
+        the VAE's memory stays that of one tile, and the memory check counts it so."""
+        self.vae.enable_tiling(tile_sample_min_size, tile_overlap_factor)
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
+
+    def enable_model_cpu_offload(self, gpu_id=None, device=None):
+        """Keep the models in CPU RAM and move each whole model to the accelerator while it runs
+        (text encoder, then UNet, then VAE). Calls then run one at a time. Untested here (no accelerator)."""
+        target = accelerator(device, gpu_id, "enable_model_cpu_offload")
+        self.to("cpu")
+        ModelOffload(self._models(), target)
+        self._start_offload(target)
+
+    def enable_sequential_cpu_offload(self, gpu_id=None, device=None):
+        """Keep the weights in CPU RAM and move each layer's to the accelerator only while it runs
+        (accelerate's ``cpu_offload``): the least device memory, and slow. Untested here (no accelerator)."""
+        target = accelerator(device, gpu_id, "enable_sequential_cpu_offload")
+        from accelerate import cpu_offload
+
+        self.to("cpu")
+        for part in self._models():
+            cpu_offload(part, execution_device=target, offload_buffers=True)
+        self._start_offload(target)
+
+    def _start_offload(self, device):
+        self._execution_device = device
+        self._offload_lock = threading.Lock()
+
+    def _call_guard(self):
+        """Held for a whole call: the offload lock when offloading, else nothing."""
+        return self._offload_lock if self._offload_lock is not None else contextlib.nullcontext()
+
+    def compile(self, backend, cache_dir=None, **options):
+        """Run the UNet compiled: any ``torch.compile`` backend ("inductor", with ``mode=``:
+        "max-autotune", "reduce-overhead" for CUDA graphs), or None to go back to eager. Compile after
+        loading or changing the weights. Returns the pipeline."""
+        if backend is None:
+            self._compiled_unet = None
+        else:
+            if cache_dir is not None:
+                raise ValueError("cache_dir is OpenVINO's; torch.compile keeps its own cache (TORCHINDUCTOR_CACHE_DIR).")
+            self._compiled_unet = CompiledUNet(self.unet, backend, **options)
+        return self
+
+    def _unet_for_run(self):
+        """The compiled UNet when it was compiled from the pipeline's current UNet, else the UNet."""
+        compiled = self._compiled_unet
+        return compiled if compiled is not None and compiled.unet is self.unet else self.unet

@@ -69,13 +69,14 @@ def accuracy(judged, prompts):
     return {name: float(np.mean(v)) for name, v in hits.items()}
 
 
-def generate(pipe, prompts, steps, guidance, seed, scheduler=None, batch=30, guidance_rescale=0.0):
+def generate(pipe, prompts, steps, guidance, seed, scheduler=None, batch=30, guidance_rescale=0.0, **options):
+    """Images of ``prompts``, image i from seed ``seed + i``; ``options``: more call options."""
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                   output_type="np", scheduler=scheduler, guidance_rescale=guidance_rescale)
+                   output_type="np", scheduler=scheduler, guidance_rescale=guidance_rescale, **options)
         images.extend(out.images)
     return images
 

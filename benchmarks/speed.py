@@ -1,99 +1,261 @@
-"""Speed of sdkit against the reference (diffusers 0.42.1), in one process, as ratios.
+"""Speed of sdkit against the reference (diffusers 0.42.1) at SD 1.5 shapes, in one process, as ratios.
 
-    python benchmarks/speed.py [--repeats 5] [--threads N]
+    python benchmarks/speed.py [--repeats 3] [--steps 20] [--threads N] [--cases unet,vae512,...]
+    python benchmarks/speed.py --fewer-unet-calls     # also DeepCache k = 2, 3, 5 and guidance_end
 
-Rows: SD 1.5-shaped UNet forward (random weights, CFG batch of 2 at 32x32 latents), SD VAE
-decode (32x32 latents -> 256x256), loading a saved SD 1.5-shaped UNet folder, and a whole
-txt2img call on a tiny pipeline folder. Each timing is the median of `--repeats` runs after one
-warm-up. Ratio = reference time / sdkit time (above 1: sdkit is faster). Needs the test extra.
+Random weights in the SD 1.5 shapes (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M),
+float32 on the CPU; sdkit's models hold copies of the reference's weights. Cases:
+
+* ``unet``: one UNet step, batch 2 (classifier-free guidance), 64x64 latents (512x512 images);
+* ``vae512``, ``vae768``: a VAE decode of 64x64 and 96x96 latents;
+* ``text``: encoding a prompt and the empty negative prompt (77 tokens each);
+* ``txt2img``: a whole 512x512 (``--size``) txt2img call, ``--steps`` PNDM steps, guidance 7.5.
+
+The two sides run alternately (who goes first alternates too) after one warm-up each (the whole
+calls after none: the component cases warmed the models), so load
+from other processes falls on both; the ratio is the median over the pairs of reference time /
+sdkit time (above 1: sdkit is faster); the CPU ratio is the same over the process's CPU time,
+which other processes on a shared machine disturb far less (with one thread, ``--threads 1``, it
+is the work done; with more, idle threads' spinning counts too). Outputs are compared (the
+largest relative error, or for txt2img the largest pixel difference in [0, 1]). Peak RSS: the largest resident memory seen
+(sampled every 5 ms) while a side ran, above the process's before the case.
+
+``--fewer-unet-calls`` adds sdkit-only rows: the whole txt2img with ``deep_cache_interval`` 2, 3, 5
+and ``guidance_end`` 0.5, each against sdkit's plain run (alternating likewise). A bare run takes
+about 15 minutes on an idle 2-core CPU; the whole txt2img pair is most of it. Needs the test extra.
 """
 
 import argparse
 import os
 import statistics
 import sys
-import tempfile
+import threading
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+CASES = ("unet", "vae512", "vae768", "text", "txt2img")
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def rss():
+    """This process's resident memory in bytes (/proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Context manager: the largest RSS seen while inside, sampled every 5 ms by a thread."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            self._stop.wait(0.005)
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self.peak = rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+
+def alternate(reference, ours, pairs, warm_up=True):
+    """Time ``reference()`` and ``ours()`` alternately (one warm-up each, unless ``warm_up`` is False);
+    returns a dict with their median times, the median of the pairs' time ratios, their last outputs
+    and peak RSS above the start."""
+    base = rss()
+    out = {}
+    peaks = {"reference": 0, "sdkit": 0}
+    times = {"reference": [], "sdkit": []}
+    cpu = {"reference": [], "sdkit": []}
+    fns = {"reference": reference, "sdkit": ours}
+    for i in range(0 if warm_up else 1, pairs + 1):  # pair 0 is the warm-up
+        order = ("reference", "sdkit") if i % 2 == 0 else ("sdkit", "reference")
+        elapsed = {}
+        for side in order:
+            with PeakRSS() as peak, torch.inference_mode():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                out[side] = fns[side]()
+                elapsed[side] = time.perf_counter() - start
+                used = time.process_time() - start_cpu
+            peaks[side] = max(peaks[side], peak.peak - base)
+            if i:
+                times[side].append(elapsed[side])
+                cpu[side].append(used)
+        print(f"    pair {i}{'' if i else ' (warm-up)'}: reference {elapsed['reference']:.2f} s, "
+              f"sdkit {elapsed['sdkit']:.2f} s", flush=True)
+    ratios = [r / s for r, s in zip(times["reference"], times["sdkit"])]
+    cpu_ratios = [r / s for r, s in zip(cpu["reference"], cpu["sdkit"])]
+    return dict(reference=statistics.median(times["reference"]), sdkit=statistics.median(times["sdkit"]),
+                ratio=statistics.median(ratios), cpu_ratio=statistics.median(cpu_ratios),
+                cpu=(statistics.median(cpu["reference"]), statistics.median(cpu["sdkit"])),
+                outputs=(out["reference"], out["sdkit"]),
+                rss=(peaks["reference"], peaks["sdkit"]))
+
+
+def rel_err(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def sd15_models():
+    """The reference's SD 1.5-shaped models with random weights, and sdkit's copies of them."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdkit.models import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    ref_unet = diffusers.UNet2DConditionModel(cross_attention_dim=768, sample_size=64).eval()
+    ref_vae = diffusers.AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                num_hidden_layers=12, projection_dim=768)).eval()
+
+    def port(ref, cls):
+        with torch.device("meta"):
+            ours = cls.from_config(dict(ref.config))
+        ours.load_checked_state_dict(ref.state_dict())
+        return ours.eval()
+
+    return ref_unet, port(ref_unet, UNet2DConditionModel), ref_vae, port(ref_vae, AutoencoderKL), text_encoder
+
+
+def pipelines(ref_unet, unet, ref_vae, vae, text_encoder):
+    """The reference's and sdkit's txt2img pipelines on those models (one shared text encoder:
+    both use transformers' CLIPTextModel)."""
+    import diffusers
+
+    from sdkit import StableDiffusionPipeline
+    from sdkit.clip_vocab import SD1_PAD, clip_tokenizer
+    from sdkit.schedulers import PNDMScheduler
+
+    tokenizer = clip_tokenizer(SD1_PAD, 77)
+    betas = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    scheduler = diffusers.PNDMScheduler(**betas)
+    ref = None if ref_unet is None else diffusers.StableDiffusionPipeline(
+        vae=ref_vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=ref_unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ours = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler.from_config(dict(scheduler.config)))
+    if ref is not None:
+        ref.set_progress_bar_config(disable=True)
+    ours.set_progress_bar_config(disable=True)
+    return ref, ours
+
+
+def row(name, result, error, error_kind="rel err"):
+    return dict(name=name, error=f"{error:.1e} {error_kind}", **result)
+
+
+def run_cases(args, models, rows):
+    ref_unet, unet, ref_vae, vae, text_encoder = models
+    ref, ours = pipelines(*models)
+    del models
+    prompt = "a photograph of an astronaut riding a horse"
+    if "unet" in args.cases:
+        print("UNet step", flush=True)
+        g = torch.Generator().manual_seed(1)
+        x, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
+        t = torch.tensor(500)
+        r = alternate(lambda: ref_unet(x, t, ctx).sample, lambda: unet(x, t, ctx), args.repeats)
+        rows.append(row("UNet step, batch 2, 64x64 latents", r, rel_err(r["outputs"][1], r["outputs"][0])))
+    for size in (512, 768):
+        if f"vae{size}" in args.cases:
+            print(f"VAE decode {size}", flush=True)
+            z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(2))
+            r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), args.repeats)
+            rows.append(row(f"VAE decode, {size}x{size}", r, rel_err(r["outputs"][1], r["outputs"][0])))
+    if "text" in args.cases:
+        print("text encoding", flush=True)
+        from sdkit.text import encode_prompts
+
+        def reference():
+            cond, uncond = ref.encode_prompt(prompt, "cpu", 1, True, "")
+            return torch.cat([uncond, cond])
+
+        def sdkit_side():
+            cond, uncond = encode_prompts(text_encoder, ours.tokenizer, [prompt], [""])
+            return torch.cat([uncond, cond])
+
+        r = alternate(reference, sdkit_side, args.repeats * 3)
+        rows.append(row("text encoding, prompt + negative", r, rel_err(r["outputs"][1], r["outputs"][0])))
+    kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, output_type="np", height=args.size, width=args.size)
+
+    def txt2img(pipe, **extra):
+        return lambda: pipe(prompt, generator=torch.Generator().manual_seed(3), **kw, **extra).images
+
+    if "txt2img" in args.cases:
+        print(f"txt2img, {args.steps} steps", flush=True)
+        r = alternate(txt2img(ref), txt2img(ours), args.txt2img_pairs, args.txt2img_warm_up)
+        a, b = r["outputs"]
+        rows.append(row(f"whole txt2img {args.size}x{args.size}, {args.steps} steps", r, float(abs(a - b).max()), "max |diff|"))
+    if args.fewer_unet_calls:
+        if "txt2img" not in args.cases:
+            ours(prompt, num_inference_steps=1, output_type="np", height=args.size, width=args.size)  # warm-up
+        for extra in (dict(deep_cache_interval=2), dict(deep_cache_interval=3), dict(deep_cache_interval=5),
+                      dict(guidance_end=0.5)):
+            name = ", ".join(f"{k}={v}" for k, v in extra.items())
+            print(f"txt2img, {name}", flush=True)
+            r = alternate(txt2img(ours), txt2img(ours, **extra), args.txt2img_pairs, args.txt2img_warm_up)
+            a, b = r["outputs"]
+            rows.append(row(f"txt2img {name} (vs sdkit plain)", r, float(abs(a - b).max()), "max |diff|"))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed pairs per component case (after a warm-up)")
+    parser.add_argument("--txt2img-pairs", type=int, default=1, help="timed pairs of whole txt2img calls")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=512, help="txt2img image side in pixels")
+    parser.add_argument("--txt2img-warm-up", action="store_true",
+                        help="a warm-up pair before the whole calls too (by default none: the models are warm by then)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated subset of {', '.join(CASES)} (empty: only --fewer-unet-calls)")
+    parser.add_argument("--fewer-unet-calls", action="store_true", help="add the DeepCache and guidance_end rows")
     args = parser.parse_args()
+    args.cases = set(args.cases.split(",")) - {""}
+    unknown = args.cases - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; choose from {', '.join(CASES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
     import diffusers
-    from helpers import build_reference_pipeline
 
-    from sdkit import StableDiffusionPipeline
-    from sdkit.models import AutoencoderKL, UNet2DConditionModel
-
+    start = time.perf_counter()
     rows = []
-    torch.manual_seed(0)
     with torch.inference_mode():
-        ref_unet = diffusers.UNet2DConditionModel(cross_attention_dim=768, sample_size=64).eval()
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(dict(ref_unet.config))
-        unet.load_checked_state_dict(ref_unet.state_dict())
-        x, ctx = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 768)
-        rows.append(("UNet SD1.5 forward, 2x4x32x32",
-                     median_time(lambda: ref_unet(x, 500, ctx), args.repeats),
-                     median_time(lambda: unet(x, 500, ctx), args.repeats)))
-
-        with tempfile.TemporaryDirectory() as d:
-            ref_unet.save_pretrained(d)
-            del ref_unet, unet
-            rows.append(("UNet SD1.5 from_pretrained (3.4 GB fp32)",
-                         median_time(lambda: diffusers.UNet2DConditionModel.from_pretrained(d), 2),
-                         median_time(lambda: UNet2DConditionModel.from_pretrained(d), 2)))
-
-        vae_config = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-        ref_vae = diffusers.AutoencoderKL(**vae_config).eval()
-        vae = AutoencoderKL.from_config(dict(ref_vae.config))
-        vae.load_checked_state_dict(ref_vae.state_dict())
-        z = torch.randn(1, 4, 32, 32)
-        rows.append(("VAE SD decode, 1x4x32x32 -> 256x256",
-                     median_time(lambda: ref_vae.decode(z), args.repeats),
-                     median_time(lambda: vae.decode(z), args.repeats)))
-        del ref_vae, vae
-
-    with tempfile.TemporaryDirectory() as d:
-        build_reference_pipeline(d)
-        ref = diffusers.StableDiffusionPipeline.from_pretrained(d, safety_checker=None)
-        ref.set_progress_bar_config(disable=True)
-        ours = StableDiffusionPipeline.from_pretrained(d)
-        ours.set_progress_bar_config(disable=True)
-        kw = dict(num_inference_steps=25, guidance_scale=7.5, output_type="np")
-        rows.append(("tiny txt2img call, 25 steps, PNDM",
-                     median_time(lambda: ref("a red circle", generator=torch.Generator().manual_seed(0), **kw),
-                                 args.repeats),
-                     median_time(lambda: ours("a red circle", generator=torch.Generator().manual_seed(0), **kw),
-                                 args.repeats)))
-
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, threads {torch.get_num_threads()}, "
-          f"median of {args.repeats}")
-    print(f"| {'case':44s} | {'diffusers s':>11s} | {'sdkit s':>9s} | {'ratio':>6s} |")
-    print(f"|{'-' * 46}|{'-' * 13}|{'-' * 11}|{'-' * 8}|")
-    for name, ref_t, our_t in rows:
-        print(f"| {name:44s} | {ref_t:11.4f} | {our_t:9.4f} | {ref_t / our_t:6.2f} |")
+        models = sd15_models()
+    if not args.cases:  # the fewer-UNet-calls rows alone compare sdkit with itself
+        models = (None, models[1], None, models[3], models[4])
+    run_cases(args, models, rows)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"\n{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"diffusers {diffusers.__version__}, float32; ratio: median of {args.repeats} alternating pairs "
+          f"({args.txt2img_pairs} for txt2img); {time.perf_counter() - start:.0f} s in all")
+    print("| case | reference s | sdkit s | ratio | CPU s reference / sdkit | CPU ratio | outputs | "
+          "peak RSS reference / sdkit (MB) |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['reference']:.2f} | {r['sdkit']:.2f} | {r['ratio']:.2f} | "
+              f"{r['cpu'][0]:.2f} / {r['cpu'][1]:.2f} | {r['cpu_ratio']:.2f} | {r['error']} | "
+              f"{r['rss'][0] / 2**20:.0f} / {r['rss'][1] / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,9 @@ def with_memory_settings(pipe):
     pipe = StableDiffusionPipeline.from_pipe(pipe, unet=copy.deepcopy(pipe.unet), vae=copy.deepcopy(pipe.vae))
     pipe.enable_attention_slicing("max")
     pipe.enable_vae_slicing()
-    pipe.enable_vae_tiling(tile_sample_min_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiles smaller than the VAE's sample_size: wanted here
+        pipe.enable_vae_tiling(tile_sample_min_size=32)
     return pipe
 
 

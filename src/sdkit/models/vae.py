@@ -4,6 +4,7 @@
 to the UNet are ``z * config.scaling_factor``.
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -213,7 +214,7 @@ class AutoencoderKL(ModelMixin):
         self.use_slicing = False  # encode and decode a batch one image at a time
         self.use_tiling = False  # encode and decode large images in blended overlapping tiles
         sample = cfg.sample_size if isinstance(cfg.sample_size, int) else min(cfg.sample_size)
-        self.tile_sample_min_size = sample  # tile side in pixels
+        self.tile_sample_min_size = self._sample_pixels = sample  # tile side in pixels; the configured image side
         self.tile_overlap_factor = 0.25  # fraction of a tile shared with its neighbour
 
     def enable_slicing(self):
@@ -228,7 +229,8 @@ class AutoencoderKL(ModelMixin):
         overlapping tiles blended together, so memory stays that of one tile at any size.
 
         Tiles are normalised on their own, so a tiled image differs slightly from an untiled one;
-        the linear cross-fade over the overlap leaves no visible seam."""
+        the linear cross-fade over the overlap leaves no visible seam. Tiles smaller than the
+        sample_size change the images more (a warning says so)."""
         f = self.downsample_factor
         size = self.tile_sample_min_size if tile_sample_min_size is None else tile_sample_min_size
         overlap = self.tile_overlap_factor if tile_overlap_factor is None else tile_overlap_factor
@@ -237,6 +239,11 @@ class AutoencoderKL(ModelMixin):
                              f"{2 * f} pixels, got {size!r}.")
         if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
             raise ValueError(f"tile_overlap_factor must be a number in [0, 1), got {overlap!r}.")
+        trained = self._sample_pixels
+        if size < trained:
+            warnings.warn(f"VAE tiles of {size} pixels are smaller than the VAE's sample_size ({trained}): each tile "
+                          f"is normalised on its own, and tiles this small change colours and shapes. Keep the "
+                          f"default tile size unless memory forces smaller tiles.", stacklevel=2)
         self.tile_sample_min_size, self.tile_overlap_factor = size, overlap
         self.use_tiling = True
 

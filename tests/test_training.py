@@ -563,7 +563,8 @@ def test_export_writes_a_diffusers_pipeline_folder(tiny_vae, tmp_path):
     cfg = _unet_cfg(steps=2)
     flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
              for k, v in TINY_UNET.items()]
-    assert main(["unet", "--vae", tiny_vae, "--out", str(unet_dir), "--steps", "2", *flags]) == 0
+    assert main(["unet", "--vae", tiny_vae, "--out", str(unet_dir), "--steps", "2", "--guidance-scale", "4.5",
+                 *flags]) == 0
     out = tmp_path / "pipe"
     assert main(["export", "--vae", tiny_vae, "--unet", str(unet_dir), "--out", str(out)]) == 0
     index = json.loads((out / "model_index.json").read_text())
@@ -585,6 +586,13 @@ def test_export_writes_a_diffusers_pipeline_folder(tiny_vae, tmp_path):
     assert text_encoder.config.max_position_embeddings == tokenizer.model_max_length == cfg.max_length
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == cfg.prediction_type
+    # the recommended settings: the run's --guidance-scale, the recipe's rescale and steps
+    settings = json.loads((out / "recommended_settings.json").read_text())
+    assert settings == {"guidance_scale": 4.5, "guidance_rescale": cfg.guidance_rescale,
+                        "num_inference_steps": cfg.num_inference_steps}
+    from sdkit import StableDiffusionPipeline
+
+    assert StableDiffusionPipeline.from_pretrained(str(out)).recommended.guidance_scale == 4.5
 
 
 def test_configs_reject_unknown_cli_values():

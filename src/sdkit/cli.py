@@ -13,8 +13,7 @@ import tempfile
 
 EXIT_USAGE = 2
 DEFAULT_GUIDANCE = 7.5  # diffusers' default CFG scale
-BUNDLED_GUIDANCE = 3.0  # the bundled model's recommended scale and guidance rescale (a sweep is in
-BUNDLED_GUIDANCE_RESCALE = 0.7  # assets/tiny-shapes/MODEL_CARD.md)
+DEFAULT_STEPS = 25  # for models whose folder recommends no step count (recommended_settings.json)
 
 
 class CLIError(Exception):
@@ -119,11 +118,7 @@ def _scheduler(name, base):
     from sdkit import schedulers
 
     try:
-        return schedulers.get_scheduler_class(name).from_config(base.config)
-    except ValueError:
-        pass
-    try:
-        return schedulers.from_name(name, base.config)
+        return schedulers.scheduler_from_name(name, base.config)
     except ValueError as e:
         raise CLIError(f"unknown --scheduler {name!r}: {e}") from None
 
@@ -152,10 +147,20 @@ def _clip_skip_option(args):
     return {"clip_skip": args.clip_skip - 1}  # the reference counts the layers skipped
 
 
+def _recommended_defaults(args, recommended):
+    """Fill in --steps, --guidance and --guidance-rescale from the model's recommended settings."""
+    if args.steps is None:
+        args.steps = recommended.get("num_inference_steps", DEFAULT_STEPS)
+    if args.guidance is None:
+        args.guidance = recommended.get("guidance_scale", DEFAULT_GUIDANCE)
+    if args.guidance_rescale is None:
+        args.guidance_rescale = recommended.get("guidance_rescale", 0.0)
+
+
 def generate(args):
     import torch
 
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps {args.steps} must be at least 1")
     if args.batch < 1:
         raise CLIError(f"--batch {args.batch} must be at least 1")
@@ -172,11 +177,6 @@ def generate(args):
     from sdkit.pipelines import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
 
     model = args.model or _default_model()
-    bundled = _model_label(model) == "tiny-shapes"
-    if args.guidance is None:
-        args.guidance = BUNDLED_GUIDANCE if bundled else DEFAULT_GUIDANCE
-    if args.guidance_rescale is None:
-        args.guidance_rescale = BUNDLED_GUIDANCE_RESCALE if bundled else 0.0
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar is noise here
@@ -184,6 +184,7 @@ def generate(args):
         pipe = StableDiffusionPipeline.from_pretrained(model)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CLIError(f"cannot load model {model!r}: {e}") from None
+    _recommended_defaults(args, pipe.recommended)
     for name in ("width", "height"):
         value = getattr(args, name)
         error = pipe.size_error(value) if value is not None else None
@@ -243,12 +244,13 @@ def build_parser():
     g.add_argument("-o", "--output", required=True, help="output PNG path (batch: NAME-1.png, NAME-2.png, ...)")
     g.add_argument("--model", help="model folder or Hugging Face repo id (default: the bundled tiny-shapes model)")
     g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (CFG); default "
-                                                   f"{DEFAULT_GUIDANCE:g}, {BUNDLED_GUIDANCE:g} for the bundled model")
+    g.add_argument("--steps", type=int, help=f"sampler steps; default: the model's recommended_settings.json, "
+                                             f"else {DEFAULT_STEPS}")
+    g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (CFG); default: the model's "
+                                                   f"recommended_settings.json, else {DEFAULT_GUIDANCE:g}")
     g.add_argument("--guidance-rescale", type=float,
-                   help=f"guidance rescale phi in [0, 1] (Lin et al. 2024); default 0, "
-                        f"{BUNDLED_GUIDANCE_RESCALE:g} for the bundled model")
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2024); default: the model's "
+                        "recommended_settings.json, else 0")
     g.add_argument("--seed", type=int, help="random seed (random and printed when not given; image k of a "
                                             "batch uses seed + k)")
     g.add_argument("--scheduler", help="scheduler class name or A1111 sampler name, e.g. 'Euler a', "

@@ -25,6 +25,7 @@ import torch
 from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
 from . import loading, prompting
+from . import recommended as recommended_settings
 from .denoising import ModelCall, classifier_free_guidance, compose, unet_model
 from .images import to_output
 from .options import CallOptions
@@ -89,13 +90,17 @@ def repeat_to_batch(x, batch_size, what):
 
 
 class DiffusionPipeline:
-    """Base of the Stable Diffusion pipelines. Build from parts, or with ``from_pretrained``."""
+    """Base of the Stable Diffusion pipelines. Build from parts, or with ``from_pretrained``.
+
+    ``recommended`` (a ``recommended.RecommendedSettings``, read from the folder's
+    recommended_settings.json by ``from_pretrained``) fills in the call options a call does not pass.
+    """
 
     reference_class_name = "StableDiffusionPipeline"  # written to model_index.json
     parts = loading.STABLE_DIFFUSION  # the parts this pipeline needs (loading.Part)
     options_class = CallOptions  # the options of a call
 
-    def __init__(self, **parts):
+    def __init__(self, recommended=None, **parts):
         names = [p.name for p in self.parts]
         missing = [n for n in names if n not in parts]
         unknown = sorted(set(parts) - set(names))
@@ -107,6 +112,10 @@ class DiffusionPipeline:
             if part.check is not None:
                 part.check(parts[part.name])
             setattr(self, part.name, parts[part.name])
+        if recommended is not None and not isinstance(recommended, recommended_settings.RecommendedSettings):
+            raise TypeError(f"recommended must be a RecommendedSettings (sdkit.pipelines.recommended), "
+                            f"got {type(recommended).__name__}.")
+        self.recommended = recommended or recommended_settings.RecommendedSettings()  # read-only: frozen
         self._progress_bar_config = {}
         self._fp32_vae = None  # lazily made float32 copy of a half-precision VAE (NaN guard)
         self._fp32_lock = threading.Lock()
@@ -120,13 +129,14 @@ class DiffusionPipeline:
 
     @classmethod
     def from_pipe(cls, pipe, **overrides):
-        """A pipeline of this class on the same parts as `pipe` (weights shared, not copied)."""
+        """A pipeline of this class on the same parts as `pipe` (weights shared, not copied), with its
+        recommended settings."""
         names = [p.name for p in cls.parts]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
             raise TypeError(f"from_pipe got unknown parts {unknown}; {cls.__name__}'s parts are {names}.")
         shared = {n: getattr(pipe, n) for n in names if hasattr(pipe, n)}
-        new = cls(**{**shared, **overrides})
+        new = cls(recommended=getattr(pipe, "recommended", None), **{**shared, **overrides})
         new._progress_bar_config = dict(pipe._progress_bar_config)
         return new
 
@@ -136,24 +146,35 @@ class DiffusionPipeline:
         """Load a diffusers-layout pipeline folder or Hub repo id (model_index.json + part folders).
 
         Parts given as keywords (``scheduler=...``, ``vae=...``) replace the folder's. Parts sdkit
-        does not use (safety_checker, feature_extractor) are skipped.
+        does not use (safety_checker, feature_extractor) are skipped. The folder's
+        recommended_settings.json, if any, becomes ``pipe.recommended`` (and its scheduler, unless
+        one is passed, ``pipe.scheduler``).
         """
         names = [p.name for p in cls.parts]
         unknown = sorted(set(components) - set(names))
         if unknown:
             raise TypeError(f"from_pretrained got unknown arguments {unknown}; parts that can be "
                             f"passed are {names}.")
-        parts = loading.load_components(pretrained_model_name_or_path, cls.parts, torch_dtype=torch_dtype,
-                                        variant=variant, local_files_only=local_files_only,
+        folder = loading.resolve_pipeline_folder(pretrained_model_name_or_path, cls.parts, variant,
+                                                 local_files_only)
+        parts = loading.load_components(folder, cls.parts, torch_dtype=torch_dtype, variant=variant,
                                         skip=tuple(components))
-        return cls(**{**parts, **components})
+        settings = recommended_settings.read(folder)
+        if "scheduler" in parts:
+            try:
+                parts["scheduler"] = settings.scheduler_for(parts["scheduler"])
+            except ValueError as e:
+                raise ValueError(f"{folder / recommended_settings.FILE}: {e}") from None
+        return cls(recommended=settings, **{**parts, **components})
 
     def save_pretrained(self, save_directory):
-        """Write a folder that sdkit and diffusers both load (model_index.json + one folder per part)."""
+        """Write a folder that sdkit and diffusers both load (model_index.json + one folder per part,
+        and recommended_settings.json when ``recommended`` holds any)."""
         os.makedirs(save_directory, exist_ok=True)
         for name, part in self.components.items():
             part.save_pretrained(os.path.join(save_directory, name))
         loading.write_model_index(save_directory, self.reference_class_name, self.parts, self.components)
+        recommended_settings.write(save_directory, self.recommended)
 
     def to(self, *args, **kwargs):
         """Move or cast the models, like ``nn.Module.to``: ``pipe.to("cuda")``, ``pipe.to(torch.float16)``."""
@@ -204,8 +225,10 @@ class DiffusionPipeline:
     def __call__(self, *args, **kwargs):
         """Generate images. The options, with their meaning and defaults, are ``self.options_class``
         (``help(type(pipe).options_class)``); ``prompt`` (and ``image``, ``mask_image``) may be given
-        by position. Returns a PipelineOutput with ``.images`` and ``.interrupted``."""
-        return self._generate(self.options_class.from_call(args, kwargs))
+        by position. Options the call does not pass come from ``self.recommended`` (the model folder's
+        recommended_settings.json), else the reference's defaults. Returns a PipelineOutput with
+        ``.images`` and ``.interrupted``."""
+        return self._generate(self.options_class.from_call(args, {**self.recommended.call_defaults(), **kwargs}))
 
     def image_size(self, options):
         """(height, width) of this call's images: the options', else the pipeline's default."""

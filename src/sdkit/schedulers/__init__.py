@@ -19,10 +19,12 @@ from .pndm import PLMSScheduler, PNDMScheduler, PNDMState
 from .registry import (
     SAMPLER_NAMES, SCHEDULER_CLASSES, a1111_name, from_name, get_scheduler_class,
 )
+from .registry import scheduler_from_name
 
 __all__ = [
     "Scheduler", "SchedulerOutput", "SchedulerState", "SigmaScheduler", "PNDMState",
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "PLMSScheduler", "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler",
     "SAMPLER_NAMES", "SCHEDULER_CLASSES", "a1111_name", "from_name", "get_scheduler_class",
+    "scheduler_from_name",
 ]

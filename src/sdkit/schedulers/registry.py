@@ -53,6 +53,19 @@ def from_name(name, base_config=None) -> Scheduler:
     return cls.from_config({**config, **settings})
 
 
+def scheduler_from_name(name, base_config) -> Scheduler:
+    """A scheduler named by its class name ("DDIMScheduler") or A1111 name ("Euler a") on ``base_config``."""
+    try:
+        return get_scheduler_class(name).from_config(base_config)
+    except ValueError:
+        pass
+    try:
+        return from_name(name, base_config)
+    except ValueError:
+        raise ValueError(f"Unknown scheduler {name!r}; known class names: {', '.join(sorted(SCHEDULER_CLASSES))}; "
+                         f"known A1111 sampler names: {', '.join(SAMPLER_NAMES)}.") from None
+
+
 def a1111_name(scheduler):
     """The A1111 sampler name of a configured scheduler; its class name when A1111 has none."""
     config = scheduler.config

@@ -135,9 +135,12 @@ class UNetConfig(LoopConfig):
     text_layers: int = 2
     text_heads: int = 4
     max_length: int = 16  # tokens incl. start/end; the longest caption needs 13
-    # export
+    # export: the scheduler class and the recommended settings written to recommended_settings.json
+    # (what a pipeline call that does not pass them uses; the measurements are in MODEL_CARD.md)
     scheduler: str = "DDIMScheduler"  # the bundled model's default sampler
-    guidance_scale: float = 3.0  # not used in training: the scale the model card recommends (with rescale 0.7)
+    guidance_scale: float = 3.0  # recommended classifier-free guidance scale (not used in training)
+    guidance_rescale: float = 0.7  # recommended guidance rescale (Lin et al. 2024)
+    num_inference_steps: int = 25  # recommended sampler steps
 
 
 def config_from_args(cls, args: dict):

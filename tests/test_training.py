@@ -528,9 +528,56 @@ def test_unet_batches_have_caption_dropout_and_fresh_captions(tiny_vae, tmp_path
     assert not torch.equal(stage.batch(3, 1, 2, 8, "cpu")["indices"], b1["indices"])
 
 
+def test_agreement_loss_is_the_detached_per_sample_difference_over_the_batch():
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 4, 2, 2, generator=g, requires_grad=True)
+    c = torch.randn(3, 4, 2, 2, generator=g, requires_grad=True)
+    got = losses.agreement_loss(u, c, batch_size=8)
+    a, b = u.detach().numpy(), c.detach().numpy()
+    assert got.item() == pytest.approx(((a - b) ** 2).reshape(3, -1).mean(1).sum() / 8, rel=1e-6)
+    got.backward()
+    assert c.grad is None and u.grad.abs().sum() > 0  # only the unconditional prediction moves
+    assert losses.agreement_loss(c.detach(), c, 8).item() == 0.0
+
+
+def test_unet_stage_adds_the_guidance_agreement_on_the_low_noise_samples_only(tiny_vae, tmp_path):
+    """loss = v-MSE + w * agreement, the agreement worked by hand from the empty prompt's prediction on
+    the samples with t below the threshold; with w = 0 the loss is the v-MSE alone."""
+    from accelerate import Accelerator
+
+    from sdkit.training.stages import UNetStage
+
+    below = 600
+    stage = UNetStage(_unet_cfg(num_images=16, guidance_agreement=0.5, guidance_agreement_below=below), tiny_vae)
+    stage.setup(str(tmp_path), Accelerator())
+    torch.manual_seed(0)
+    models = stage.build_models()
+    batch = stage.batch(0, 0, 1, 8, "cpu")
+    batch["timesteps"] = torch.tensor([10, 999, 300, 700, 599, 600, 0, 950])
+    with torch.no_grad():
+        loss, logs = stage.loss(models, batch)
+        plain = UNetStage(_unet_cfg(num_images=16), tiny_vae)
+        plain.tokenizer = stage.tokenizer
+        mse = plain.loss(models, batch)[0]
+        x_t = stage.scheduler.add_noise(batch["x0"], batch["eps"], batch["timesteps"])
+        context = models["text_encoder"](batch["input_ids"]).last_hidden_state
+        cond = models["unet"](x_t, batch["timesteps"], context)
+        low = batch["timesteps"] < below  # 10, 300, 599, 0
+        empty = models["text_encoder"](stage.tokenizer([""], padding="max_length", max_length=16,
+                                                        return_tensors="pt").input_ids).last_hidden_state
+        uncond = models["unet"](x_t[low], batch["timesteps"][low], empty.expand(4, -1, -1))
+        by_hand = (uncond - cond[low]).pow(2).flatten(1).mean(1).sum() / 8
+    assert int(low.sum()) == 4 and not torch.equal(uncond, cond[low])
+    assert logs["agree"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(mse.item() + 0.5 * by_hand.item(), rel=1e-5)
+    batch["timesteps"] = torch.full((8,), 800)  # no low-noise sample: nothing added
+    with torch.no_grad():
+        assert stage.loss(models, batch)[1]["agree"].item() == 0.0
+
+
 @pytest.mark.parametrize("options", [
     dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_bias="later", min_snr_gamma=5.0,
-         offset_noise=0.1, immiscible=True),
+         offset_noise=0.1, immiscible=True, guidance_agreement=1.0),
     dict(prediction_type="epsilon", rescale_betas_zero_snr=False, timestep_bias="none", min_snr_gamma=None,
          offset_noise=0.0, immiscible=False, ema_decay=None),
 ])

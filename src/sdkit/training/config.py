@@ -120,6 +120,10 @@ class UNetConfig(LoopConfig):
     min_snr_gamma: Optional[float] = None  # Min-SNR-gamma weighting (none: plain MSE). For v it weighs
     # down the high-noise steps, where the layout is decided, so place words went unlearned
     offset_noise: float = 0.05  # per-channel shared noise: lets flat backgrounds reach their exact tone
+    guidance_agreement: float = 0.0  # weight of losses.agreement_loss: below guidance_agreement_below the
+    # empty prompt's prediction must match the prompt's (stop-gradient), so classifier-free guidance, which
+    # scales their difference, has nothing to amplify where the image is already decided
+    guidance_agreement_below: int = 500  # training timesteps t < this get the agreement term
     immiscible: bool = False  # assign noise to latents within the batch by least total distance; with
     # 32 latents per process the assigned noise carries the layout, which then ignores the prompt
     # UNet architecture (8x8 latents: levels 8 -> 4 -> 2)

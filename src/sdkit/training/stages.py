@@ -288,7 +288,21 @@ class UNetStage:
         prediction = models["unet"](x_t, t, context)
         target = losses.diffusion_target(self.scheduler, x0, eps, t)
         weights = losses.min_snr_weights(self.scheduler, t, self.cfg.min_snr_gamma)
-        return losses.diffusion_loss(prediction, target, weights), {}
+        loss = losses.diffusion_loss(prediction, target, weights)
+        if not self.cfg.guidance_agreement:
+            return loss, {}
+        agree = self.agreement(models, x_t, t, prediction)
+        return loss + self.cfg.guidance_agreement * agree, {"agree": agree.detach()}
+
+    def agreement(self, models, x_t, t, prediction):
+        """``losses.agreement_loss`` of the empty prompt's prediction on the batch's low-noise part."""
+        low = t < self.cfg.guidance_agreement_below
+        if not low.any():
+            return prediction.sum() * 0.0
+        empty = models["text_encoder"](self.input_ids([""]).to(x_t.device)).last_hidden_state  # (1, T, D)
+        n = int(low.sum())
+        uncond = models["unet"](x_t[low], t[low], empty.expand(n, -1, -1))
+        return losses.agreement_loss(uncond, prediction[low], len(t))
 
     def finish(self, models, out_dir):
         models["unet"].save_pretrained(os.path.join(out_dir, "unet"))

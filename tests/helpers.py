@@ -30,6 +30,16 @@ VAE_F8 = dict(block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncode
               layers_per_block=1, sample_size=64)
 
 
+# Tiny models a single file describes fully: SD's 32 norm groups and head conventions (SD 1: 8 heads,
+# SD 2: 64-channel heads), 64-wide CLIP text encoders on the real 49,408-token vocabulary
+SD1_FILE_UNET = {**SD1_UNET, "cross_attention_dim": 64, "attention_head_dim": 8, "norm_num_groups": 32,
+                 "layers_per_block": 1}
+SD2_FILE_UNET = {**SD2_UNET, "block_out_channels": (64, 64, 128, 128), "cross_attention_dim": 64,
+                 "attention_head_dim": (1, 1, 2, 2), "norm_num_groups": 32}
+INPAINT_FILE_UNET = {**SD1_FILE_UNET, "in_channels": 9}
+VAE_FILE = {**VAE_F8, "block_out_channels": (32, 32, 32, 32), "norm_num_groups": 32}
+
+
 def perturb(model, seed=0, scale=0.1):
     """Move biases and norm affines away from their defaults so no path is trivial."""
     g = torch.Generator().manual_seed(seed)
@@ -54,11 +64,13 @@ WORDS = ("a", "an", "the", "small", "large", "red", "green", "blue", "yellow", "
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-def build_reference_pipeline(save_dir, kind="sd1", seed=0, model_max_length=16):
+def build_reference_pipeline(save_dir, kind="sd1", seed=0, model_max_length=16, single_file=False):
     """Save a tiny random diffusers pipeline folder and return its path.
 
     kind: "sd1" (PNDM/PLMS, epsilon), "sd2" (linear projections, DDIM with v-prediction) or
     "inpaint" (SD1-shaped 9-channel inpainting UNet). Weights are perturbed so no path is trivial.
+    ``single_file``: models that follow the SD conventions a single-file checkpoint relies on
+    (``*_FILE_*`` configs, sdkit's CLIP tokenizer; SD 2: OpenCLIP's GELU and "!" padding).
     """
     import os
     import tempfile
@@ -66,19 +78,29 @@ def build_reference_pipeline(save_dir, kind="sd1", seed=0, model_max_length=16):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from sdkit.clip_vocab import OPENCLIP_PAD, SD1_PAD, clip_tokenizer
     from sdkit.training.tokenizer import build_clip_tokenizer
 
-    unet_config = {"sd1": SD1_UNET, "sd2": SD2_UNET, "inpaint": INPAINT_UNET}[kind]
-    tokenizer = build_clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="sdkit-tok-"), model_max_length=model_max_length)
+    configs = {"sd1": SD1_FILE_UNET, "sd2": SD2_FILE_UNET, "inpaint": INPAINT_FILE_UNET} if single_file else \
+        {"sd1": SD1_UNET, "sd2": SD2_UNET, "inpaint": INPAINT_UNET}
+    unet_config = configs[kind]
+    if single_file:
+        tokenizer = clip_tokenizer(OPENCLIP_PAD if kind == "sd2" else SD1_PAD, model_max_length)
+    else:
+        tokenizer = build_clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="sdkit-tok-"),
+                                         model_max_length=model_max_length)
     torch.manual_seed(seed)
     unet = perturb(diffusers.UNet2DConditionModel(**unet_config), seed)
-    vae = perturb(diffusers.AutoencoderKL(**VAE_F8), seed + 1)
+    vae = perturb(diffusers.AutoencoderKL(**(VAE_FILE if single_file else VAE_F8)), seed + 1)
     hidden = unet_config["cross_attention_dim"]
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=len(tokenizer), max_position_embeddings=model_max_length,
+        hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=hidden // 64 if single_file else 4,
+        num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=model_max_length,
+        hidden_act="gelu" if single_file and kind == "sd2" else "quick_gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)).eval()
+    if single_file:  # layer norms away from 1 and 0, so a swapped norm cannot pass unnoticed
+        perturb(text_encoder, seed + 2)
     if kind == "sd2":
         scheduler = diffusers.DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False,
                                             steps_offset=1, prediction_type="v_prediction")
@@ -114,6 +136,12 @@ def sample_mask(size=64, box=(16, 16, 48, 40)):
     return mask
 
 
+def quiet(pipe):
+    """The pipeline with its progress bar off (test output stays readable)."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def one_torch_thread():
     """Generator for a module-scoped fixture: run torch single-threaded, then restore the count.
 
@@ -126,3 +154,106 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# -- broken model folders (for the error tests) -----------------------------------------------------
+
+class Payload:
+    """A pickle that, if ever unpickled, creates the file ``marker`` (it must never be created)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _set_json(path, **changes):
+    import json
+
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _pickle_only(folder, weights, pickle_name, marker):
+    """Replace a part's safetensors weights by a pickle holding the same tensors and a payload."""
+    from safetensors.torch import load_file
+
+    state = {**load_file(str(folder / weights)), "payload": Payload(marker)}
+    (folder / weights).unlink()
+    torch.save(state, folder / pickle_name)
+
+
+def _self_link(path):
+    import os
+
+    path.unlink()
+    os.symlink(path.name, path)
+
+
+def _empty(folder):
+    for f in folder.iterdir():
+        f.unlink()
+
+
+# how -> (edit of a copied pipeline folder d, what the error names)
+BREAKS = {
+    "truncated text encoder": (lambda d: _truncate(d / "text_encoder" / "model.safetensors"),
+                               "text_encoder/model.safetensors: Error while deserializing header"),
+    "truncated unet": (lambda d: _truncate(d / "unet" / "diffusion_pytorch_model.safetensors"),
+                       "unet/diffusion_pytorch_model.safetensors: Error while deserializing header"),
+    "layers_per_block one": (lambda d: _set_json(d / "unet" / "config.json", layers_per_block="one"),
+                             "unet/config.json: UNet2DConditionModel: layers_per_block='one' should be a whole number"),
+    "block_out_channels text": (lambda d: _set_json(d / "vae" / "config.json", block_out_channels="wide"),
+                                "vae/config.json: AutoencoderKL: block_out_channels='wide' should be a list of whole"),
+    "config is a list": (lambda d: (d / "vae" / "config.json").write_text("[1, 2]"),
+                         "vae/config.json should hold a JSON object ({...}), found a list"),
+    "config not JSON": (lambda d: (d / "unet" / "config.json").write_text("{not json"),
+                        "unet/config.json is not valid JSON"),
+    "num_train_timesteps 0": (lambda d: _set_json(d / "scheduler" / "scheduler_config.json", num_train_timesteps=0),
+                              "scheduler_config.json: PNDMScheduler: num_train_timesteps must be a whole number >= 1, got 0"),
+    "beta_schedule unknown": (lambda d: _set_json(d / "scheduler" / "scheduler_config.json", beta_schedule="cosine"),
+                              "scheduler_config.json: PNDMScheduler: beta_schedule='cosine' is not supported"),
+    "pickle text encoder": (lambda d: _pickle_only(d / "text_encoder", "model.safetensors", "pytorch_model.bin",
+                                                   d / "PWNED"),
+                            "text_encoder holds only the pickle file pytorch_model.bin, which can run code"),
+    "pickle unet": (lambda d: _pickle_only(d / "unet", "diffusion_pytorch_model.safetensors",
+                                           "diffusion_pytorch_model.bin", d / "PWNED"),
+                    "unet/diffusion_pytorch_model.bin is a pickle checkpoint, which can run code"),
+    "empty tokenizer": (lambda d: _empty(d / "tokenizer"), "tokenizer has no tokenizer vocabulary"),
+    "weights link loop": (lambda d: _self_link(d / "unet" / "diffusion_pytorch_model.safetensors"),
+                          "diffusion_pytorch_model.safetensors is a symlink to 'diffusion_pytorch_model.safetensors', "
+                          "which does not exist or loops"),
+    "model_index not JSON": (lambda d: (d / "model_index.json").write_text("\x00\x01"), "model_index.json is not valid JSON"),
+    "model_index missing": (lambda d: (d / "model_index.json").unlink(), "model_index.json not found"),
+    "unknown scheduler class": (lambda d: _set_json(d / "model_index.json", scheduler=["diffusers", "FooScheduler"]),
+                                "names the scheduler 'FooScheduler', which sdkit does not have"),
+}
+
+
+def broken_copy(model, dest, how):
+    """A copy of the pipeline folder ``model`` at ``dest`` broken as ``BREAKS[how]`` says; returns dest."""
+    import shutil
+    from pathlib import Path
+
+    dest = Path(dest)
+    shutil.copytree(model, dest)
+    BREAKS[how][0](dest)
+    return dest
+
+
+def train_tiny_vae(run, **overrides):
+    """A VAE training run of 2 steps (checkpoint every step) on a tiny config into ``run``."""
+    from sdkit.training.config import VAEConfig
+    from sdkit.training.loop import train
+    from sdkit.training.stages import VAEStage
+
+    cfg = VAEConfig(**{**dict(steps=2, batch_size=4, num_images=4, block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
+                              scale_samples=16, save_every=1, log_every=1, warmup_steps=1), **overrides})
+    return train(VAEStage(cfg), cfg, str(run))

@@ -150,7 +150,7 @@ def test_bundled_model_is_the_default(tmp_path, capsys):
     assert code == 0, err
     params = parse_parameters(Image.open(out).info["parameters"])
     assert (params["Model"], params["CFG scale"], params["CFG Rescale phi"], params["Size"],
-            params["Sampler"]) == ("tiny-shapes", "3", "0.7", "64x64", "DDIM")
+            params["Sampler"]) == ("tiny-shapes", "3", "0.7", "64x64", "DDIMScheduler")
 
 
 def test_the_model_folder_s_recommended_settings_are_the_defaults(model, tmp_path, capsys):
@@ -175,7 +175,7 @@ def test_the_model_folder_s_recommended_settings_are_the_defaults(model, tmp_pat
     assert settings(folder) == ("3", "Euler a", "4", "0.5")
     assert settings(folder, "--guidance", "6", "--steps", "2", "--guidance-rescale", "0",
                     "--scheduler", "DDIM") == ("2", "DDIM", "6", None)
-    assert settings(model, "--steps", "2") == ("2", "PLMS", "7.5", None)
+    assert settings(model, "--steps", "2") == ("2", "PNDMScheduler", "7.5", None)
 
 
 def test_missing_bundled_model_is_one_line(tmp_path, capsys, monkeypatch):

@@ -7,6 +7,7 @@ import torch
 
 import sdkit.schedulers
 from helpers import build_reference_pipeline, one_torch_thread, sample_image, sample_mask
+from helpers import quiet as _quiet
 from sdkit import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
 
 TOL = 2e-3
@@ -32,11 +33,6 @@ def _report():
 @pytest.fixture(scope="module", autouse=True)
 def _single_thread():
     yield from one_torch_thread()
-
-
-def _quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

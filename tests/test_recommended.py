@@ -17,7 +17,8 @@ from sdkit.pipelines import recommended
 from sdkit.schedulers import base as scheduler_base
 
 PROMPT = "a red circle on a white background"
-SETTINGS = {"guidance_scale": 3.0, "guidance_rescale": 0.7, "num_inference_steps": 7, "scheduler": "Euler a"}
+SETTINGS = {"guidance_scale": 3.0, "guidance_rescale": 0.7, "num_inference_steps": 7,
+            "scheduler": "EulerAncestralDiscreteScheduler"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,7 +70,7 @@ def test_without_the_file_a_call_keeps_the_reference_defaults(folder):
 def test_a_call_uses_the_folder_s_settings_and_a_passed_value_wins(with_file):
     pipe = load(with_file)
     assert pipe.recommended == recommended.RecommendedSettings(**SETTINGS)
-    assert type(pipe.scheduler) is sch.EulerAncestralDiscreteScheduler  # "Euler a", on the folder's config
+    assert type(pipe.scheduler) is sch.EulerAncestralDiscreteScheduler  # on the folder's config
     assert pipe.scheduler.config["prediction_type"] == "v_prediction"
     expected = reference(with_file, "EulerAncestralDiscreteScheduler", guidance_scale=3.0, guidance_rescale=0.7,
                          num_inference_steps=7)
@@ -81,6 +82,15 @@ def test_a_call_uses_the_folder_s_settings_and_a_passed_value_wins(with_file):
     off = ours(pipe, guidance_rescale=0.0, num_inference_steps=4)
     assert np.abs(off - reference(with_file, "EulerAncestralDiscreteScheduler", guidance_scale=3.0,
                                   num_inference_steps=4)).max() <= 1e-4
+
+
+def test_an_a1111_sampler_name_gives_a1111_sampling(folder, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(folder, target)
+    (target / recommended.FILE).write_text(json.dumps({"scheduler": "Euler a"}))
+    pipe = load(target)
+    assert type(pipe.scheduler) is sch.KEulerAncestralScheduler
+    assert pipe.scheduler.config["prediction_type"] == "v_prediction"
 
 
 def test_a_scheduler_passed_to_from_pretrained_wins(with_file):
@@ -127,7 +137,7 @@ def test_concurrent_calls_with_and_without_settings_equal_their_serial_runs(with
     ('{"guidance_scale": "high"}', "guidance_scale must be a finite number"),
     ('{"guidance_rescale": 1.5}', r"guidance_rescale must be a number in \[0, 1\]"),
     ('{"num_inference_steps": 0}', "num_inference_steps must be an integer >= 1"),
-    ('{"scheduler": "Heun++"}', "Unknown scheduler 'Heun\\+\\+'"),
+    ('{"scheduler": "Heun++"}', "Unknown sampler name 'Heun\\+\\+'"),
 ])
 def test_a_bad_file_is_one_clear_error_naming_it(folder, tmp_path, content, match):
     target = tmp_path / "model"

@@ -1,12 +1,15 @@
 """Prompt encoding with transformers' CLIP tokenizer and text encoder, as Stable Diffusion does it.
 
 Prompts are padded (and truncated) to ``tokenizer.model_max_length`` and the UNet is conditioned
-on the text encoder's ``last_hidden_state`` (Rombach et al. 2022, LDM). Tokenization holds a lock:
-a fast (Rust) tokenizer shared between threads otherwise fails with "Already borrowed".
+on the text encoder's ``last_hidden_state`` (Rombach et al. 2022, LDM). Tokenizers that pad with
+"!" (SD 2, OpenCLIP) read prompts as OpenCLIP does (``clip_vocab.prepare``). Tokenization holds a
+lock: a fast (Rust) tokenizer shared between threads otherwise fails with "Already borrowed".
 """
 
 import threading
 import warnings
+
+from .clip_vocab import prepare
 
 _TOKENIZER_LOCK = threading.Lock()
 
@@ -14,10 +17,11 @@ _TOKENIZER_LOCK = threading.Lock()
 def tokenize(tokenizer, texts):
     """Token ids (B, model_max_length) for a list of strings; warns when a prompt is cut short."""
     max_length = tokenizer.model_max_length
+    texts, options = prepare(tokenizer, texts)
     with _TOKENIZER_LOCK:
         ids = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+                        return_tensors="pt", **options).input_ids
+        full = tokenizer(texts, padding="longest", return_tensors="pt", **options).input_ids
         if full.shape[-1] > max_length:
             removed = tokenizer.batch_decode(full[:, max_length - 1:-1])
     if full.shape[-1] > max_length:
@@ -52,9 +56,10 @@ def encode_text(text_encoder, tokenizer, texts, device=None, dtype=None, clip_sk
     encoder_device = next(text_encoder.parameters()).device
     mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
+        texts, options = prepare(tokenizer, texts)
         with _TOKENIZER_LOCK:
-            mask = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").attention_mask.to(encoder_device)
+            mask = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt", **options).attention_mask.to(encoder_device)
     hidden = hidden_states(text_encoder, ids.to(encoder_device), (clip_skip or 0) + 1, mask)
     return hidden.to(device=device or encoder_device,
                      dtype=dtype or next(text_encoder.parameters()).dtype)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .clip_vocab import is_open_clip, prepare
 from .prompts import BREAK, parse_emphasis
 from .text import _TOKENIZER_LOCK, hidden_states
 
@@ -44,11 +45,6 @@ def chunk_length(tokenizer, text_encoder=None):
     return positions - 2
 
 
-def is_open_clip(tokenizer):
-    """True for SD 2's OpenCLIP tokenizers, whose padding is not the EOS token."""
-    return tokenizer.pad_token_id != tokenizer.eos_token_id
-
-
 def _wrap(tokenizer, tokens, weights, L):
     """A :class:`Chunk` of up to L text tokens: padded with EOS to L, then BOS ... EOS around them."""
     pad = L - len(tokens)
@@ -63,8 +59,9 @@ def empty_chunk(tokenizer, L):
 
 def _token_ids(tokenizer, texts):
     """(token ids of each text, the id of the word-final comma or None), read under the tokenizer lock."""
+    texts, options = prepare(tokenizer, texts)
     with _TOKENIZER_LOCK:
-        ids = tokenizer(list(texts), truncation=False, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = tokenizer(texts, truncation=False, add_special_tokens=False, verbose=False, **options)["input_ids"]
         return ids, tokenizer.get_vocab().get(",</w>")
 
 

@@ -5,10 +5,10 @@ a config dataclass whose field names equal the diffusers ``config.json`` keys. L
 every key and shape and names the offenders when anything is off.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import configuration
 from ..configuration import Config
+from ..files import atomic_write, read_json_object
 from ..hub import resolve_folder
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -35,15 +36,40 @@ def variant_name(name, variant):
     return f"{stem}.{variant}.{ext}"
 
 
+def _damaged(path, error):
+    return ValueError(f"Cannot read weights file {path}: {error}. The file is damaged or truncated "
+                      f"(an interrupted download?): download or save it again.")
+
+
 def _read_safetensors(path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    _check_link(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"Cannot read weights file {path}: {e}. The file is damaged or truncated "
-                         f"(an interrupted download?): download or save it again.") from None
+        raise _damaged(path, e) from None
+
+
+def check_safetensors(path):
+    """Raise a ValueError naming ``path`` unless its safetensors header is whole (reads no tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    _check_link(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _damaged(path, e) from None
+
+
+def _check_link(path):
+    """A symlink whose target is missing (or that points at itself) is named as such."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"{path} is a symlink to {os.readlink(path)!r}, which does not exist or "
+                                f"loops back to itself: replace the link with the weights file.")
 
 
 def load_weights(folder, variant=None, allow_pickle=False):
@@ -52,6 +78,7 @@ def load_weights(folder, variant=None, allow_pickle=False):
     names = [variant_name(WEIGHTS_NAME, variant), variant_name(INDEX_NAME, variant)]
     for name in names:
         path = folder / name
+        _check_link(path)
         if not path.is_file():
             continue
         if not name.endswith(".json"):
@@ -77,20 +104,88 @@ def load_weights(folder, variant=None, allow_pickle=False):
                              f"safetensors.")
         return load_pickle(pickles[0])
     hint = f" (variant {variant!r})" if variant else ""
-    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    others = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
     raise FileNotFoundError(f"No weights file{hint} in {folder}: expected {names[0]} or "
                             f"{names[1]}" + (f"; found {others}" if others else "") + ".")
 
 
+class _TrainingCallback:
+    """Stands in for the PyTorch Lightning classes a training checkpoint pickles (never called)."""
+
+
+def harmless_globals():
+    """The globals ``torch.load(weights_only=True)`` may meet, beyond its own, in a real ``.ckpt``.
+
+    Exactly what A1111's restricted unpickler (modules/safe.py) allows: numpy scalars, arrays and
+    dtypes, ``_codecs.encode``, ``ParameterDict``, the Python 2 ``set``, and PyTorch Lightning's
+    ModelCheckpoint (a stand-in class: training metadata, never used). None of these runs code.
+    """
+    import _codecs
+
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes)
+              if n.endswith("DType") and n != "ObjectDType"] if hasattr(np, "dtypes") else []
+    named = [(multiarray.scalar, "numpy.core.multiarray.scalar"), (multiarray.scalar, "numpy._core.multiarray.scalar"),
+             (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+             (multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+             (_codecs.encode, "_codecs.encode"), (set, "__builtin__.set"),
+             (_TrainingCallback, "pytorch_lightning.callbacks.model_checkpoint"),
+             (_TrainingCallback, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+    return [np.dtype, np.ndarray, torch.nn.ParameterDict, *dtypes, *named]
+
+
 def load_pickle(path):
-    """Load a pickle checkpoint with ``weights_only=True`` (no arbitrary code execution)."""
+    """Load a pickle checkpoint with ``weights_only=True`` and :func:`harmless_globals` (no code runs)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
+        with safe_globals(harmless_globals()) if safe_globals else contextlib.nullcontext():
+            state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"Cannot read pickle checkpoint {path}: {e}") from None
+        raise ValueError(f"Cannot read pickle checkpoint {path}: {_pickle_error(path, e)}") from None
     if isinstance(state_dict, dict) and "state_dict" in state_dict:
         state_dict = state_dict["state_dict"]
     return state_dict
+
+
+def _pickle_error(path, error):
+    """One line on why a pickle was refused: the globals it would import, else torch's first line."""
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    try:
+        allowed = {name for g in harmless_globals() if isinstance(g, tuple) for name in g[1:]}
+        refused = sorted(set(scan(str(path))) - allowed) if scan else []
+    except Exception:  # not a readable pickle at all: torch's own message says why
+        refused = []
+    if refused:
+        return (f"it imports {', '.join(refused[:5])}, which could run code, so sdkit does not load it. "
+                f"Only tensors and harmless training metadata are read; if you trust the file, convert "
+                f"it to safetensors with a tool that loads it unrestricted")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__) + " (the file is damaged, truncated or not a checkpoint)"
+
+
+def few(items, limit=5):
+    """The first ``limit`` items joined, with how many more there are."""
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_state_dict(expected, state_dict, owner, source):
+    """Raise one error naming every missing, unexpected and mis-shaped key of ``state_dict``."""
+    expected = {k: tuple(v.shape) for k, v in expected.items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {expected[k]}"
+                        for k in set(expected) & set(state_dict)
+                        if tuple(state_dict[k].shape) != expected[k])
+    if missing or unexpected or mismatched:
+        parts = [f"{len(items)} {kind}: {few(items)}" for kind, items in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mismatched))
+                 if items]
+        raise ValueError(f"Cannot load {owner} from {source}: " + "; ".join(parts)
+                         + ". The checkpoint does not match this config (wrong model type, "
+                           "config.json, or a damaged file).")
 
 
 def parse_size(size):
@@ -103,19 +198,6 @@ def parse_size(size):
         if s.endswith(unit):
             return int(float(s[: -len(unit)]) * factor)
     return int(s)
-
-
-def _atomic_write(path, write):
-    """Write through a temp file in the same folder, then rename: no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class ModelMixin(nn.Module):
@@ -185,17 +267,17 @@ class ModelMixin(nn.Module):
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: a {cls.__name__} folder needs a "
                                     f"config.json beside its weights (diffusers layout).")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        config = read_json_object(config_path, f"{cls.__name__} config")
         name = config.get("_class_name")
         if name and name != cls.__name__:
             raise ValueError(f"{config_path} describes {name}, not {cls.__name__}: check the "
                              f"folder (or subfolder) you pass.")
         state_dict = load_weights(folder, variant=variant, allow_pickle=allow_pickle)
-        with torch.device("meta"):
-            model = cls.from_config(config)
+        try:
+            with torch.device("meta"):
+                model = cls.from_config(config)
+        except (TypeError, ValueError) as e:  # a bad value: name the file it came from
+            raise ValueError(f"{config_path}: {e} Fix the file or download the model again.") from None
         model.load_checked_state_dict(state_dict, source=str(folder), dtype=torch_dtype or torch.float32)
         model.eval()
         return model.to(device) if device is not None else model
@@ -203,22 +285,7 @@ class ModelMixin(nn.Module):
     def load_checked_state_dict(self, state_dict, source="state dict", dtype=None):
         """Load every parameter, after checking names and shapes; one error lists all offenders."""
         state_dict = self.convert_state_dict(dict(state_dict))
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        mismatched = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {expected[k]}"
-                            for k in set(expected) & set(state_dict)
-                            if tuple(state_dict[k].shape) != expected[k])
-        if missing or unexpected or mismatched:
-            def few(kind, items):
-                more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
-                return f"{len(items)} {kind}: {', '.join(items[:5])}{more}" if items else ""
-            parts = [few("missing keys", missing), few("unexpected keys", unexpected),
-                     few("mis-shaped keys", mismatched)]
-            raise ValueError(f"Cannot load {type(self).__name__} from {source}: "
-                             + "; ".join(p for p in parts if p)
-                             + ". The checkpoint does not match this config (wrong model type, "
-                               "config.json, or a damaged file).")
+        check_state_dict(self.state_dict(), state_dict, type(self).__name__, source)
         if dtype is not None:
             state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         on_meta = next(self.parameters()).is_meta
@@ -232,8 +299,8 @@ class ModelMixin(nn.Module):
         os.makedirs(save_directory, exist_ok=True)
         config = {**self.config, "_diffusers_version": DIFFUSERS_VERSION}
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
-        _atomic_write(os.path.join(save_directory, CONFIG_NAME),
-                      lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+        atomic_write(os.path.join(save_directory, CONFIG_NAME),
+                     lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
         state_dict = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         limit, shards, size = parse_size(max_shard_size), [{}], 0
         for key, tensor in state_dict.items():
@@ -245,15 +312,15 @@ class ModelMixin(nn.Module):
             size += nbytes
         meta = {"format": "pt"}
         if len(shards) == 1:
-            _atomic_write(os.path.join(save_directory, variant_name(WEIGHTS_NAME, variant)),
-                          lambda p: save_file(shards[0], p, metadata=meta))
+            atomic_write(os.path.join(save_directory, variant_name(WEIGHTS_NAME, variant)),
+                         lambda p: save_file(shards[0], p, metadata=meta))
             return
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = variant_name(f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors", variant)
-            _atomic_write(os.path.join(save_directory, name), lambda p, s=shard: save_file(s, p, metadata=meta))
+            atomic_write(os.path.join(save_directory, name), lambda p, s=shard: save_file(s, p, metadata=meta))
             weight_map.update(dict.fromkeys(shard, name))
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
                  "weight_map": weight_map}
-        _atomic_write(os.path.join(save_directory, variant_name(INDEX_NAME, variant)),
-                      lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
+        atomic_write(os.path.join(save_directory, variant_name(INDEX_NAME, variant)),
+                     lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))

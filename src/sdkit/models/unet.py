@@ -208,6 +208,16 @@ class UNet2DConditionModel(ModelMixin):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
 
+    @classmethod
+    def from_single_file(cls, path, torch_dtype=None, allow_pickle=False, use_ema=False):
+        """The UNet of a single-file checkpoint (``model.diffusion_model.*``) or a bare LDM UNet file.
+
+        The architecture is read from the tensor shapes (SD 1: 8 heads; SD 2: 64-channel heads).
+        """
+        from .single_file import load_unet
+
+        return load_unet(path, torch_dtype, allow_pickle, use_ema)
+
     def forward(self, sample, timestep, encoder_hidden_states):
         """sample: (B, C, h, w) latents; timestep: int, float, 0-d or (B,) tensor;
         encoder_hidden_states: (B, T, cross_attention_dim). Returns (B, out_channels, h, w)."""

@@ -170,6 +170,14 @@ class AutoencoderKL(ModelMixin):
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
 
+    @classmethod
+    def from_single_file(cls, path, torch_dtype=None, allow_pickle=False):
+        """The VAE of a single-file checkpoint, or a standalone A1111 VAE file such as
+        ``vae-ft-mse-840000-ema-pruned.safetensors`` (``encoder.*``, ``decoder.*``, no prefix)."""
+        from .single_file import load_vae
+
+        return load_vae(path, torch_dtype, allow_pickle)
+
     @property
     def downsample_factor(self):
         return 2 ** (len(self.config.block_out_channels) - 1)

@@ -20,7 +20,10 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
+
+from ..files import atomic_write, read_json_object
 
 FILE = "recommended_settings.json"
 CALL_OPTIONS = ("guidance_scale", "guidance_rescale", "num_inference_steps")
@@ -54,9 +57,9 @@ class RecommendedSettings:
         """``base`` (a scheduler) as the recommended sampler, on ``base``'s config; ``base`` if none is named."""
         if self.scheduler is None:
             return base
-        from ..schedulers import scheduler_from_name
+        from ..schedulers import from_name
 
-        return scheduler_from_name(self.scheduler, base.config)
+        return from_name(self.scheduler, base.config)
 
     def as_dict(self):
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -83,14 +86,7 @@ def read(folder):
     path = os.path.join(os.fspath(folder), FILE)
     if not os.path.isfile(path):
         return RecommendedSettings()
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}; fix or delete it.") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} should hold a JSON object such as {{\"guidance_scale\": 3.0}}, "
-                         f"found {type(values).__name__}.")
+    values = read_json_object(path, "recommended settings")
     names = [f.name for f in dataclasses.fields(RecommendedSettings)]
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -109,7 +105,5 @@ def write(folder, settings):
         if os.path.isfile(path):
             os.remove(path)
         return None
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(values, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return path
+    text = json.dumps(values, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

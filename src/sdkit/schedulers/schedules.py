@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..configuration import check_value
+from ..noise import SeedNoise
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
@@ -45,19 +46,23 @@ def sigmoid_betas(num_train_timesteps, beta_start, beta_end):
     return s * (beta_end - beta_start) + beta_start
 
 
-def make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas=None):
-    """Beta schedule by name, float32 (linear/scaled_linear: Ho et al. 2020, Rombach et al. 2022)."""
+def make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas=None,
+               dtype=torch.float32):
+    """Beta schedule by name, float32 (linear/scaled_linear: Ho et al. 2020, Rombach et al. 2022).
+
+    ``dtype=torch.float64`` computes the linear schedules in double precision, as CompVis does.
+    """
     if trained_betas is not None:
-        return torch.tensor(trained_betas, dtype=torch.float32)
+        return torch.tensor(trained_betas, dtype=dtype)
     n = num_train_timesteps
     if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+        return torch.linspace(beta_start, beta_end, n, dtype=dtype)
     if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=dtype) ** 2
     if beta_schedule == "squaredcos_cap_v2":
-        return cosine_betas(n)
+        return cosine_betas(n).to(dtype)
     if beta_schedule == "sigmoid":
-        return sigmoid_betas(n, beta_start, beta_end)
+        return sigmoid_betas(n, beta_start, beta_end).to(dtype)
     check_value("make_betas", "beta_schedule", beta_schedule, BETA_SCHEDULES)
 
 
@@ -208,7 +213,12 @@ def per_sample(values, like):
 
 
 def randn(shape, generator=None, device=None, dtype=None):
-    """Standard normal noise drawn like the reference: one generator, or one per batch item."""
+    """Standard normal noise drawn like the reference: one generator, or one per batch item.
+
+    An A1111 :class:`~sdkit.noise.SeedNoise` draws each image's next noise from its own seed.
+    """
+    if isinstance(generator, SeedNoise):
+        return generator.randn(shape, device, dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     rand_device = device
     if isinstance(generator, (list, tuple)) and len(generator) == 1:

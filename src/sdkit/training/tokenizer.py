@@ -8,19 +8,7 @@ byte is in the vocabulary, so unknown words still tokenize (into pieces).
 import json
 import os
 
-
-def _byte_alphabet():
-    """GPT-2/CLIP's reversible byte -> printable unicode map (Radford et al. 2019)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
+from ..clip_vocab import byte_alphabet
 
 
 def _apply_merges(parts, ranks):
@@ -37,7 +25,7 @@ def build_clip_tokenizer(words, save_dir, model_max_length=77):
     """Write a CLIP tokenizer whose whole-word tokens are `words`; return the loaded tokenizer."""
     from transformers import CLIPTokenizer
 
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     vocab = {}
     for token in alphabet + [c + "</w>" for c in alphabet]:
         vocab.setdefault(token, len(vocab))

@@ -666,3 +666,110 @@ def test_train_cli_reports_options_that_cannot_work_in_one_line_and_writes_nothi
     text = str(raised.value.code)
     assert text.startswith(f"sdkit train {argv[0]}: ") and message in text and "\n" not in text
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_unet_run(tiny_vae, tmp_path_factory):
+    """A 2-step UNet run on the tiny VAE's latents (train_config.json, unet/, text_encoder/, tokenizer/)."""
+    from sdkit.training.cli import main
+
+    out = str(tmp_path_factory.mktemp("unet-run"))
+    flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+             for k, v in TINY_UNET.items()]
+    assert main(["unet", "--vae", tiny_vae, "--out", out, "--steps", "2", *flags]) == 0
+    return out
+
+
+def test_denoised_pairs_are_the_drawings_and_what_img2img_makes_of_them(monkeypatch):
+    """Each chunk is one img2img call on the drawings (as [0, 1] images) with a strength, guidance
+    and sampler from the lists, kept as latents; the targets are the drawings themselves."""
+    from sdkit.training import denoised
+    from sdkit.training.shapes import ShapesDataset, parse_prompt
+
+    calls = []
+
+    class FakePipe:
+        scheduler = DDPMScheduler()
+
+        def __call__(self, prompts, image, scheduler, generator, output_type, **options):
+            calls.append(dict(prompts=prompts, image=image, scheduler=scheduler, options=options))
+            assert output_type == "latent" and len(generator) == len(prompts) == len(image)
+            out = torch.stack([torch.full((4, 8, 8), float(len(calls)))] * len(prompts))  # (b, 4, 8, 8)
+            return type("Out", (), {"images": out})()
+
+    monkeypatch.setattr(denoised, "CHUNK", 3)
+    latents, images = denoised.denoised_pairs(FakePipe(), 7, seed=5)
+    data = ShapesDataset(7, seed=5)
+    assert latents.shape == (7, 4, 8, 8) and images.dtype == torch.uint8 and images.shape == (7, 3, 64, 64)
+    assert [len(c["prompts"]) for c in calls] == [3, 3, 1]
+    assert torch.equal(latents[:, 0, 0, 0], torch.tensor([1.0, 1, 1, 2, 2, 2, 3]))  # chunk k -> call k's output
+    for i in range(7):
+        drawing = data[i]["pixel_values"]
+        assert torch.equal(images[i], ((drawing + 1) * 127.5).round().to(torch.uint8))
+        torch.testing.assert_close(calls[i // 3]["image"][i % 3], (drawing + 1) / 2)
+    for c in calls:
+        assert c["options"]["strength"] in denoised.STRENGTHS
+        assert (c["options"]["guidance_scale"], c["options"]["guidance_rescale"]) in denoised.GUIDANCE
+        assert type(c["scheduler"]).__name__ in denoised.SAMPLERS
+    prompts = [p for c in calls for p in c["prompts"]]
+    for i, prompt in enumerate(prompts):  # each caption names its drawing's shape and colour
+        named = parse_prompt(prompt)
+        assert (named["shape"], named["color"]) == (data[i]["attrs"]["shape"], data[i]["attrs"]["color"]), prompt
+
+
+def test_decoder_on_a_unet_s_denoised_latents_trains_on_both_kinds_of_example(tiny_vae, tiny_unet_run, tmp_path,
+                                                                               monkeypatch):
+    """The experimental ``decoder --unet``: the pairs are made once and cached, half of each batch
+    is them (decoded from the UNet's latents, with the drawings as targets), only the decoder
+    learns, and a changed UNet folder makes new pairs."""
+    from sdkit.models import AutoencoderKL
+    from sdkit.training import denoised
+    from sdkit.training.cli import main
+    from sdkit.training.stages import VAEStage
+
+    flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+             for k, v in TINY_VAE.items()]
+    out = tmp_path / "decoder"
+    assert main(["decoder", "--vae", tiny_vae, "--unet", tiny_unet_run, "--out", str(out), "--steps", "2",
+                 "--denoised-images", "6", *flags]) == 0
+    cached = torch.load(out / "denoised.pt", weights_only=True)
+    assert cached["latents"].shape == (6, 4, 8, 8) and cached["images"].shape == (6, 3, 64, 64)
+    before = AutoencoderKL.from_pretrained(tiny_vae, subfolder="vae").state_dict()
+    after = AutoencoderKL.from_pretrained(str(out), subfolder="vae")
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+
+    # the cache is reused: a second setup on the same folder makes no pairs
+    monkeypatch.setattr(denoised, "denoised_pairs", lambda *a, **k: pytest.fail("pairs made again"))
+    from accelerate import Accelerator
+
+    cfg = VAEConfig(**{**TINY_VAE, "init_from": os.path.join(tiny_vae, "vae"), "train_encoder": False,
+                       "latent_noise": 0.0, "denoised_from": tiny_unet_run, "denoised_images": 6})
+    stage = VAEStage(cfg)
+    stage.setup(str(out), Accelerator())
+    batch = stage.batch(step=1, rank=0, world=1, B=4, device="cpu")
+    assert batch["images"].shape[0] == 2 and batch["denoised"].shape == (2, 4, 8, 8)
+    picked = [int(torch.nonzero((cached["latents"] == z).flatten(1).all(1))[0]) for z in batch["denoised"]]
+    torch.testing.assert_close(batch["denoised_images"], (cached["images"][picked].float() / 127.5 - 1))
+    vae = AutoencoderKL.from_pretrained(os.path.join(tiny_vae, "vae"))
+    seen = []
+    decode = vae.decode
+    vae.decode = lambda z: seen.append(z) or decode(z)
+    replay = torch.Generator().set_state(batch["generator"].get_state())
+    stage.loss({"vae": vae}, batch)
+    with torch.no_grad():
+        z = vae.encode(batch["images"]).sample(replay)
+    torch.testing.assert_close(seen[0].detach(), torch.cat([z, batch["denoised"] / vae.config.scaling_factor]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(denoised_from="run"), "denoised_from trains the decoder of an existing VAE"),
+    (dict(denoised_from="run", init_from="vae", train_encoder=False, denoised_fraction=1.0),
+     "denoised_fraction is a share of each batch"),
+])
+def test_denoised_decoder_options_that_cannot_work_are_refused(overrides, message):
+    from sdkit.training.config import ConfigError
+    from sdkit.training.stages import VAEStage
+
+    with pytest.raises(ConfigError, match=message):
+        VAEStage(VAEConfig(**{**TINY_VAE, **overrides}))

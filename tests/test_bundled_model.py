@@ -78,6 +78,15 @@ def test_the_folder_recommends_its_settings(pipe):
     assert pipe.recommended.as_dict() == settings
     assert settings["guidance_scale"] < 7.5 and 0 < settings["guidance_rescale"] <= 1
 
+    def draw(**options):
+        return pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **options).images
+
+    default = draw()
+    assert np.array_equal(default, draw(guidance_scale=settings["guidance_scale"],
+                                        guidance_rescale=settings["guidance_rescale"],
+                                        num_inference_steps=settings["num_inference_steps"]))
+    assert np.abs(default - draw(guidance_scale=7.5)).max() > 0.05  # a passed value wins
+
 
 def test_bundled_model_follows_prompts(pipe):
     # at the pipeline's defaults (the folder's recommended settings); one miss is allowed for

@@ -24,13 +24,14 @@ class CLIError(Exception):
 # -- A1111 "parameters" text ------------------------------------------------------------------
 
 def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height,
-                      model, strength=None, guidance_rescale=0.0, clip_skip=1, model_hash=None):
+                      model, strength=None, guidance_rescale=0.0, clip_skip=1, model_hash=None, extra_fields=()):
     """The PNG text A1111 writes and its PNG Info tab reads back.
 
     A non-zero ``guidance_rescale`` is written as "CFG Rescale phi", the field of A1111's CFG
     rescale extension (A1111 itself has no such setting). ``clip_skip`` is A1111's count (1 = the
     last layer), written as A1111 writes it: only when above 1. ``model_hash`` (a single file's
-    :func:`model_hash`) goes before ``Model``, as A1111 writes it.
+    :func:`model_hash`) goes before ``Model``, as A1111 writes it. ``extra_fields``: (name, value)
+    pairs written last, quoted as A1111 quotes them (``Lora hashes``, ``TI hashes``).
     """
     lines = [prompt]
     if negative_prompt:
@@ -44,8 +45,16 @@ def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, 
         fields.append(("Clip skip", clip_skip))
     if guidance_rescale:
         fields.append(("CFG Rescale phi", f"{guidance_rescale:g}"))
+    fields += [(k, _quote(v)) for k, v in extra_fields]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
+
+
+def _quote(value):
+    """A1111's ``quote``: a value with a comma, colon or line break goes in JSON quotes."""
+    import json
+
+    return value if not any(c in value for c in ",:\n") else json.dumps(value)
 
 
 _FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -156,15 +165,58 @@ def _clip_skip_option(args):
     return {"clip_skip": args.clip_skip - 1}  # the reference counts the layers skipped
 
 
-def model_hash(path):
-    """A1111's short model hash of a checkpoint file: the first 10 hex digits of its SHA-256."""
+def _sha256(path, skip_header=False):
+    """The SHA-256 hex digest of a file; ``skip_header``: of a .safetensors file's tensor bytes only."""
     import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if skip_header:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:10]
+    return digest.hexdigest()
+
+
+def model_hash(path):
+    """A1111's short model hash of a checkpoint file: the first 10 hex digits of its SHA-256."""
+    return _sha256(path)[:10]
+
+
+def lora_hash(path):
+    """A1111's short LoRA hash: 12 hex digits of kohya's "addnet" hash for .safetensors (the SHA-256 of
+    the bytes after the header, so metadata edits keep it), of the SHA-256 for other files."""
+    return _sha256(path, skip_header=path.lower().endswith(".safetensors"))[:12]
+
+
+def embedding_hash(path):
+    """A1111's short embedding hash ("TI hashes"): the first 12 hex digits of the file's SHA-256."""
+    return _sha256(path)[:12]
+
+
+def _network_fields(args, pipe):
+    """A1111's "Lora hashes" and "TI hashes" of the LoRA files the prompt's tags name and the embeddings
+    the prompt and negative prompt use (``name: hash``, names without ":" and ",")."""
+    from sdkit.embeddings import Triggers, folder_embeddings
+    from sdkit.pipelines.adapters import find_lora_file, lora_tags
+
+    def clean(name):
+        return name.replace(":", "").replace(",", "")
+
+    fields = []
+    if args.prompt_syntax == "a1111" and args.lora_dir:
+        paths = [(t.name, find_lora_file(t.name, args.lora_dir)) for t in lora_tags([args.prompt])]
+        hashes = [f"{clean(n)}: {lora_hash(p)}" for n, p in paths if p]
+        if hashes:
+            fields.append(("Lora hashes", ", ".join(hashes)))
+    if args.embeddings_dir:
+        embeddings = folder_embeddings(args.embeddings_dir)
+        files = {e.name: e.path for e in embeddings}
+        triggers = Triggers(embeddings, pipe.tokenizer, pipe.text_encoder.config.hidden_size)
+        used = triggers.used(pipe.tokenizer, [args.prompt, args.negative], args.prompt_syntax == "a1111")
+        if used:
+            fields.append(("TI hashes", ", ".join(f"{clean(n)}: {embedding_hash(files[n])}" for n in used)))
+    return fields
 
 
 def _show_loading_log(quiet):
@@ -244,7 +296,8 @@ def generate(args):
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative or None, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, num_images_per_prompt=args.batch, generator=generators,
                   height=args.height, width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale,
-                  prompt_syntax=args.prompt_syntax, **_clip_skip_option(args))
+                  prompt_syntax=args.prompt_syntax, lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir,
+                  allow_pickle=args.allow_pickle, **_clip_skip_option(args))
     strength = None
     if mask is not None:
         pipe, strength = InpaintPipeline(**pipe.components), args.strength
@@ -256,16 +309,17 @@ def generate(args):
         pipe.set_progress_bar_config(disable=True)
     try:
         images = pipe(**kwargs).images
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
 
     stem, ext = os.path.splitext(args.output)
     file_hash = model_hash(model) if os.path.isfile(model) else None
+    network_fields = _network_fields(args, pipe)
     for i, image in enumerate(images):
         path = args.output if args.batch == 1 else f"{stem}-{i + 1}{ext}"
         params = format_parameters(args.prompt, args.negative, args.steps, sampler, args.guidance, seed + i,
                                    image.width, image.height, _model_label(model), strength, args.guidance_rescale,
-                                   args.clip_skip, model_hash=file_hash)
+                                   args.clip_skip, model_hash=file_hash, extra_fields=network_fields)
         _save_png(image, path, params)
         print(path)
         scale = args.enlarge if args.enlarge is not None else (4 if max(image.size) < 256 else 1)
@@ -377,6 +431,12 @@ def build_parser():
     g.add_argument("--clip-skip", type=int, default=1,
                    help="A1111's Clip skip: 1 (default) uses the text encoder's last layer, 2 the one before, ... "
                         "(no effect on SD 2 models with a1111 syntax, as in A1111)")
+    g.add_argument("--lora-dir", action="append", metavar="DIR",
+                   help="a folder of LoRA files for the prompt's <lora:name:weight> tags (name = file stem; may "
+                        "be given more than once); written to the PNG as Lora hashes")
+    g.add_argument("--embeddings-dir", action="append", metavar="DIR",
+                   help="a folder of textual-inversion embeddings whose file stems are trigger words (may be "
+                        "given more than once); those used are written to the PNG as TI hashes")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--batch", type=int, default=1, help="number of images")

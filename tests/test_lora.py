@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from helpers import build_reference_pipeline, one_torch_thread, quiet
+from helpers import build_reference_pipeline, one_torch_thread, perturb, quiet
+from transformers import CLIPTextModel
 
 from sdkit import Img2ImgPipeline, StableDiffusionPipeline
 from sdkit.per_call import using
@@ -27,7 +28,12 @@ def _single_thread():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return build_reference_pipeline(str(tmp_path_factory.mktemp("sd1")), "sd1")
+    """A tiny SD 1 folder whose text encoder's norms are perturbed too (a fresh final layer norm gives
+    features of mean ~0, which A1111's emphasis rescale divides by)."""
+    path = build_reference_pipeline(str(tmp_path_factory.mktemp("sd1")), "sd1")
+    te = perturb(CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder")), seed=5, scale=0.5)
+    te.save_pretrained(os.path.join(path, "text_encoder"))
+    return path
 
 
 @pytest.fixture

@@ -79,6 +79,27 @@ def layer_output(x, layer, weight):
     return F.linear(x, weight)
 
 
+def add_product(y, h, up, m, conv):
+    """y + m * up h, accumulated in y's memory by one matrix product (y is the layer's fresh output).
+
+    Linear: y (..., O), h (..., R); conv: y (B, O, H, W), h (B, R, H, W) (a 1 x 1 up); up is (O, R).
+    """
+    if y.requires_grad or not (y.is_contiguous() and h.is_contiguous()):  # autograd: out of place
+        return y + m * (F.conv2d(h, up[:, :, None, None]) if conv else F.linear(h, up))
+    O, R = up.shape
+    if conv:
+        y.view(y.shape[0], O, -1).baddbmm_(up.expand(y.shape[0], O, R), h.view(h.shape[0], R, -1), alpha=m)
+    else:
+        y.view(-1, O).addmm_(h.view(-1, R), up.T, alpha=m)  # (N, O) += m (N, R) (R, O)
+    return y
+
+
+def add_dense(y, x, layer, m, dW):
+    """y + the layer's operation with m dW (a whole weight change, rebuilt from its factors per call)."""
+    dy = layer_output(x, layer, (m * dW).to(x).reshape(layer.weight.shape))
+    return y.add_(dy) if not y.requires_grad else y + dy
+
+
 @dataclass(frozen=True, eq=False)
 class LowRank:
     """dW = up @ down (LoRA, Hu et al. 2021); LoCon: a k x k conv down and a 1 x 1 up, or with a
@@ -100,14 +121,16 @@ class LowRank:
             return (up @ down).reshape(up.shape[0], *self.down.shape[1:])
         return torch.einsum("rs...,or,si->oi...", self.mid, up, down)
 
-    def output(self, x, layer):
-        """dW applied to the layer's input through the factors (never the whole dW)."""
-        down, up = self.down.to(x), self.up.to(x)
+    def add_to(self, y, x, layer, m):
+        """y + m dW x through the factors (never the whole dW): a linear or conv down (and mid), then up."""
+        down, up = self.down.to(x), _matrix(self.up).to(x)
         if isinstance(layer, nn.Linear):
-            return F.linear(F.linear(x, down), up)
-        if self.mid is None:
-            return F.conv2d(layer_output(x, layer, down), up)
-        return F.conv2d(layer_output(F.conv2d(x, down), layer, self.mid.to(x)), up)
+            h = F.linear(x, down)
+        elif self.mid is None:
+            h = layer_output(x, layer, down)
+        else:
+            h = layer_output(F.conv2d(x, down), layer, self.mid.to(x))
+        return add_product(y, h, up, m, isinstance(layer, nn.Conv2d))
 
     def first_ranks(self, dyn):
         """The change made of the first ``dyn`` ranks (DyLoRA, A1111's ``dyn=``); the scale stays."""
@@ -143,8 +166,8 @@ class Hadamard:
             w1, w2 = _matrix(w1), _matrix(w2)
         return w1 * w2
 
-    def output(self, x, layer):
-        return layer_output(x, layer, self.weight().to(x).reshape(layer.weight.shape))
+    def add_to(self, y, x, layer, m):
+        return add_dense(y, x, layer, m, self.weight())
 
     def first_ranks(self, dyn):
         return self  # DyLoRA's dyn= applies to plain LoRA only (as in A1111)
@@ -183,8 +206,8 @@ class Kronecker:
         w1 = w1.reshape(*w1.shape, *[1] * (w2.ndim - w1.ndim))  # (a, c, 1, 1) beside a conv w2
         return torch.kron(w1, w2.contiguous())
 
-    def output(self, x, layer):
-        return layer_output(x, layer, self.weight().to(x).reshape(layer.weight.shape))
+    def add_to(self, y, x, layer, m):
+        return add_dense(y, x, layer, m, self.weight())
 
     def first_ranks(self, dyn):
         return self

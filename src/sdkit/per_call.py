@@ -39,7 +39,7 @@ def lora_hook(layer, args, kwargs, output):
         return None
     x = _input(args, kwargs)
     for delta, weight in changes:
-        output = output + weight * delta.output(x, layer)
+        output = delta.add_to(output, x, layer, weight)
     return output
 
 

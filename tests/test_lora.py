@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from helpers import build_reference_pipeline, one_torch_thread, perturb, quiet
+from helpers import build_reference_pipeline, concurrently, one_torch_thread, perturb, quiet
 from transformers import CLIPTextModel
 
 from sdkit import Img2ImgPipeline, StableDiffusionPipeline
@@ -160,6 +160,21 @@ def test_fused_weights_equal_w_plus_scale_up_down_and_unfuse_restores_them(pipe)
     pipe.unfuse_lora()
 
 
+def test_img2img_applies_the_call_s_adapters_as_the_reference(folder, pipe):
+    from helpers import sample_image
+
+    state_dict, _ = kohya_lora(pipe, seed=5)
+    ref = diffusers.StableDiffusionImg2ImgPipeline(**reference(folder).components)
+    quiet(ref).load_lora_weights(dict(state_dict), adapter_name="style")
+    ref.set_adapters(["style"], [0.7])
+    img2img = Img2ImgPipeline.from_pipe(pipe)
+    img2img.load_lora_weights(state_dict, adapter_name="style")
+    kwargs = dict(CALL, image=sample_image(), strength=0.7, num_inference_steps=4)
+    assert_close(ref(**kwargs, generator=gen()).images,
+                 img2img(**kwargs, generator=gen(), adapters={"style": 0.7}).images, "img2img")
+    assert pipe.get_active_adapters() == ["style"]  # pipelines made with from_pipe share their adapters
+
+
 # the tiny SD 1 UNet's modules in the LDM naming, worked out by hand from CompVis' block numbering
 LDM_NAMES = {"down_blocks.0.attentions.0": "input_blocks.1.1", "down_blocks.0.attentions.1": "input_blocks.2.1",
              "down_blocks.1.attentions.0": "input_blocks.4.1", "down_blocks.1.attentions.1": "input_blocks.5.1",
@@ -275,21 +290,7 @@ def test_threads_with_different_adapters_each_equal_their_serial_run(pipe):
     settings = [{"a": 1.0}, {"b": (0.5, 1.2)}, {}] * 2
     serial = [pipe(**CALL, generator=gen(i), adapters=s).images for i, s in enumerate(settings)]
     assert len({float(np.abs(serial[i] - serial[j]).sum()) for i in range(3) for j in range(i)}) == 3
-    results, errors, barrier = {}, [], threading.Barrier(len(settings))
-
-    def work(i):
-        try:
-            barrier.wait()
-            results[i] = pipe(**CALL, generator=gen(i), adapters=settings[i]).images
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(settings))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    results = concurrently(lambda i: pipe(**CALL, generator=gen(i), adapters=settings[i]).images, len(settings))
     for i in range(len(settings)):
         assert np.array_equal(results[i], serial[i]), f"thread {i} ({settings[i]})"
     assert np.array_equal(serial[2], base)

@@ -281,6 +281,42 @@ def test_lycoris_weight_changes_equal_the_hand_computed_ones(pipe, kind):
     assert torch.equal(layer.weight, W)
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_the_low_rank_and_the_rebuilt_weight_paths_give_w_plus_m_s_dw(conv, monkeypatch):
+    from sdkit import lora
+
+    g = torch.Generator().manual_seed(11)
+    layer = torch.nn.Conv2d(8, 16, 3, padding=1, stride=2) if conv else torch.nn.Linear(64, 48)
+    W, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    O, I = W.shape[:2]
+    if conv:
+        change = lora.LowRank(_r(g, O, 3, 1, 1), _r(g, 3, 8, 1, 1), _r(g, 3, 3, 3, 3), scale=0.5)  # LoCon with mid
+        dW = _tucker(change.mid, change.up[:, :, 0, 0].T, change.down[:, :, 0, 0])
+    else:
+        change = lora.LowRank(_r(g, O, 4), _r(g, 4, I), scale=0.5)
+        dW = change.up @ change.down
+    lora.make_changeable(layer)
+    assert type(layer).__name__ == ("Conv2d" if conv else "Linear") and set(layer.state_dict()) == {"weight", "bias"}
+    low_rank, add_to = [], lora.LowRank.add_to
+
+    def counted(self, *args):
+        low_rank.append(1)
+        return add_to(self, *args)
+
+    monkeypatch.setattr(lora.LowRank, "add_to", counted)
+    for shape in ([(1, 8, 4, 4), (2, 8, 64, 64)] if conv else [(1, 64), (4, 256, 64)]):  # few, many tokens
+        x = torch.randn(*shape, generator=g)
+        expected = (torch.nn.functional.conv2d(x, W + 0.7 * 0.5 * dW, b, stride=2, padding=1) if conv
+                    else torch.nn.functional.linear(x, W + 0.7 * 0.5 * dW, b))
+        with torch.no_grad(), using({layer: ((change, 0.7 * change.scale),)}):
+            torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, W, b) if not conv else
+                                       torch.nn.functional.conv2d(x, W, b, stride=2, padding=1))
+    assert low_rank == [1]  # the few tokens went through the factors, the many through the rebuilt weight
+    assert torch.equal(layer.weight, W)
+
+
 # -- per call, in threads --------------------------------------------------------------------------
 
 def test_threads_with_different_adapters_each_equal_their_serial_run(pipe):

@@ -163,7 +163,7 @@ def test_a1111_matches_the_longest_trigger_and_starts_a_chunk_when_the_vectors_d
     assert chunks[0].tokens[-3:] == (eos, eos, eos) and chunks[0].fixes == ()
     assert chunks[1].tokens[:4] == (tok.bos_token_id, P, P, P) and chunks[1].fixes[0][0] == 1
     # the comma back-off moves the embedding's vectors with its placeholders
-    chunks = chunk_text(tok, f"one two three four five six seven eight nine ten, zqxtrig one two", L, 20, triggers)
+    chunks = chunk_text(tok, "one two three four five six seven eight nine ten, zqxtrig one two", L, 20, triggers)
     assert chunks[1].tokens[:4] == (tok.bos_token_id, P, P, P) and [p for p, _ in chunks[1].fixes] == [1]
     assert chunks[0].fixes == ()
 

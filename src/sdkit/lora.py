@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -34,6 +35,7 @@ from torch import nn
 
 from .models import ldm
 from .models.modeling import few
+from .per_call import changes_for
 from .text import text_root
 
 UNET, TEXT_ENCODER = "unet", "text_encoder"
@@ -92,12 +94,6 @@ def add_product(y, h, up, m, conv):
     else:
         y.view(-1, O).addmm_(h.view(-1, R), up.T, alpha=m)  # (N, O) += m (N, R) (R, O)
     return y
-
-
-def add_dense(y, x, layer, m, dW):
-    """y + the layer's operation with m dW (a whole weight change, rebuilt from its factors per call)."""
-    dy = layer_output(x, layer, (m * dW).to(x).reshape(layer.weight.shape))
-    return y.add_(dy) if not y.requires_grad else y + dy
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,9 +162,6 @@ class Hadamard:
             w1, w2 = _matrix(w1), _matrix(w2)
         return w1 * w2
 
-    def add_to(self, y, x, layer, m):
-        return add_dense(y, x, layer, m, self.weight())
-
     def first_ranks(self, dyn):
         return self  # DyLoRA's dyn= applies to plain LoRA only (as in A1111)
 
@@ -206,11 +199,64 @@ class Kronecker:
         w1 = w1.reshape(*w1.shape, *[1] * (w2.ndim - w1.ndim))  # (a, c, 1, 1) beside a conv w2
         return torch.kron(w1, w2.contiguous())
 
-    def add_to(self, y, x, layer, m):
-        return add_dense(y, x, layer, m, self.weight())
-
     def first_ranks(self, dyn):
         return self
+
+
+# -- layers that a call may change ------------------------------------------------------------------
+
+def changed_forward(layer, x, changes):
+    """The layer's output with W + sum_k m_k dW_k: through the low-rank factors when that takes fewer
+    multiplications (few tokens: N (I + O) < O I), else with the weight rebuilt for this forward only
+    (the UNet's many tokens; LoHa and LoKr always)."""
+    W, conv = layer.weight, isinstance(layer, nn.Conv2d)
+    fan_in = W[0].numel()  # I (k k)
+    tokens = x.numel() // x.shape[1] // math.prod(layer.stride) if conv else x.numel() // fan_in
+    if all(isinstance(d, LowRank) for d, _ in changes) and tokens * (fan_in + W.shape[0]) < W.shape[0] * fan_in:
+        y = _forward(layer, x, W)
+        for delta, m in changes:
+            y = delta.add_to(y, x, layer, m)
+        return y
+    for delta, m in changes:
+        W = torch.add(W, delta.weight().to(W).reshape(W.shape), alpha=m)  # a new tensor: the shared W stays
+    return _forward(layer, x, W)
+
+
+def _forward(layer, x, weight):
+    """The layer's forward with another weight (its bias and conv settings)."""
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(x, weight, layer.bias)
+    return F.linear(x, weight, layer.bias)
+
+
+class _Changeable:
+    """Put in a layer's class at load time (its weights and names stay): forward uses the current
+    call's changes of the layer (``per_call.changes_for``), and is the plain layer's without them."""
+
+    def forward(self, input):
+        changes = changes_for(self)
+        if not changes:
+            return super().forward(input)
+        return changed_forward(self, input, changes)
+
+
+class Linear(_Changeable, nn.Linear):
+    """An nn.Linear that a call may change (lora.make_changeable)."""
+
+
+class Conv2d(_Changeable, nn.Conv2d):
+    """An nn.Conv2d that a call may change (lora.make_changeable)."""
+
+
+CHANGEABLE = {nn.Linear: Linear, nn.Conv2d: Conv2d}
+_CLASS_LOCK = threading.Lock()
+
+
+def make_changeable(layer):
+    """Give a layer the changeable class of its type (once; a forward running meanwhile is unaffected)."""
+    with _CLASS_LOCK:
+        if type(layer) in CHANGEABLE:
+            layer.__class__ = CHANGEABLE[type(layer)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -227,8 +273,9 @@ class LayerChange:
 # -- the layers a LoRA can change ------------------------------------------------------------------
 
 def _changeable(module):
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
-                                             and module.padding_mode == "zeros")
+    kinds = (nn.Linear, nn.Conv2d, Linear, Conv2d)  # exactly these: subclasses may compute otherwise
+    return type(module) in kinds and (not isinstance(module, nn.Conv2d) or (module.groups == 1
+                                                                            and module.padding_mode == "zeros"))
 
 
 def _ldm_names(unet, paths):

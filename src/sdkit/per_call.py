@@ -1,10 +1,11 @@
 """Changes to shared layers that hold for one call only: LoRA weight changes and embedding vectors.
 
-A pipeline's models are shared by every call, so a call never edits their weights. Instead each
-changeable layer gets, once, a forward hook that reads what the current call put in a
-``contextvars.ContextVar``: a call sets its value around its own text encoding and UNet calls
-(``using``, ``token_vectors``), other threads see theirs or none, and a layer whose hook finds
-nothing for it returns its output untouched (the hook's only cost: one Python call per layer).
+A pipeline's models are shared by every call, so a call never edits their weights. Instead a layer
+reads, when it runs, what the current call put in a ``contextvars.ContextVar``: a call sets its
+value around its own text encoding and UNet calls (``using``, ``token_vectors``), other threads see
+theirs or none, and a layer that finds nothing for it computes what it always does. LoRA layers
+ask ``changes_for`` in their forward (``lora.make_changeable``); the token embedding gets a forward
+hook that puts a call's embedding vectors in.
 """
 
 import contextlib
@@ -27,20 +28,10 @@ def ensure_hook(module, hook):
             hooks.add(hook)
 
 
-def _input(args, kwargs):
-    return args[0] if args else kwargs["input"]
-
-
-def lora_hook(layer, args, kwargs, output):
-    """y + sum_k m_k s_k dW_k(x) for the changes the current call set for this layer (LoRA)."""
+def changes_for(layer):
+    """The current call's LoRA changes of a layer, ((delta, m * s), ...), or None."""
     plan = _LORA.get()
-    changes = plan.get(layer) if plan else None
-    if not changes:
-        return None
-    x = _input(args, kwargs)
-    for delta, weight in changes:
-        output = delta.add_to(output, x, layer, weight)
-    return output
+    return plan.get(layer) if plan else None
 
 
 @contextlib.contextmanager

@@ -2,11 +2,12 @@
 
 The reference applies a LoRA by changing the shared model (PEFT layers set on the pipeline, or
 fused weights), so two requests with different LoRAs cannot share one pipeline. Here a call
-never changes a shared weight: ``load_lora_weights`` reads a file once and gives each layer it
-changes a hook (``sdkit.per_call``); a call picks its adapters and weights, and sets them around
-its own text encoding and UNet calls only. The pipeline keeps the loaded adapters and the
-default choice (``set_adapters``) under a lock; each call takes a snapshot when it starts, so
-loading or deleting an adapter while calls run changes none of them. ``fuse_lora`` is the one
+never changes a shared weight: ``load_lora_weights`` reads a file once and makes each layer it
+changes read the current call's changes (``lora.make_changeable``, ``sdkit.per_call``); a call
+picks its adapters and weights, and sets them around its own text encoding and UNet calls only.
+The pipeline keeps the loaded adapters and the default choice (``set_adapters``) under a lock;
+each call takes a snapshot when it starts, so loading or deleting an adapter while calls run
+changes none of them. ``fuse_lora`` is the one
 exception: it adds the changes into the shared weights (faster per step), for a pipeline that
 serves one setting; ``unfuse_lora`` restores the weights exactly.
 
@@ -17,7 +18,6 @@ As in A1111, the tags of the first prompt of a batch apply to the whole batch (t
 batch together); other prompts' differing tags are cut and a warning names them.
 """
 
-import dataclasses
 import os
 import threading
 import warnings
@@ -29,9 +29,9 @@ import torch
 
 from .. import prompts as syntax
 from ..embeddings import Triggers, folder_embeddings, read_embedding
-from ..lora import TEXT_ENCODER, Layers, place_lora, read_lora_file
+from ..lora import TEXT_ENCODER, Layers, make_changeable, place_lora, read_lora_file
 from ..models.modeling import PICKLE_SUFFIXES, few
-from ..per_call import ensure_hook, lora_hook, using
+from ..per_call import using
 
 LORA_KINDS = ("lora", "lyco")  # A1111's names for LoRA tags (lyco: the LyCORIS extension's, an alias)
 LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
@@ -148,11 +148,12 @@ def lora_tags(prompts):
     def key(tags):
         return sorted((t.name, t.te_multiplier, t.unet_multiplier, t.dyn_dim) for t in tags)
 
-    ignored = [t.text for tags in per_prompt[1:] if key(tags) != key(first) for t in tags]
-    if any(key(tags) != key(first) for tags in per_prompt[1:]):
+    differing = [tags for tags in per_prompt[1:] if key(tags) != key(first)]
+    if differing:
+        ignored = ", ".join(t.text for tags in differing for t in tags) or "(none)"
         warnings.warn(f"The prompts of this batch carry different LoRA tags; as in A1111 the first prompt's "
                       f"({', '.join(t.text for t in first) or 'none'}) apply to the whole batch, and these do not: "
-                      f"{', '.join(ignored) or '(their absence)'}. Make one call per setting instead.", stacklevel=5)
+                      f"{ignored}. Make one call per setting instead.", stacklevel=5)
     return first
 
 
@@ -194,7 +195,7 @@ class AdapterLoaderMixin:
         return Layers.of(self.unet, getattr(self, "text_encoder", None))
 
     def _read_adapter(self, source, name, allow_pickle):
-        """An Adapter from a file path or a state dict, placed on this pipeline's layers (hooks added)."""
+        """An Adapter from a file path or a state dict, placed on this pipeline's layers (made changeable)."""
         if isinstance(source, (str, os.PathLike)):
             if not os.path.isfile(source):
                 raise FileNotFoundError(f"LoRA file {source} does not exist.")
@@ -206,7 +207,7 @@ class AdapterLoaderMixin:
             raise ValueError(f"load_lora_weights takes a file path or a state dict, got {type(source).__name__}.")
         changes = place_lora(state_dict, self._layers(), what, metadata)
         for change in changes:
-            ensure_hook(change.layer, lora_hook)
+            make_changeable(change.layer)
         return Adapter(name, changes, path)
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, allow_pickle=False):

@@ -177,3 +177,104 @@ def concurrently(fn, count):
     if errors:
         raise errors[0]
     return results
+# -- broken model folders (for the error tests) -----------------------------------------------------
+
+class Payload:
+    """A pickle that, if ever unpickled, creates the file ``marker`` (it must never be created)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _set_json(path, **changes):
+    import json
+
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _pickle_only(folder, weights, pickle_name, marker):
+    """Replace a part's safetensors weights by a pickle holding the same tensors and a payload."""
+    from safetensors.torch import load_file
+
+    state = {**load_file(str(folder / weights)), "payload": Payload(marker)}
+    (folder / weights).unlink()
+    torch.save(state, folder / pickle_name)
+
+
+def _self_link(path):
+    import os
+
+    path.unlink()
+    os.symlink(path.name, path)
+
+
+def _empty(folder):
+    for f in folder.iterdir():
+        f.unlink()
+
+
+# how -> (edit of a copied pipeline folder d, what the error names)
+BREAKS = {
+    "truncated text encoder": (lambda d: _truncate(d / "text_encoder" / "model.safetensors"),
+                               "text_encoder/model.safetensors: Error while deserializing header"),
+    "truncated unet": (lambda d: _truncate(d / "unet" / "diffusion_pytorch_model.safetensors"),
+                       "unet/diffusion_pytorch_model.safetensors: Error while deserializing header"),
+    "layers_per_block one": (lambda d: _set_json(d / "unet" / "config.json", layers_per_block="one"),
+                             "unet/config.json: UNet2DConditionModel: layers_per_block='one' should be a whole number"),
+    "block_out_channels text": (lambda d: _set_json(d / "vae" / "config.json", block_out_channels="wide"),
+                                "vae/config.json: AutoencoderKL: block_out_channels='wide' should be a list of whole"),
+    "config is a list": (lambda d: (d / "vae" / "config.json").write_text("[1, 2]"),
+                         "vae/config.json should hold a JSON object ({...}), found a list"),
+    "config not JSON": (lambda d: (d / "unet" / "config.json").write_text("{not json"),
+                        "unet/config.json is not valid JSON"),
+    "num_train_timesteps 0": (lambda d: _set_json(d / "scheduler" / "scheduler_config.json", num_train_timesteps=0),
+                              "scheduler_config.json: PNDMScheduler: num_train_timesteps must be a whole number >= 1, got 0"),
+    "beta_schedule unknown": (lambda d: _set_json(d / "scheduler" / "scheduler_config.json", beta_schedule="cosine"),
+                              "scheduler_config.json: PNDMScheduler: beta_schedule='cosine' is not supported"),
+    "pickle text encoder": (lambda d: _pickle_only(d / "text_encoder", "model.safetensors", "pytorch_model.bin",
+                                                   d / "PWNED"),
+                            "text_encoder holds only the pickle file pytorch_model.bin, which can run code"),
+    "pickle unet": (lambda d: _pickle_only(d / "unet", "diffusion_pytorch_model.safetensors",
+                                           "diffusion_pytorch_model.bin", d / "PWNED"),
+                    "unet/diffusion_pytorch_model.bin is a pickle checkpoint, which can run code"),
+    "empty tokenizer": (lambda d: _empty(d / "tokenizer"), "tokenizer has no tokenizer vocabulary"),
+    "weights link loop": (lambda d: _self_link(d / "unet" / "diffusion_pytorch_model.safetensors"),
+                          "diffusion_pytorch_model.safetensors is a symlink to 'diffusion_pytorch_model.safetensors', "
+                          "which does not exist or loops"),
+    "model_index not JSON": (lambda d: (d / "model_index.json").write_text("\x00\x01"), "model_index.json is not valid JSON"),
+    "model_index missing": (lambda d: (d / "model_index.json").unlink(), "model_index.json not found"),
+    "unknown scheduler class": (lambda d: _set_json(d / "model_index.json", scheduler=["diffusers", "FooScheduler"]),
+                                "names the scheduler 'FooScheduler', which sdkit does not have"),
+}
+
+
+def broken_copy(model, dest, how):
+    """A copy of the pipeline folder ``model`` at ``dest`` broken as ``BREAKS[how]`` says; returns dest."""
+    import shutil
+    from pathlib import Path
+
+    dest = Path(dest)
+    shutil.copytree(model, dest)
+    BREAKS[how][0](dest)
+    return dest
+
+
+def train_tiny_vae(run, **overrides):
+    """A VAE training run of 2 steps (checkpoint every step) on a tiny config into ``run``."""
+    from sdkit.training.config import VAEConfig
+    from sdkit.training.loop import train
+    from sdkit.training.stages import VAEStage
+
+    cfg = VAEConfig(**{**dict(steps=2, batch_size=4, num_images=4, block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
+                              scale_samples=16, save_every=1, log_every=1, warmup_steps=1), **overrides})
+    return train(VAEStage(cfg), cfg, str(run))

@@ -3,39 +3,45 @@
 k-diffusion and open-clip-torch import torchvision (and much else) at package import, and the
 PyPI torchvision does not load beside the CPU torch. They are installed with --no-deps
 (tests/oracles.txt); here the few files the tests need are loaded on their own under stub
-packages, with a stand-in ``torchvision`` whose only use (k-diffusion's image utilities) the
-tests never reach.
+packages, with a stand-in ``torchvision`` (while they import) whose only use (k-diffusion's image
+utilities) the tests never reach.
 """
 
+import contextlib
 import importlib.util
 import sys
 import types
 
 
-def _stand_in_torchvision():
+@contextlib.contextmanager
+def _stand_in_torchvision(ops=False):
+    """A stand-in ``torchvision`` while the reference files import, removed after: transformers looks for the
+    real one (``importlib.util.find_spec``), and a module without a spec breaks that look-up. With ``ops``,
+    the ``torchvision.ops.misc.FrozenBatchNorm2d`` open_clip's utils import (for image towers the tests
+    never build)."""
     if "torchvision" in sys.modules:
+        yield
         return
+    from torch import nn
+
     tv = types.ModuleType("torchvision")
     transforms = types.ModuleType("torchvision.transforms")
     functional = types.ModuleType("torchvision.transforms.functional")
     transforms.functional = functional
     tv.transforms = transforms
-    sys.modules.update({"torchvision": tv, "torchvision.transforms": transforms,
-                        "torchvision.transforms.functional": functional})
-
-
-def _stand_in_torchvision_ops():
-    """open_clip's utils import FrozenBatchNorm2d (for image towers the tests never build)."""
-    _stand_in_torchvision()
-    if "torchvision.ops.misc" in sys.modules:
-        return
-    from torch import nn
-
-    ops, misc = types.ModuleType("torchvision.ops"), types.ModuleType("torchvision.ops.misc")
-    misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (nn.Module,), {})
-    ops.misc = misc
-    sys.modules["torchvision"].ops = ops
-    sys.modules.update({"torchvision.ops": ops, "torchvision.ops.misc": misc})
+    names = {"torchvision": tv, "torchvision.transforms": transforms, "torchvision.transforms.functional": functional}
+    if ops:
+        tv_ops, misc = types.ModuleType("torchvision.ops"), types.ModuleType("torchvision.ops.misc")
+        misc.FrozenBatchNorm2d = type("FrozenBatchNorm2d", (nn.Module,), {})
+        tv_ops.misc = misc
+        tv.ops = tv_ops
+        names.update({"torchvision.ops": tv_ops, "torchvision.ops.misc": misc})
+    sys.modules.update(names)
+    try:
+        yield
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
 
 
 def _load_files(package, names):
@@ -67,8 +73,8 @@ def _load_files(package, names):
 
 def k_diffusion():
     """(sampling, external) modules of k-diffusion."""
-    _stand_in_torchvision()
-    _, sampling, external = _load_files("k_diffusion", ["utils", "sampling", "external"])
+    with _stand_in_torchvision():
+        _, sampling, external = _load_files("k_diffusion", ["utils", "sampling", "external"])
     return sampling, external
 
 
@@ -80,6 +86,6 @@ def open_clip_tokenizer():
 
 def open_clip_transformer():
     """open_clip's transformer module (``TextTransformer``: the text tower SD 2 conditions on)."""
-    _stand_in_torchvision_ops()
-    *_, transformer = _load_files("open_clip", ["utils", "pos_embed", "transformer"])
+    with _stand_in_torchvision(ops=True):
+        *_, transformer = _load_files("open_clip", ["utils", "pos_embed", "transformer"])
     return transformer

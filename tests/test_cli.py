@@ -150,7 +150,7 @@ def test_bundled_model_is_the_default(tmp_path, capsys):
     assert code == 0, err
     params = parse_parameters(Image.open(out).info["parameters"])
     assert (params["Model"], params["CFG scale"], params["CFG Rescale phi"], params["Size"],
-            params["Sampler"]) == ("tiny-shapes", "3", "0.7", "64x64", "DDIM")
+            params["Sampler"]) == ("tiny-shapes", "3", "0.7", "64x64", "DDIMScheduler")
 
 
 def test_missing_bundled_model_is_one_line(tmp_path, capsys, monkeypatch):

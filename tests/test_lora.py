@@ -433,12 +433,33 @@ def test_lora_tags_find_files_and_equal_the_adapters_option(pipe, tmp_path):
     assert len(caught) == 1
 
 
+def test_a_lora_tag_at_0_8_equals_the_lora_at_0_8_and_its_text_never_reaches_the_text_encoder(pipe, tmp_path):
+    safetensors.torch.save_file(kohya_lora(pipe, seed=3)[0], str(tmp_path / "x.safetensors"))
+    fed = []
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda module, args: fed.append(args[0].tolist()))
+    a1111 = dict(CALL, prompt_syntax="a1111")
+    try:
+        tagged = pipe(**dict(a1111, prompt="a red circle <lora:x:0.8> on the left"), generator=gen(),
+                      lora_dirs=str(tmp_path)).images
+        tagged_ids, fed[:] = list(fed), []
+        plain = pipe(**a1111, generator=gen()).images  # nothing loaded yet: no LoRA
+        pipe.load_lora_weights(str(tmp_path / "x.safetensors"))
+        fed[:] = []
+        explicit = pipe(**a1111, generator=gen(), adapters={"x": 0.8}).images
+    finally:
+        hook.remove()
+    assert np.array_equal(tagged, explicit) and np.abs(tagged - plain).max() > 0.02
+    assert tagged_ids == fed  # the same tokens (prompt, then negative prompt): the tag's text is cut out
+    words = set(pipe.tokenizer(CALL["prompt"] + " " + CALL["negative_prompt"]).input_ids)
+    tag_only = set(pipe.tokenizer("<lora:x:0.8>").input_ids) - words
+    assert tag_only and not tag_only & {i for call in tagged_ids for row in call for i in row}
+
+
 def test_cli_applies_lora_tags_and_writes_a1111_s_lora_hash(folder, tmp_path, capsys):
     import hashlib
 
-    from PIL import Image
-
-    from sdkit.cli import main, parse_parameters
+    from sdkit import infotext
+    from sdkit.cli import main
 
     loras = tmp_path / "loras"
     loras.mkdir()
@@ -453,9 +474,9 @@ def test_cli_applies_lora_tags_and_writes_a1111_s_lora_hash(folder, tmp_path, ca
                  "--seed", "1", "-q", "--enlarge", "1", "--lora-dir", str(loras)])
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
-    params = parse_parameters(Image.open(out).info["parameters"])
-    assert params["Lora hashes"] == f"mystyle: {addnet}"
-    assert params["prompt"] == "a red circle <lora:my,style:0.8>"
+    info = infotext.load(out)
+    assert info.get("Lora hashes") == (("mystyle", addnet),) and 'Lora hashes: "mystyle: ' in info.text
+    assert info.prompt == "a red circle <lora:my,style:0.8>"
     code = main(["generate", "a <lora:absent:1>", "-o", str(tmp_path / "x.png"), "--model", folder, "--steps", "1",
                  "-q", "--lora-dir", str(loras)])
     err = capsys.readouterr().err

@@ -290,32 +290,22 @@ def test_trained_betas_round_trip():
 
 
 # ------------------------------------------------------------------ names
-def test_from_name_maps_a1111_samplers():
+def test_from_name_keeps_the_reference_classes_for_their_names():
+    """The rule: class names give the reference's sampling, A1111 names A1111's (tests/test_a1111_samplers.py)."""
     base = ours.PNDMScheduler.from_config({**SD, "steps_offset": 1, "skip_prk_steps": True}).config
-    s = ours.from_name("DPM++ 2M Karras", base)
-    assert isinstance(s, ours.DPMSolverMultistepScheduler)
-    assert s.config["use_karras_sigmas"] is True and s.config["solver_order"] == 2
-    assert s.config["beta_schedule"] == "scaled_linear" and s.config["beta_end"] == 0.012
-    expected = {
-        "DDIM": ours.DDIMScheduler, "PLMS": ours.PNDMScheduler, "Euler": ours.EulerDiscreteScheduler,
-        "euler A": ours.EulerAncestralDiscreteScheduler, "LMS": ours.LMSDiscreteScheduler,
-        "LMS Karras": ours.LMSDiscreteScheduler, "dpm++ 2m": ours.DPMSolverMultistepScheduler,
-        "DDPM": ours.DDPMScheduler,
-    }
-    for name, cls in expected.items():
-        assert type(ours.from_name(name, base)) is cls, name
-    assert ours.from_name("PLMS", base).config["skip_prk_steps"] is True
-    assert ours.from_name("LMS Karras", base).config["use_karras_sigmas"] is True
-    assert ours.from_name("DPM++ 2M", {**SD, "use_karras_sigmas": True}).config["use_karras_sigmas"] is False
-    assert isinstance(ours.from_name("Euler a"), ours.EulerAncestralDiscreteScheduler)
-    with pytest.raises(ValueError, match="Unknown sampler name 'Heun'.*DPM\\+\\+ 2M Karras"):
-        ours.from_name("Heun", base)
+    for name, cls in ours.SCHEDULER_CLASSES.items():
+        sch = ours.from_name(name, base)
+        assert type(sch) is cls and sch.config["beta_end"] == 0.012, name
+    assert isinstance(ours.from_name("DPM++ 2M Karras", base), ours.KDPMPP2MScheduler)
+    assert ours.from_name("DPM++ 2M Karras", base).config["beta_schedule"] == "scaled_linear"
+    with pytest.raises(ValueError, match="Unknown sampler name 'Heun\\+\\+'.*DPM\\+\\+ 2M"):
+        ours.from_name("Heun++", base)
 
 
-def test_a1111_name_inverts_from_name():
+def test_a1111_name_names_reference_classes_by_class():
     for name in ours.SAMPLER_NAMES:
         assert ours.a1111_name(ours.from_name(name, SD)) == name
-    assert ours.a1111_name(ours.PLMSScheduler()) == "PLMS"
+    assert ours.a1111_name(ours.PLMSScheduler()) == "PLMSScheduler"
     assert ours.a1111_name(ours.DPMSolverMultistepScheduler(solver_order=1)) == "DPMSolverMultistepScheduler"
 
 
@@ -326,6 +316,7 @@ def test_get_scheduler_class():
     assert isinstance(plms, ours.PNDMScheduler) and plms.config["skip_prk_steps"] is True
     assert plms.config["_class_name"] == "PNDMScheduler"  # what the reference can load
     assert ours.PLMSScheduler.from_config(plms.config).config == plms.config
+    assert ours.get_scheduler_class("KEulerScheduler") is ours.KEulerScheduler
     with pytest.raises(ValueError, match="UniPCMultistepScheduler.*sdkit has.*DDIMScheduler"):
         ours.get_scheduler_class("UniPCMultistepScheduler")
 

@@ -1,17 +1,26 @@
 """The ``sdkit`` command line: ``sdkit generate``, ``sdkit convert`` and ``sdkit train``.
 
-Errors are one line on stderr (exit status 2), never a traceback, and never a partial file:
-images are written to a temporary name and renamed into place.
+Errors are one line on stderr (exit status 2), never a traceback, and never a partial file: a
+run writes all its images to temporary names and renames them into place only when every one
+is complete (``sdkit.files.AtomicFiles``), so a failed, interrupted (Ctrl-C) or terminated
+(SIGTERM) run leaves the folder as it was.
 """
 
 import argparse
+import math
 import os
 import random
 import re
+import signal
 import sys
 import tempfile
+import threading
 
 EXIT_USAGE = 2
+EXIT_TERMINATED = 128 + 15  # the shell's status for a SIGTERM
+SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
+RANDOM_SEED = -1  # A1111's "random seed"
+ENLARGED_BYTES = 5  # per pixel of an enlarged copy: PIL's 4-byte RGB pixels, plus the PNG encoder's rows
 DEFAULT_GUIDANCE = 7.5  # diffusers' default CFG scale
 BUNDLED_GUIDANCE = 3.0  # the bundled model's recommended scale and guidance rescale (a sweep is in
 BUNDLED_GUIDANCE_RESCALE = 0.7  # assets/tiny-shapes/MODEL_CARD.md)
@@ -21,17 +30,24 @@ class CLIError(Exception):
     """A user error: printed as one line, no traceback."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporaries are removed as after Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 # -- A1111 "parameters" text ------------------------------------------------------------------
 
 def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height,
-                      model, strength=None, guidance_rescale=0.0, clip_skip=1, model_hash=None, extra_fields=()):
+                      model, strength=None, guidance_rescale=0.0, clip_skip=1, model_hash=None):
     """The PNG text A1111 writes and its PNG Info tab reads back.
 
     A non-zero ``guidance_rescale`` is written as "CFG Rescale phi", the field of A1111's CFG
     rescale extension (A1111 itself has no such setting). ``clip_skip`` is A1111's count (1 = the
     last layer), written as A1111 writes it: only when above 1. ``model_hash`` (a single file's
-    :func:`model_hash`) goes before ``Model``, as A1111 writes it. ``extra_fields``: (name, value)
-    pairs written last, quoted as A1111 quotes them (``Lora hashes``, ``TI hashes``).
+    :func:`model_hash`) goes before ``Model``, as A1111 writes it.
     """
     lines = [prompt]
     if negative_prompt:
@@ -45,16 +61,8 @@ def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, 
         fields.append(("Clip skip", clip_skip))
     if guidance_rescale:
         fields.append(("CFG Rescale phi", f"{guidance_rescale:g}"))
-    fields += [(k, _quote(v)) for k, v in extra_fields]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
-
-
-def _quote(value):
-    """A1111's ``quote``: a value with a comma, colon or line break goes in JSON quotes."""
-    import json
-
-    return value if not any(c in value for c in ",:\n") else json.dumps(value)
 
 
 _FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -98,35 +106,131 @@ def _check_output(path):
         raise CLIError(f"output {path!r} must end in .png (the settings are stored as PNG text)")
 
 
-def _save_png(image, path, parameters):
-    from PIL import PngImagePlugin
+def _check_outputs(paths):
+    """Refuse output paths that name a folder, before anything runs."""
+    for path in paths:
+        if os.path.isdir(path):
+            raise CLIError(f"output {path} is a folder: give -o a .png file name")
 
-    info = PngImagePlugin.PngInfo()
-    if parameters is not None:
-        info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".sdkit-", suffix=".png")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+
+def output_paths(output, batch):
+    """The image paths of a run: ``output`` itself, or NAME-1.png ... NAME-N.png for a batch."""
+    stem, ext = os.path.splitext(output)
+    return [output] if batch == 1 else [f"{stem}-{i + 1}{ext}" for i in range(batch)]
+
+
+def enlarged_path(path, scale):
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.x{scale}{ext}"
+
+
+def resolve_seed(seed, count=1):
+    """The seed a run uses: None or -1 (A1111's "random") draws one; any other must be 0 to 2**64-1,
+    with seed + count - 1 too (image k of a batch uses seed + k)."""
+    if seed is None or seed == RANDOM_SEED:
+        return random.randrange(2**32)
+    top = SEED_MAX - (count - 1)
+    if not 0 <= seed <= top:
+        batch = f" for a batch of {count}" if count > 1 else ""
+        raise CLIError(f"--seed {seed} must be -1 (random) or a whole number from 0 to {top}{batch}")
+    return seed
+
+
+def _check_number(option, value, low, high=math.inf, note=""):
+    """Refuse a non-finite value, or one outside [low, high], naming the option."""
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        bounds = f"between {low:g} and {high:g}" if math.isfinite(high) else f">= {low:g}"
+        raise CLIError(f"{option} {value:g} must be a finite number {bounds}{note}")
+
+
+def _check_args(args):
+    """Every check that needs no model: run before torch is imported, so bad options fail at once."""
+    if args.steps < 1:
+        raise CLIError(f"--steps {args.steps} must be at least 1")
+    if args.batch < 1:
+        raise CLIError(f"--batch {args.batch} must be at least 1")
+    if args.clip_skip < 1:
+        raise CLIError(f"--clip-skip {args.clip_skip} must be at least 1 (1 = the text encoder's last layer)")
+    if not 0.0 <= args.strength <= 1.0:
+        raise CLIError(f"--strength {args.strength} must be between 0 and 1")
+    _check_number("--guidance", args.guidance, 0, note=" (0 to 1: no guidance; 7.5 is usual)")
+    _check_number("--guidance-rescale", args.guidance_rescale, 0, 1)
+    if args.enlarge is not None and args.enlarge < 1:
+        raise CLIError(f"--enlarge {args.enlarge} must be at least 1 (1: no enlarged copy)")
+    if args.mask and not args.init_image:
+        raise CLIError("--mask needs --init-image (the picture to repaint)")
+    _check_output(args.output)
+    _check_outputs(output_paths(args.output, args.batch))
 
 
 def _load_image(path, what):
     from PIL import Image, UnidentifiedImageError
 
+    from sdkit.pipelines.images import to_8bit
+
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_8bit(im, f"{what} {path}").convert("RGB")
     except FileNotFoundError:
         raise CLIError(f"{what} {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as e:
         raise CLIError(f"{what} {path} is not a readable image: {e}") from None
+    except ValueError as e:  # to_8bit: values outside the mode's range
+        raise CLIError(str(e)) from None
 
 
-def _scheduler(name, base):
+def _out_of_memory(error):
+    """Whether an exception is an allocation failure (Python, torch CPU or CUDA)."""
+    import torch
+
+    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
+
+def _check_sizes(args, pipe, height, width, scale):
+    """Refuse (unless --allow-large) a run or an enlarged copy that would not fit in memory."""
+    from sdkit.pipelines import memory
+
+    if args.allow_large:
+        return
+    error = memory.size_error(pipe, height, width, args.batch, guided=args.guidance > 1)
+    if error:
+        raise CLIError(f"{error}: lower --width/--height/--batch, or pass --allow-large to try anyway")
+    budget = memory.available_bytes("cpu")
+    needed = width * height * scale * scale * ENLARGED_BYTES
+    if scale > 1 and budget is not None and needed > budget:
+        most = max(1, math.isqrt(budget // (width * height * ENLARGED_BYTES)))
+        raise CLIError(f"--enlarge {scale} makes a {width * scale}x{height * scale} copy needing about "
+                       f"{memory.format_bytes(needed)} but {memory.format_bytes(budget)} is available: use --enlarge "
+                       f"{most} or less (1: no copy), or pass --allow-large to try anyway")
+
+
+def _write_pngs(items):
+    """Write every (make_image, path, parameters) item, all or none; a failure is a CLIError naming the file."""
+    from PIL import PngImagePlugin
+
+    from sdkit.files import AtomicFiles
+
+    files, path = AtomicFiles(), None
+    try:
+        for make_image, path, parameters in items:
+            info = PngImagePlugin.PngInfo()
+            if parameters is not None:
+                info.add_text("parameters", parameters)
+            make_image().save(files.reserve(path), format="PNG", pnginfo=info)
+        path = items[-1][1]
+        files.commit()
+    except BaseException as e:
+        files.discard()
+        if isinstance(e, OSError):
+            raise CLIError(f"cannot write {path}: {e.strerror or e}; free some disk space or choose another "
+                           f"-o path (no image was written)") from None
+        if isinstance(e, MemoryError):
+            raise CLIError(f"out of memory writing {path}: lower --enlarge (no image was written)") from None
+        raise
+
+
+def _scheduler(name, base, schedule=None, settings=None):
+    """The scheduler for --scheduler (a class name, or an A1111 name with --schedule-type) on the model's config."""
     from sdkit import schedulers
 
     try:
@@ -134,9 +238,11 @@ def _scheduler(name, base):
     except ValueError:
         pass
     try:
-        return schedulers.from_name(name, base.config)
+        return schedulers.from_name(name, {**base.config, **(settings or {})}, schedule=schedule)
     except ValueError as e:
         raise CLIError(f"unknown --scheduler {name!r}: {e}") from None
+
+
 
 
 def sampler_name(scheduler):
@@ -196,7 +302,8 @@ def embedding_hash(path):
 
 def _network_fields(args, pipe):
     """A1111's "Lora hashes" and "TI hashes" of the LoRA files the prompt's tags name and the embeddings
-    the prompt and negative prompt use (``name: hash``, names without ":" and ",")."""
+    the prompt and negative prompt use, as sdkit.infotext fields (((name, hash), ...); names without
+    ":" and ",", as A1111 writes them)."""
     from sdkit.embeddings import Triggers, folder_embeddings
     from sdkit.pipelines.adapters import find_lora_file, lora_tags
 
@@ -206,16 +313,16 @@ def _network_fields(args, pipe):
     fields = []
     if args.prompt_syntax == "a1111" and args.lora_dir:
         paths = [(t.name, find_lora_file(t.name, args.lora_dir)) for t in lora_tags([args.prompt])]
-        hashes = [f"{clean(n)}: {lora_hash(p)}" for n, p in paths if p]
+        hashes = tuple((clean(n), lora_hash(p)) for n, p in paths if p)
         if hashes:
-            fields.append(("Lora hashes", ", ".join(hashes)))
+            fields.append(("Lora hashes", hashes))
     if args.embeddings_dir:
         embeddings = folder_embeddings(args.embeddings_dir)
         files = {e.name: e.path for e in embeddings}
         triggers = Triggers(embeddings, pipe.tokenizer, pipe.text_encoder.config.hidden_size)
         used = triggers.used(pipe.tokenizer, [args.prompt, args.negative], args.prompt_syntax == "a1111")
         if used:
-            fields.append(("TI hashes", ", ".join(f"{clean(n)}: {embedding_hash(files[n])}" for n in used)))
+            fields.append(("TI hashes", tuple((clean(n), embedding_hash(files[n])) for n in used)))
     return fields
 
 
@@ -250,24 +357,101 @@ def _load_pipeline(args, model):
     return StableDiffusionPipeline.from_pretrained(model, **parts)
 
 
-def generate(args):
-    import torch
+def _seed_options(args, seed):
+    """The pipeline's A1111 seed options from the command line."""
+    w, h = args.seed_resize_from or (0, 0)
+    return dict(seed=seed, rng=args.rng, subseed=args.subseed, subseed_strength=args.subseed_strength,
+                seed_resize_from_w=w, seed_resize_from_h=h, eta_noise_seed_delta=args.ensd, eta=args.eta,
+                scheduler_options=args.scheduler_options or None)
 
-    if args.steps < 1:
-        raise CLIError(f"--steps {args.steps} must be at least 1")
-    if args.batch < 1:
-        raise CLIError(f"--batch {args.batch} must be at least 1")
-    if args.clip_skip < 1:
-        raise CLIError(f"--clip-skip {args.clip_skip} must be at least 1 (1 = the text encoder's last layer)")
-    if not 0.0 <= args.strength <= 1.0:
-        raise CLIError(f"--strength {args.strength} must be between 0 and 1")
-    if args.mask and not args.init_image:
-        raise CLIError("--mask needs --init-image (the picture to repaint)")
-    _check_output(args.output)
+
+def _infotext(args, scheduler, run_options, seed, subseed, image, model, strength, file_hash, network_fields=()):
+    """The A1111 parameters text of one image of this run (CFG scale 0 to 1 runs unguided: written as 1);
+    ``network_fields``: the run's "Lora hashes" and "TI hashes" (``_network_fields``)."""
+    import sdkit
+    from sdkit import infotext
+
+    extra = [("CFG Rescale phi", args.guidance_rescale)] if args.guidance_rescale else []
+    extra += list(network_fields)
+    return infotext.create(
+        args.prompt, args.negative, steps=args.steps, scheduler=scheduler, run_options=run_options,
+        cfg_scale=max(args.guidance, 1.0), seed=seed, width=image.width, height=image.height, model=model,
+        model_hash=file_hash, denoising_strength=strength, clip_skip=args.clip_skip if args.clip_skip > 1 else None,
+        subseed=subseed, subseed_strength=args.subseed_strength, seed_resize_from=args.seed_resize_from or (0, 0),
+        ensd=args.ensd, rng=args.rng, extra=extra, version=f"sdkit-{sdkit.__version__}")
+
+
+def _from_png(args, given):
+    """Fill the settings the command line leaves open from an A1111 PNG or parameters text (--from-png)."""
+    from sdkit import infotext
+
+    try:
+        info = infotext.load(args.from_png)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--from-png {args.from_png}: {e}") from None
+    unsupported = info.unsupported()
+    if unsupported:
+        print(f"sdkit: warning: ignoring settings sdkit does not support: {', '.join(unsupported)}", file=sys.stderr)
+    sampler, schedule, config, call = infotext.generation_settings(info)
+    values = {
+        "negative": call["negative_prompt"] or "", "steps": call["num_inference_steps"],
+        "guidance": call["guidance_scale"], "seed": call["seed"], "width": call["width"], "height": call["height"],
+        "scheduler": sampler, "schedule_type": schedule if sampler not in _class_names() else None,
+        "rng": call["rng"], "subseed": call.get("subseed"), "subseed_strength": call.get("subseed_strength", 0.0),
+        "ensd": call["eta_noise_seed_delta"], "eta": call.get("eta"),
+        "guidance_rescale": call.get("guidance_rescale", 0.0),
+        "seed_resize_from": (call["seed_resize_from_w"], call["seed_resize_from_h"]) if call["seed_resize_from_w"]
+        else None,
+        "scheduler_options": call.get("scheduler_options"), "strength": call.get("strength", args.strength),
+        "clip_skip": call.get("clip_stop_at_last_layers", 1), "prompt_syntax": call["prompt_syntax"],
+    }
+    for name, value in values.items():
+        if name not in given:
+            setattr(args, name, value)
+    if args.prompt is None:
+        args.prompt = call["prompt"]
+    if sampler not in _class_names():
+        args.scheduler_config = {k: v for k, v in config.items() if v is not None}
+    if "strength" in call and not args.init_image:
+        raise CLIError(f"{args.from_png} was made by img2img (Denoising strength {call['strength']}): "
+                       "pass its --init-image")
+    if args.model is None:
+        model = info.get("Model")
+        if model != "tiny-shapes":
+            raise CLIError(f"{args.from_png} was made with the model {model!r}: pass --model PATH_OR_REPO_ID")
+    elif info.get("Model hash") and os.path.isfile(args.model) and model_hash(args.model) != info.get("Model hash"):
+        print(f"sdkit: warning: {args.model} has the hash {model_hash(args.model)}, the PNG's model "
+              f"{info.get('Model hash')}", file=sys.stderr)
+
+
+def _class_names():
+    from sdkit import schedulers
+
+    return (*schedulers.SCHEDULER_CLASSES, "PLMSScheduler", *schedulers.A1111_CLASSES)
+
+
+def _size(text):
+    """WxH on the command line, e.g. 512x768."""
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 512x768")
+    return int(m.group(1)), int(m.group(2))
+
+
+def generate(args):
+    if args.from_png:
+        _from_png(args, getattr(args, "given", set()))
+    if args.prompt is None:
+        raise CLIError("a prompt is needed (or --from-png IMAGE.png)")
+    _check_args(args)
+    seed = resolve_seed(args.seed, args.batch)
+    if args.seed is None or args.seed == RANDOM_SEED:
+        print(f"seed: {seed}")
     init = _load_image(args.init_image, "--init-image") if args.init_image else None
     mask = _load_image(args.mask, "--mask") if args.mask else None
 
     from sdkit.pipelines import Img2ImgPipeline, InpaintPipeline
+    from sdkit.pipelines.img2img import small_image_error
 
     model = args.model or _default_model()
     bundled = _model_label(model) == "tiny-shapes"
@@ -287,17 +471,34 @@ def generate(args):
         error = pipe.size_error(value) if value is not None else None
         if error:
             raise CLIError(f"--{name} {value} {error}")
-    scheduler = _scheduler(args.scheduler, pipe.scheduler) if args.scheduler else pipe.scheduler
-    sampler = args.scheduler if args.scheduler else sampler_name(scheduler)
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
-    if args.seed is None:
-        print(f"seed: {seed}")
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(args.batch)]
+    f = pipe.vae_scale_factor
+    if init is not None and not (args.width and args.height):
+        error = small_image_error(*init.size, f)
+        if error:
+            raise CLIError(f"--init-image {args.init_image} {error} (--width, --height)")
+    default_height, default_width = (init.height // f * f, init.width // f * f) if init else pipe.default_size()
+    height, width = args.height or default_height, args.width or default_width
+    scale = args.enlarge if args.enlarge is not None else (4 if max(height, width) < 256 else 1)
+    paths = output_paths(args.output, args.batch)
+    if scale > 1:
+        _check_outputs(enlarged_path(p, scale) for p in paths)
+    _check_sizes(args, pipe, height, width, scale)
+
+    if args.schedule_type and not args.scheduler:
+        raise CLIError("--schedule-type needs an A1111 --scheduler name, e.g. --scheduler 'DPM++ 2M'")
+    from sdkit.schedulers import SCHEDULE_LABELS, sigma_schedules
+
+    if args.schedule_type and sigma_schedules.schedule_type(args.schedule_type) is None:
+        raise CLIError(f"unknown --schedule-type {args.schedule_type!r}: use one of "
+                       f"{', '.join(SCHEDULE_LABELS.values())}")
+    scheduler = _scheduler(args.scheduler, pipe.scheduler, args.schedule_type, args.scheduler_config) \
+        if args.scheduler else pipe.scheduler
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative or None, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, num_images_per_prompt=args.batch, generator=generators,
-                  height=args.height, width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale,
+                  guidance_scale=args.guidance, num_images_per_prompt=args.batch, height=args.height,
+                  width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale,
                   prompt_syntax=args.prompt_syntax, lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir,
-                  allow_pickle=args.allow_pickle, **_clip_skip_option(args))
+                  allow_pickle=args.allow_pickle, **_clip_skip_option(args), **_seed_options(args, seed),
+                  allow_large=True)  # _check_sizes has checked, or --allow-large was given
     strength = None
     if mask is not None:
         pipe, strength = InpaintPipeline(**pipe.components), args.strength
@@ -311,25 +512,36 @@ def generate(args):
         images = pipe(**kwargs).images
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        raise CLIError(f"out of memory generating {width}x{height} x {args.batch}: lower --width/--height/"
+                       f"--batch (nothing was written)") from None
 
-    stem, ext = os.path.splitext(args.output)
+    from sdkit.noise import a1111_seeds
+
+    run_options = dict(args.scheduler_options or {})
+    if args.eta is not None and "eta" in scheduler.option_names():
+        run_options["eta"] = args.eta
+    run_options = scheduler.make_options(**run_options)
+    seeds, subseeds = a1111_seeds(seed, args.batch, args.subseed, args.subseed_strength)
     file_hash = model_hash(model) if os.path.isfile(model) else None
     network_fields = _network_fields(args, pipe)
-    for i, image in enumerate(images):
-        path = args.output if args.batch == 1 else f"{stem}-{i + 1}{ext}"
-        params = format_parameters(args.prompt, args.negative, args.steps, sampler, args.guidance, seed + i,
-                                   image.width, image.height, _model_label(model), strength, args.guidance_rescale,
-                                   args.clip_skip, model_hash=file_hash, extra_fields=network_fields)
-        _save_png(image, path, params)
-        print(path)
-        scale = args.enlarge if args.enlarge is not None else (4 if max(image.size) < 256 else 1)
+    items, shown = [], []
+    for i, (image, path) in enumerate(zip(images, paths)):
+        params = _infotext(args, scheduler, run_options, seeds[i], subseeds[i] if subseeds else None, image,
+                           _model_label(model), strength, file_hash, network_fields).text
+        items.append((lambda image=image: image, path, params))
+        shown.append(path)
         if scale > 1:
             from PIL import Image
 
-            big = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-            big_path = f"{os.path.splitext(path)[0]}.x{scale}{ext}"
-            _save_png(big, big_path, None)
-            print(f"{big_path} (enlarged {scale}x for viewing)")
+            big = enlarged_path(path, scale)
+            items.append((lambda image=image: image.resize((image.width * scale, image.height * scale),
+                                                           Image.NEAREST), big, None))
+            shown.append(f"{big} (enlarged {scale}x for viewing)")
+    _write_pngs(items)
+    print("\n".join(shown))
     return 0
 
 
@@ -401,12 +613,19 @@ def _add_single_file_options(parser):
 
 # -- parser -------------------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line ("sdkit: error: ...", exit status 2) like every other error."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"sdkit: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="sdkit", description="sdkit: a small latent-diffusion toolkit")
+    parser = OneLineParser(prog="sdkit", description="sdkit: a small latent-diffusion toolkit")
     sub = parser.add_subparsers(dest="command")
     g = sub.add_parser("generate", help="make images from a prompt (txt2img, img2img with --init-image, "
                                         "inpaint with --mask)")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?")
     g.add_argument("-o", "--output", required=True, help="output PNG path (batch: NAME-1.png, NAME-2.png, ...)")
     g.add_argument("--model", help="model folder, Hugging Face repo id or single-file checkpoint (.safetensors; "
                                    ".ckpt with --allow-pickle) (default: the bundled tiny-shapes model)")
@@ -415,15 +634,16 @@ def build_parser():
     _add_single_file_options(g)
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (CFG); default "
+    g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (CFG) >= 0; 0 to 1 is no "
+                                                   f"guidance (written as CFG scale 1); default "
                                                    f"{DEFAULT_GUIDANCE:g}, {BUNDLED_GUIDANCE:g} for the bundled model")
     g.add_argument("--guidance-rescale", type=float,
                    help=f"guidance rescale phi in [0, 1] (Lin et al. 2024); default 0, "
                         f"{BUNDLED_GUIDANCE_RESCALE:g} for the bundled model")
-    g.add_argument("--seed", type=int, help="random seed (random and printed when not given; image k of a "
-                                            "batch uses seed + k)")
-    g.add_argument("--scheduler", help="scheduler class name or A1111 sampler name, e.g. 'Euler a', "
-                                       "'DPM++ 2M Karras', DDIMScheduler")
+    g.add_argument("--seed", type=int, help="random seed, 0 to 2**64-1 (-1 or not given: random, printed and "
+                                            "written as the seed used; image k of a batch uses seed + k)")
+    g.add_argument("--scheduler", help="A1111 sampler name (A1111's sampling), e.g. 'Euler a', 'DPM++ 2M', "
+                                       "'DPM++ 2M Karras', or an sdkit class name, e.g. DDIMScheduler")
     g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
                    help="a1111 (default): read the prompts as A1111 does: (word:1.2), [word], BREAK, more than 75 "
                         "tokens, [from:to:when], [a|b], AND; plain: as the reference pipeline does (one window of "
@@ -445,7 +665,23 @@ def build_parser():
     g.add_argument("--mask", help="inpainting mask, white = repaint (needs --init-image)")
     g.add_argument("--enlarge", type=int, help="also write a copy enlarged by this factor for viewing "
                                               "(default 4 for images under 256 px; 1 = off)")
+    g.add_argument("--allow-large", action="store_true", help="run even when the memory estimate of the "
+                                                             "size, batch or --enlarge exceeds the memory at hand")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--schedule-type", help="A1111 schedule type for an A1111 --scheduler: Automatic, Uniform, "
+                                           "Karras, Exponential, Polyexponential, SGM Uniform, KL Optimal, "
+                                           "Align Your Steps, Simple, Normal, DDIM, Beta")
+    g.add_argument("--rng", choices=("cpu", "gpu", "nv"), default="cpu",
+                   help="random number source: cpu (default, the same on any device), gpu (A1111's default) or "
+                        "nv (NVIDIA's numbers on any device)")
+    g.add_argument("--subseed", type=int, help="A1111 variation seed")
+    g.add_argument("--subseed-strength", type=float, default=0.0, help="variation strength in [0, 1]")
+    g.add_argument("--seed-resize-from", type=_size, help="A1111 'Seed resize from' WIDTHxHEIGHT")
+    g.add_argument("--ensd", type=int, default=0, help="A1111 eta noise seed delta")
+    g.add_argument("--eta", type=float, help="eta of the sampler (DDIM noise; A1111 ancestral/SDE noise, default 1)")
+    g.add_argument("--from-png", help="regenerate the settings of an A1111 (or sdkit) PNG or a pasted parameters "
+                                      "text; other flags override them")
+    g.set_defaults(scheduler_config=None, scheduler_options=None)
     c = sub.add_parser("convert", help="convert a diffusers folder to a single .safetensors file (A1111 layout), "
                                        "a single file to a folder, or a .ckpt to .safetensors")
     c.add_argument("input", help="a diffusers pipeline folder or a single-file checkpoint")
@@ -457,8 +693,28 @@ def build_parser():
     return parser
 
 
+def _given_options(parser, argv):
+    """The dests of the generate options named on the command line (they override --from-png)."""
+    generate_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    actions = generate_parser._option_string_actions
+    return {actions[t.split("=")[0]].dest for t in argv if t.split("=")[0] in actions}
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _run(argv)
+    except Terminated:
+        print("sdkit: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if in_main_thread and previous is not None:  # None: a handler installed outside Python
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv):
     if argv[:1] == ["train"]:
         from sdkit.training.cli import main as train_main
 
@@ -468,10 +724,12 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "generate":
+        args.given = _given_options(parser, argv)
     try:
         return convert(args) if args.command == "convert" else generate(args)
     except CLIError as e:
-        print(f"sdkit: error: {e}", file=sys.stderr)
+        print(f"sdkit: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the cause
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("sdkit: interrupted", file=sys.stderr)

@@ -9,6 +9,8 @@ as ``part.config``.
 
 import dataclasses
 import math
+import types
+import typing
 
 
 class Config(dict):
@@ -52,13 +54,60 @@ def _as_tuple(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+def _matches(value, kind):
+    """Whether a config value has the declared type (int, float, bool, str, tuples of them, Optional)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple or kind is tuple:
+        items = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        return isinstance(value, tuple) and (items is None or all(_matches(v, items) for v in value))
+    if isinstance(kind, type):
+        return isinstance(value, kind)
+    return True  # Any, or a type this check does not know
+
+
+def _describe(kind):
+    """'a whole number', 'a list of strings', ... for the declared type of a config value."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple or kind is tuple:
+        items = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        return f"a list of {_describe(items)[2:]}s" if items is not None else "a list"
+    names = {type(None): "null", bool: "true or false", int: "a whole number", float: "a number",
+             str: "a string"}
+    return names.get(kind, f"a {getattr(kind, '__name__', kind)}")
+
+
+def check_types(owner, config_class, settings):
+    """Raise a ValueError naming the key, the value and the type wanted for the first ill-typed setting."""
+    hints = typing.get_type_hints(config_class)
+    for key, value in settings.items():
+        if not _matches(value, hints[key]):
+            shown = repr(value if not isinstance(value, tuple) else list(value))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ValueError(f"{owner}: {key}={shown} should be {_describe(hints[key])}.")
+
+
 def build(owner, config_class, settings):
-    """``config_class(**settings)`` with lists as tuples; an unknown name is a TypeError listing the known."""
+    """``config_class(**settings)`` with lists as tuples; an unknown name is a TypeError listing the
+    known, a value of the wrong type a ValueError naming it."""
     names = [f.name for f in dataclasses.fields(config_class)]
     unknown = sorted(set(settings) - set(names))
     if unknown:
         raise TypeError(f"{owner} got unknown settings {unknown}; its settings are {', '.join(names)}.")
-    config = config_class(**{k: _as_tuple(v) for k, v in settings.items()})
+    settings = {k: _as_tuple(v) for k, v in settings.items()}
+    check_types(owner, config_class, settings)
+    config = config_class(**settings)
     check_fields(owner, config)
     return config
 

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from .. import configuration
 from ..configuration import Config
+from ..files import atomic_write, read_json_object
 from ..hub import resolve_folder
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -36,15 +36,40 @@ def variant_name(name, variant):
     return f"{stem}.{variant}.{ext}"
 
 
+def _damaged(path, error):
+    return ValueError(f"Cannot read weights file {path}: {error}. The file is damaged or truncated "
+                      f"(an interrupted download?): download or save it again.")
+
+
 def _read_safetensors(path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    _check_link(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"Cannot read weights file {path}: {e}. The file is damaged or truncated "
-                         f"(an interrupted download?): download or save it again.") from None
+        raise _damaged(path, e) from None
+
+
+def check_safetensors(path):
+    """Raise a ValueError naming ``path`` unless its safetensors header is whole (reads no tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    _check_link(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _damaged(path, e) from None
+
+
+def _check_link(path):
+    """A symlink whose target is missing (or that points at itself) is named as such."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"{path} is a symlink to {os.readlink(path)!r}, which does not exist or "
+                                f"loops back to itself: replace the link with the weights file.")
 
 
 def load_weights(folder, variant=None, allow_pickle=False):
@@ -53,6 +78,7 @@ def load_weights(folder, variant=None, allow_pickle=False):
     names = [variant_name(WEIGHTS_NAME, variant), variant_name(INDEX_NAME, variant)]
     for name in names:
         path = folder / name
+        _check_link(path)
         if not path.is_file():
             continue
         if not name.endswith(".json"):
@@ -78,7 +104,7 @@ def load_weights(folder, variant=None, allow_pickle=False):
                              f"safetensors.")
         return load_pickle(pickles[0])
     hint = f" (variant {variant!r})" if variant else ""
-    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    others = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
     raise FileNotFoundError(f"No weights file{hint} in {folder}: expected {names[0]} or "
                             f"{names[1]}" + (f"; found {others}" if others else "") + ".")
 
@@ -174,19 +200,6 @@ def parse_size(size):
     return int(s)
 
 
-def _atomic_write(path, write):
-    """Write through a temp file in the same folder, then rename: no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class ModelMixin(nn.Module):
     """from_config / from_pretrained / save_pretrained for a model with a config dataclass.
 
@@ -254,17 +267,17 @@ class ModelMixin(nn.Module):
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: a {cls.__name__} folder needs a "
                                     f"config.json beside its weights (diffusers layout).")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        config = read_json_object(config_path, f"{cls.__name__} config")
         name = config.get("_class_name")
         if name and name != cls.__name__:
             raise ValueError(f"{config_path} describes {name}, not {cls.__name__}: check the "
                              f"folder (or subfolder) you pass.")
         state_dict = load_weights(folder, variant=variant, allow_pickle=allow_pickle)
-        with torch.device("meta"):
-            model = cls.from_config(config)
+        try:
+            with torch.device("meta"):
+                model = cls.from_config(config)
+        except (TypeError, ValueError) as e:  # a bad value: name the file it came from
+            raise ValueError(f"{config_path}: {e} Fix the file or download the model again.") from None
         model.load_checked_state_dict(state_dict, source=str(folder), dtype=torch_dtype or torch.float32)
         model.eval()
         return model.to(device) if device is not None else model
@@ -286,8 +299,8 @@ class ModelMixin(nn.Module):
         os.makedirs(save_directory, exist_ok=True)
         config = {**self.config, "_diffusers_version": DIFFUSERS_VERSION}
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
-        _atomic_write(os.path.join(save_directory, CONFIG_NAME),
-                      lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+        atomic_write(os.path.join(save_directory, CONFIG_NAME),
+                     lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
         state_dict = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         limit, shards, size = parse_size(max_shard_size), [{}], 0
         for key, tensor in state_dict.items():
@@ -299,15 +312,15 @@ class ModelMixin(nn.Module):
             size += nbytes
         meta = {"format": "pt"}
         if len(shards) == 1:
-            _atomic_write(os.path.join(save_directory, variant_name(WEIGHTS_NAME, variant)),
-                          lambda p: save_file(shards[0], p, metadata=meta))
+            atomic_write(os.path.join(save_directory, variant_name(WEIGHTS_NAME, variant)),
+                         lambda p: save_file(shards[0], p, metadata=meta))
             return
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = variant_name(f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors", variant)
-            _atomic_write(os.path.join(save_directory, name), lambda p, s=shard: save_file(s, p, metadata=meta))
+            atomic_write(os.path.join(save_directory, name), lambda p, s=shard: save_file(s, p, metadata=meta))
             weight_map.update(dict.fromkeys(shard, name))
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
                  "weight_map": weight_map}
-        _atomic_write(os.path.join(save_directory, variant_name(INDEX_NAME, variant)),
-                      lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
+        atomic_write(os.path.join(save_directory, variant_name(INDEX_NAME, variant)),
+                     lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_write
 from . import ldm
-from .modeling import PICKLE_SUFFIXES, _atomic_write, _read_safetensors, check_state_dict, few, load_pickle
+from .modeling import PICKLE_SUFFIXES, _read_safetensors, check_state_dict, few, load_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -493,7 +494,7 @@ def save_pipeline(components, path, dtype=None):
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"Cannot write {path}: the folder {directory} does not exist.")
     tensors = plain_tensors(pipeline_state_dict(components), dtype)
-    _atomic_write(path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
 
 def plain_tensors(state_dict, dtype=None):
@@ -525,4 +526,4 @@ def convert_file(source, target, allow_pickle=False, dtype=None):
     state_dict = read_file(source, allow_pickle)
     place(state_dict, source)
     tensors = plain_tensors({k: v for k, v in state_dict.items() if torch.is_tensor(v)}, dtype)
-    _atomic_write(os.fspath(target), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(os.fspath(target), lambda p: save_file(tensors, p, metadata={"format": "pt"}))

@@ -15,6 +15,7 @@ embeddings (adapters.py) are chosen per call (``run.networks``) and never change
 """
 
 import copy
+import dataclasses
 import os
 import threading
 import warnings
@@ -23,10 +24,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .. import per_call
+from ..files import plain_modes
+from ..noise import SeedNoise
 from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
-from .. import per_call
-from . import loading, prompting
+from . import loading, memory, prompting
 from .adapters import NO_NETWORKS, AdapterLoaderMixin, with_adapters
 from .denoising import ModelCall, classifier_free_guidance, compose, unet_model
 from .images import to_output
@@ -46,7 +49,7 @@ class Run:
     batch_size: int  # images in this call: len(prompts) * num_images_per_prompt
     height: int
     width: int
-    generator: Any  # None, a torch.Generator, or a list with one per image
+    generator: Any  # None, a torch.Generator, a list with one per image, or an A1111 SeedNoise
     scheduler: Scheduler
     state: Any  # the scheduler state at the start of the run
     guidance: Callable  # the guidance piece (denoising.ClassifierFreeGuidance or ConditionalOnly)
@@ -73,12 +76,25 @@ def encode_latents(vae, images, batch_size, generator, dtype):
     images are sampled together and then repeated, in the reference's order of random draws.
     """
     images = images.to(device=vae.device, dtype=vae.dtype)
+    if isinstance(generator, SeedNoise):
+        generator = generator.posterior_generators
     if isinstance(generator, (list, tuple)):
         images = repeat_to_batch(images, batch_size, "image")
         latents = torch.cat([vae.encode(images[i:i + 1]).sample(generator[i]) for i in range(batch_size)])
     else:
         latents = repeat_to_batch(vae.encode(images).sample(generator), batch_size, "image")
     return (latents * vae.config.scaling_factor).to(dtype)
+
+
+def check_finite(x, what, options=None):
+    """Raise a ValueError unless ``x`` is all finite: NaN or inf would become black images."""
+    if torch.isfinite(x).all():
+        return
+    scale = getattr(options, "guidance_scale", None)
+    hint = (f"guidance_scale={scale:g} is far above the usual 1-15: lower it" if scale is not None and scale > 30
+            else "check the model files, the sampler settings and (in float16) load the model in float32")
+    raise ValueError(f"The {what} contain NaN or inf values, which would be written as black pixels; {hint}. "
+                     f"No image was made.")
 
 
 def repeat_to_batch(x, batch_size, what):
@@ -189,10 +205,12 @@ class DiffusionPipeline(AdapterLoaderMixin):
         os.makedirs(save_directory, exist_ok=True)
         for part in self.parts:
             obj, folder = getattr(self, part.name), os.path.join(save_directory, part.name)
-            if part.save is not None:
-                part.save(obj, folder)
-            else:
-                obj.save_pretrained(folder)
+            os.makedirs(folder, exist_ok=True)
+            with plain_modes(folder):  # transformers' parts write some files 0600
+                if part.save is not None:
+                    part.save(obj, folder)
+                else:
+                    obj.save_pretrained(folder)
         loading.write_model_index(save_directory, self.reference_class_name, self.parts, self.components)
 
     def to(self, *args, **kwargs):
@@ -297,7 +315,8 @@ class DiffusionPipeline(AdapterLoaderMixin):
         """The run options for the scheduler: ``scheduler_options`` plus ``eta`` where it has one."""
         run_options = dict(options.scheduler_options or {})
         if "eta" in scheduler.option_names():
-            run_options.setdefault("eta", options.eta)
+            if options.eta is not None:
+                run_options.setdefault("eta", options.eta)
         elif options.eta:
             warnings.warn(f"eta={options.eta} is ignored: {type(scheduler).__name__} has no eta "
                           f"(DDIMScheduler has).", stacklevel=4)
@@ -319,15 +338,20 @@ class DiffusionPipeline(AdapterLoaderMixin):
             networks = self.networks_for_call(options.prompts if options.prompt is not None else None,
                                               options.prompt_syntax, options.adapters, options.lora_dirs,
                                               options.embedding_dirs, options.allow_pickle)
-            run = Run(options.batch_size, height, width, options.generator, scheduler, state, guidance,
-                      device, dtype, networks)
+            self._check_memory(options, height, width, guidance)
+            seed_noise = options.seed_noise(device, self.vae_scale_factor)
+            generator = options.generator if seed_noise is None else seed_noise
+            run = Run(options.batch_size, height, width, generator, scheduler, state, guidance, device, dtype,
+                      networks)
             conditioning = self.prepare_conditioning(run, options)
             start = self.prepare_start(run, options)
+            start = dataclasses.replace(start, latents=scheduler.begin(start.latents, state, generator))
             model = self.prepare_model(run, start)
             latents, interrupted = self._denoise(model, conditioning, start, run, options.callback)
+            check_finite(latents, "denoised latents", options)
             if options.output_type == "latent":
                 return PipelineOutput(latents, interrupted)
-            images = (self._decode(latents) * 0.5 + 0.5).clamp(0, 1)
+            images = (self._decode(latents, options) * 0.5 + 0.5).clamp(0, 1)
             if start.finish is not None:
                 images = start.finish(images)
             return PipelineOutput(to_output(images, options.output_type), interrupted)
@@ -355,23 +379,33 @@ class DiffusionPipeline(AdapterLoaderMixin):
                     return latents, i + 1 < len(timesteps)
         return latents, False
 
-    def _decode(self, latents):
-        """Images in about [-1, 1] from latents; a half-precision VAE that overflows is redone in fp32."""
+    def _check_memory(self, options, height, width, guidance):
+        """Refuse a call whose memory estimate exceeds the memory at hand (``memory.size_error``)."""
+        if options.allow_large:
+            return
+        error = memory.size_error(self, height, width, options.batch_size, guidance.needs_uncond,
+                                  decode=options.output_type != "latent")
+        if error:
+            raise ValueError(f"{error}: lower height, width or the batch, or pass allow_large=True to try anyway.")
+
+    def _decode(self, latents, options=None):
+        """Images in about [-1, 1] from latents; a half-precision VAE that overflows is redone in fp32.
+
+        NaN or inf left after that is an error (they would be written as black pixels)."""
         vae = self.vae
         z = latents / vae.config.scaling_factor
         images = vae.decode(z.to(vae.dtype))
         if torch.isfinite(images).all():
             return images.float()
-        if vae.dtype == torch.float32:
-            warnings.warn("The VAE decoded NaN or inf values in float32: the latents or the weights are "
-                          "broken (check the model files and the sampler settings).", stacklevel=3)
-            return images.float()
-        if not self._warned_upcast:
-            self._warned_upcast = True
-            warnings.warn(f"The {vae.dtype} VAE overflowed (NaN/inf, which gives black images); decoding "
-                          f"again in float32. Load the VAE in float32 (or a fp16-fixed VAE) to skip the "
-                          f"second decode.", stacklevel=3)
-        return self._float32_vae().decode(z.float()).float()
+        if vae.dtype != torch.float32:
+            if not self._warned_upcast:
+                self._warned_upcast = True
+                warnings.warn(f"The {vae.dtype} VAE overflowed (NaN/inf, which gives black images); decoding "
+                              f"again in float32. Load the VAE in float32 (or a fp16-fixed VAE) to skip the "
+                              f"second decode.", stacklevel=3)
+            images = self._float32_vae().decode(z.float())
+        check_finite(images, "decoded images (in float32)", options)
+        return images.float()
 
     def _float32_vae(self):
         with self._fp32_lock:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 ACCEPTED = "a PIL image, a numpy array (H, W, 3) or a torch tensor (3, H, W), or a list or batch of them"
+# PIL modes wider than 8 bits, with the value of full white; PIL's own convert() clips them at 255
+HIGH_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
 
 def _as_batch(image, what):
@@ -35,13 +37,30 @@ def _to_float(array, what):
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{what} has dtype {array.dtype}: pass uint8 values in [0, 255] or floats in [0, 1].")
     array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} has NaN or inf values: pass finite values in [0, 1].")
     if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
         raise ValueError(f"{what} has values in [{array.min():.3g}, {array.max():.3g}]; float images must "
                          f"be in [0, 1] (map a [-1, 1] image with (x + 1) / 2).")
     return array
 
 
+def to_8bit(image, what="image"):
+    """A 16-bit or float PIL image as 8-bit gray ("L"), scaled (65535 or 1.0 -> 255), not clipped.
+
+    Other modes are returned as they are (PIL converts palette, CMYK and alpha itself)."""
+    full = HIGH_DEPTH.get(image.mode)
+    if full is None:
+        return image
+    array = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > full:
+        raise ValueError(f"{what}: a PIL image of mode {image.mode!r} must hold values in [0, {full:g}], found "
+                         f"[{np.nanmin(array):.4g}, {np.nanmax(array):.4g}]; convert it to 8-bit RGB first.")
+    return PIL.Image.fromarray(np.round(array * (255 / full)).astype(np.uint8), mode="L")
+
+
 def _pil_to_array(image, mode, size, what):
+    image = to_8bit(image, what)
     if size is not None and image.size != size:
         image = image.resize(size, resample=PIL.Image.LANCZOS)
     try:

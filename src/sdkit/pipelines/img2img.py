@@ -5,9 +5,20 @@ from .images import image_size, load_images
 from .options import ImageToImageOptions
 
 
+def small_image_error(width, height, factor):
+    """Why a width x height image cannot set the output size (None if it can): a side under the VAE factor."""
+    if width >= factor and height >= factor:
+        return None
+    return (f"is {width}x{height} pixels, smaller than the VAE's factor {factor}: use an image of at least "
+            f"{factor}x{factor} pixels, or give the output height and width")
+
+
 def size_from_image(options, factor):
     """The options' height and width, else the image's size rounded down to the VAE factor."""
     w, h = image_size(options.image)
+    error = small_image_error(w, h, factor) if not (options.height and options.width) else None
+    if error:
+        raise ValueError(f"image {error}.")
     return options.height or h - h % factor, options.width or w - w % factor
 
 

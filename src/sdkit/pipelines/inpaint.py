@@ -4,6 +4,7 @@ latent blending for ordinary models, Lugmayr et al. 2022, arXiv 2201.09865)."""
 import torch
 import torch.nn.functional as F
 
+from ..noise import SeedNoise
 from ..schedulers.schedules import randn
 from .base import DiffusionPipeline, Start, encode_latents, repeat_to_batch
 from .denoising import with_extra_channels
@@ -89,7 +90,7 @@ def _paste(pixels, mask_pixels, mask_blur, batch_size):
 
 def _skip_posterior_draws(generator, num_images, latent_shape, dtype):
     """Advance the generator(s) as sampling the VAE posterior of `num_images` images would."""
-    if generator is None:
+    if generator is None or isinstance(generator, SeedNoise):  # A1111 seeds sample posteriors apart
         return
     B, C, h, w = latent_shape
     if isinstance(generator, (list, tuple)):

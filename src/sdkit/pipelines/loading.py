@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..files import atomic_write, read_json_object
 from ..hub import resolve_folder
-from ..models.modeling import DIFFUSERS_VERSION
+from ..models.modeling import DIFFUSERS_VERSION, PICKLE_SUFFIXES, check_safetensors
 
 logger = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
 # parts of reference pipelines that sdkit does not use; skipped when loading
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
+VOCABULARY = ("vocab.json", "merges.txt")  # a CLIP BPE tokenizer's files (or one tokenizer.json)
 
 
 @dataclass(frozen=True)
@@ -46,19 +48,41 @@ def _load_vae(folder, class_name, torch_dtype, variant):
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
 
 
+def _transformers_part(folder, load):
+    """``load()``, with whatever transformers raises for a broken folder as one ValueError naming it."""
+    try:
+        return load()
+    except Exception as e:  # transformers raises many types (OSError, KeyError, SafetensorError, ...)
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"cannot load {folder}: {text}. Download or save this folder again.") from None
+
+
 def _load_text_encoder(folder, class_name, torch_dtype, variant):
     import transformers
 
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("*.safetensors.index.json")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f"only the pickle file {pickles[0]}, which can run code when loaded" if pickles else "no weights"
+        raise ValueError(f"{folder} holds {found}; sdkit reads text encoders from model.safetensors: "
+                         f"convert it (transformers' save_pretrained writes safetensors).")
+    for path in weights:
+        check_safetensors(path)
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     if variant:
         kwargs["variant"] = variant
-    return getattr(transformers, class_name).from_pretrained(folder, **kwargs).eval()
+    model_class = getattr(transformers, class_name)
+    return _transformers_part(folder, lambda: model_class.from_pretrained(folder, use_safetensors=True,
+                                                                          **kwargs).eval())
 
 
 def _load_tokenizer(folder, class_name, torch_dtype, variant):
     import transformers
 
-    return transformers.CLIPTokenizer.from_pretrained(folder)
+    if not (folder / "tokenizer.json").is_file() and not all((folder / n).is_file() for n in VOCABULARY):
+        raise ValueError(f"{folder} has no tokenizer vocabulary (tokenizer.json, or {' and '.join(VOCABULARY)}): "
+                         f"the download is incomplete; download the model again.")
+    return _transformers_part(folder, lambda: transformers.CLIPTokenizer.from_pretrained(folder))
 
 
 def save_tokenizer(tokenizer, folder):
@@ -132,13 +156,7 @@ def read_model_index(folder):
         raise FileNotFoundError(f"{path} not found: a pipeline folder in the diffusers layout has a "
                                 f"model_index.json beside unet/, vae/, text_encoder/, tokenizer/ and "
                                 f"scheduler/. Load single models with UNet2DConditionModel.from_pretrained.")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{path} should hold a JSON object, found {type(index).__name__}.")
-    return index
+    return read_json_object(path, "pipeline index")
 
 
 def component_classes(index, parts, source):
@@ -190,6 +208,5 @@ def write_model_index(save_directory, pipeline_class_name, parts, components):
              "requires_safety_checker": False, "safety_checker": [None, None]}
     for part in parts:
         index[part.name] = [part.library, type(components[part.name]).__name__]
-    with open(os.path.join(save_directory, MODEL_INDEX), "w") as f:
-        json.dump(dict(sorted(index.items())), f, indent=2)
-        f.write("\n")
+    text = json.dumps(dict(sorted(index.items())), indent=2) + "\n"
+    atomic_write(os.path.join(save_directory, MODEL_INDEX), lambda p: Path(p).write_text(text))

@@ -41,12 +41,14 @@ class CallOptions:
     negative_prompt: replaces the empty unconditional prompt; a string or one per prompt.
     height, width: image size in pixels, multiples of the VAE's downsampling factor.
     num_inference_steps: sampler steps (img2img/inpaint run int(steps * strength) of them).
-    guidance_scale: classifier-free guidance weight; <= 1 runs the conditional half only.
+    guidance_scale: classifier-free guidance weight, a finite number >= 0; from 0 to 1 it runs the
+        conditional half only (no guidance, the same images as 1), as diffusers does.
     num_images_per_prompt: images made for each prompt.
     generator: a torch.Generator, or a list with one per image (image k then equals the same
         image made alone with that generator).
-    eta: DDIM's noise weight, the ``eta`` run option of the schedulers that have one (others warn
-        when it is not 0).
+    eta: the ``eta`` run option of the schedulers that have one (DDIM's noise weight; A1111's
+        ancestral and SDE samplers' noise); None keeps each scheduler's default (0 for DDIM, 1 for
+        the A1111 ones, as in A1111). Schedulers without eta warn when it is set and not 0.
     output_type: "pil" (list of images), "np" (B, H, W, 3) float [0, 1], "pt" (B, 3, H, W) tensor
         in [0, 1], or "latent" (the final latents, not decoded).
     callback: ``callback(step, timestep, latents)`` after every scheduler step (step counts from
@@ -77,6 +79,17 @@ class CallOptions:
         this call (besides those loaded with load_textual_inversion).
     allow_pickle: let this call read .pt / .ckpt / .bin files from lora_dirs and embedding_dirs
         (through torch.load(weights_only=True)).
+    allow_large: run even when the memory estimate of this size and batch exceeds the memory at
+        hand (``sdkit.pipelines.memory``); by default such a call is refused before it starts.
+    seed: A1111 seeds instead of ``generator``: image k of the batch uses seed + k with its own
+        generator for its initial noise and every later draw (sdkit.noise.SeedNoise).
+    subseed, subseed_strength: A1111's variation seed: the initial noise is slerped this far
+        (0-1) towards the noise of subseed + k (every image then uses ``seed`` itself, as in A1111).
+    seed_resize_from_w, seed_resize_from_h: A1111's "Seed resize from": the noise is drawn at
+        this size (pixels) and pasted centred, so a seed keeps its composition at another size.
+    rng: the random number source: "cpu" (default; the same numbers on any device), "gpu" (the
+        device's generator, A1111's default) or "nv" (Philox: an NVIDIA card's numbers anywhere).
+    eta_noise_seed_delta: A1111's ENSD: draws after the initial noise use seed + k + ENSD.
     """
 
     positional: ClassVar[tuple] = ("prompt",)  # the arguments a call may give by position
@@ -89,7 +102,7 @@ class CallOptions:
     guidance_scale: float = 7.5
     num_images_per_prompt: int = 1
     generator: Any = None
-    eta: float = 0.0
+    eta: Optional[float] = None
     output_type: str = "pil"
     callback: Optional[Callable] = None
     scheduler: Any = None
@@ -105,6 +118,14 @@ class CallOptions:
     lora_dirs: Any = None
     embedding_dirs: Any = None
     allow_pickle: bool = False
+    allow_large: bool = False
+    seed: Optional[int] = None
+    subseed: Optional[int] = None
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    rng: str = "cpu"
+    eta_noise_seed_delta: int = 0
 
     @classmethod
     def from_call(cls, args, kwargs):
@@ -166,16 +187,56 @@ class CallOptions:
         if not _is_int(self.num_images_per_prompt):
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {self.num_images_per_prompt!r}.")
         scale = self.guidance_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"guidance_scale must be a finite number (<= 1: no guidance), got {scale!r}.")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (0 to 1: no guidance; 7.5 is "
+                             f"usual), got {scale!r}.")
         check_fraction("guidance_rescale", self.guidance_rescale, " (0: off; 0.7 in Lin et al. 2024)")
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={self.output_type!r} is not one of {OUTPUT_TYPES}.")
         if self.callback is not None and not callable(self.callback):
             raise ValueError("callback must be callable as callback(step, timestep, latents).")
+        if not isinstance(self.allow_large, bool):
+            raise ValueError(f"allow_large must be True or False, got {self.allow_large!r}.")
         if self.scheduler_options is not None and not isinstance(self.scheduler_options, dict):
             raise ValueError(f"scheduler_options must be a dict of run options, got {self.scheduler_options!r}.")
         self._check_generator()
+        self._check_seeds()
+
+    def _check_seeds(self):
+        from ..noise import RNG_SOURCES, check_seed
+
+        if self.seed is None:
+            given = [name for name in ("subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
+                                       "eta_noise_seed_delta") if getattr(self, name)]
+            if given:
+                raise ValueError(f"{', '.join(given)} need A1111 seeds: pass seed= too.")
+            return
+        if self.generator is not None:
+            raise ValueError("pass either generator (torch generators) or seed (A1111 seeds), not both.")
+        check_seed("seed", self.seed)
+        check_fraction("subseed_strength", self.subseed_strength, " (A1111's variation strength)")
+        if self.subseed is not None:
+            check_seed("subseed", self.subseed)
+        elif self.subseed_strength:
+            raise ValueError("subseed_strength needs a subseed (the variation seed) too.")
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            if not _is_int(getattr(self, name), low=0):
+                raise ValueError(f"{name} must be a whole number of pixels >= 0 (0: off), got {getattr(self, name)!r}.")
+        if not _is_int(self.eta_noise_seed_delta, low=0):
+            raise ValueError(f"eta_noise_seed_delta must be a whole number >= 0, got {self.eta_noise_seed_delta!r}.")
+        if self.rng not in RNG_SOURCES:
+            raise ValueError(f"rng={self.rng!r} is not a random number source; use one of {', '.join(RNG_SOURCES)}.")
+
+    def seed_noise(self, device, factor):
+        """The call's A1111 random numbers (a SeedNoise), or None when it uses torch generators."""
+        from ..noise import SeedNoise, a1111_seeds
+
+        if self.seed is None:
+            return None
+        seeds, subseeds = a1111_seeds(self.seed, self.batch_size, self.subseed, self.subseed_strength)
+        return SeedNoise(seeds, self.rng, device, subseeds, self.subseed_strength,
+                         (self.seed_resize_from_w, self.seed_resize_from_h), factor, self.eta_noise_seed_delta)
 
     def _check_generator(self):
         generator, batch_size = self.generator, self.batch_size
@@ -196,6 +257,15 @@ class TextToImageOptions(CallOptions):
     sample_size times the VAE factor."""
 
     latents: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        latents = self.latents
+        if latents is not None and not (isinstance(latents, torch.Tensor) and latents.is_floating_point()):
+            kind = f"a {latents.dtype} tensor" if isinstance(latents, torch.Tensor) else \
+                f"{type(latents).__module__}.{type(latents).__name__}"
+            raise ValueError(f"latents must be a float torch.Tensor (B, C, h, w), got {kind}; convert it "
+                             f"with torch.as_tensor(latents, dtype=torch.float32).")
 
 
 @dataclass(frozen=True)

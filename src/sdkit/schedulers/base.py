@@ -5,6 +5,7 @@ reference's ``scheduler_config.json`` keys) and constant tensors (CPU, float32 l
 and is never changed after construction. Every scheduler is used the same way:
 
     state = scheduler.set_timesteps(n, device=None, strength=1.0, **options)  # options: options_class
+    sample = scheduler.begin(noise * state.init_noise_sigma, state, generator)
     out = scheduler.step(model_output, timestep, sample, state, generator=None)
     sample, state = out.prev_sample, out.state
 
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ import torch
 
 from .. import configuration
 from ..configuration import choice
+from ..files import atomic_write, read_json_object
 from . import schedules as S
 
 CONFIG_NAME = "scheduler_config.json"
@@ -88,8 +91,7 @@ def _load_config_dict(config):
         if not os.path.isfile(path):
             raise ValueError(f"No scheduler config at {path!r}; pass a dict, a json file or a folder "
                              f"containing {CONFIG_NAME}.")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json_object(path, "scheduler config")
     raise TypeError(f"Expected a config dict, a scheduler or a path, got {type(config).__name__}.")
 
 
@@ -110,6 +112,8 @@ class Scheduler:
     # ---------------------------------------------------------------- construction and config
     def __init__(self, **settings):
         cfg = configuration.build(type(self).__name__, self.config_class, settings)
+        configuration.check_number(type(self).__name__, "num_train_timesteps", cfg.num_train_timesteps, low=1,
+                                   integer=True)
         object.__setattr__(self, "_cfg", cfg)
         self._setup(cfg)
         object.__setattr__(self, "_frozen", True)
@@ -142,17 +146,23 @@ class Scheduler:
     def from_config(cls, config, **overrides):
         """Build from reference config keys (dict, json file or folder); unused keys are ignored."""
         values = {**_load_config_dict(config), **overrides}
-        cfg, _ = configuration.read_config(cls.__name__, cls.config_class, values, cls._fixed,
-                                           none_is_unset=True)
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+        try:
+            cfg, _ = configuration.read_config(cls.__name__, cls.config_class, values, cls._fixed,
+                                               none_is_unset=True)
+            return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+        except ValueError as e:
+            if isinstance(config, (str, os.PathLike)):  # a bad value in a file: name the file
+                folder = os.fspath(config)
+                path = os.path.join(folder, CONFIG_NAME) if os.path.isdir(folder) else folder
+                raise ValueError(f"{path}: {e} Fix the file or download the model again.") from None
+            raise
 
     def save_pretrained(self, save_directory):
         """Write scheduler_config.json (loadable by sdkit and by the reference) into a folder."""
         os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(dict(self.config), f, indent=2, sort_keys=True)
-        return path
+        text = json.dumps(dict(self.config), indent=2, sort_keys=True)
+        return atomic_write(os.path.join(save_directory, CONFIG_NAME),
+                            lambda p: Path(p).write_text(text, encoding="utf-8"))
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, subfolder=None, local_files_only=None):
@@ -199,6 +209,13 @@ class Scheduler:
         plan = self._plan(num_inference_steps)
         n = plan.pop("num_inference_steps", num_inference_steps)
         return self._make_state(n, device, strength, run_options, **plan)
+
+    def _checked_run(self, num_inference_steps, strength, options):
+        """The run options of a ``set_timesteps`` call, after checking its step count and strength."""
+        S.check_num_steps(num_inference_steps, self._cfg.num_train_timesteps, type(self).__name__)
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
+        return self.make_options(**options)
 
     def _plan(self, num_inference_steps):
         """The run's schedule (DDPM, DDIM: int64 spaced timesteps) and any other state fields."""
@@ -286,6 +303,11 @@ class Scheduler:
 
     def scale_model_input(self, sample, timestep=None, state=None):
         """The UNet input for ``sample``; unchanged for samplers that work on x_t itself."""
+        return sample
+
+    def begin(self, sample, state, generator=None):
+        """The sample the run's first model call sees: ``sample`` itself, except where a sampler adds
+        noise before its first step (A1111's Euler, Heun and DPM2 with churn)."""
         return sample
 
 

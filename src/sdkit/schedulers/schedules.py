@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..configuration import check_value
+from ..noise import SeedNoise
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
@@ -212,7 +213,12 @@ def per_sample(values, like):
 
 
 def randn(shape, generator=None, device=None, dtype=None):
-    """Standard normal noise drawn like the reference: one generator, or one per batch item."""
+    """Standard normal noise drawn like the reference: one generator, or one per batch item.
+
+    An A1111 :class:`~sdkit.noise.SeedNoise` draws each image's next noise from its own seed.
+    """
+    if isinstance(generator, SeedNoise):
+        return generator.randn(shape, device, dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     rand_device = device
     if isinstance(generator, (list, tuple)) and len(generator) == 1:

@@ -25,6 +25,7 @@ import sys
 import time
 
 from .config import ConfigError, UNetConfig, VAEConfig, decoder_config, parse_value
+from .state import CheckpointError
 
 
 def _add_config_flags(parser, cls):
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _main(args)
-    except ConfigError as e:  # options that cannot work: one line, before anything is written
+    except (ConfigError, CheckpointError) as e:  # options that cannot work, a checkpoint that cannot be read
         raise SystemExit(f"sdkit train {args.command}: {e}") from None
 
 

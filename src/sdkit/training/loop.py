@@ -7,8 +7,9 @@ checkpoints.
 
 Exact resume: everything random in a step (data, noise, timesteps) is drawn from generators
 seeded by ``(seed, step, rank)``, so a step's batch does not depend on what ran before. A
-checkpoint holds the weights, EMA, optimizer state, step and global RNG states; a run resumed
-from it continues bit-for-bit as an uninterrupted one.
+checkpoint holds the weights, EMA, optimizer state, step and global RNG states (tensors in
+safetensors, the rest in JSON: reading it cannot run code); a run resumed from it continues
+bit-for-bit as an uninterrupted one.
 
 Processes (``accelerate launch --num_processes N``) start from identical weights (same seed),
 see different data (the rank is part of every seed), and average their gradients before each
@@ -33,9 +34,10 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError
 from .ema import EMA
+from .state import STATE_JSON, CheckpointError, load_state, save_state
 
 CHECKPOINT = "checkpoint"
-STATE_FILE = "training_state.pt"
+LEGACY_STATE_FILE = "training_state.pt"  # checkpoints before safetensors + JSON: read with weights_only=True
 LOG_FILE = "log.jsonl"
 
 
@@ -83,7 +85,11 @@ def save_checkpoint(out_dir, step, modules, optimizer, emas, config) -> str:
         "rng": _rng_states(),
         "config": dataclasses.asdict(config),
     }
-    torch.save(state, os.path.join(tmp, STATE_FILE))
+    try:
+        save_state(tmp, state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = final + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
@@ -94,11 +100,46 @@ def save_checkpoint(out_dir, step, modules, optimizer, emas, config) -> str:
 
 
 def load_checkpoint(out_dir) -> dict | None:
-    """The state saved by ``save_checkpoint`` in ``out_dir``, or None when there is none."""
-    path = os.path.join(out_dir, CHECKPOINT, STATE_FILE)
-    if not os.path.isfile(path):
+    """The state saved by ``save_checkpoint`` in ``out_dir``, or None when there is none.
+
+    Nothing in it is unpickled: the state is safetensors + JSON, and an older ``training_state.pt``
+    is read with ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
+    values. A checkpoint that cannot be read is a CheckpointError naming it.
+    """
+    folder = os.path.join(out_dir, CHECKPOINT)
+    if os.path.isfile(os.path.join(folder, STATE_JSON)):
+        return load_state(folder)
+    legacy = os.path.join(folder, LEGACY_STATE_FILE)
+    if not os.path.isfile(legacy):
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # the safe unpickler raises UnpicklingError, RuntimeError, EOFError, ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "unsupported" in line.lower()), lines[0]).split(". ")[0]
+        raise CheckpointError(f"cannot resume from {legacy}: torch.load(weights_only=True) refused it ({reason}); "
+                              f"the file is damaged or holds objects that could run code. Delete it or pass "
+                              f"--no-resume to start over") from None
+
+
+def _resume(state, modules, emas, optimizer, folder) -> int:
+    """Put a loaded checkpoint into the run; returns its step. A state that does not fit is a CheckpointError."""
+    try:
+        for name, m in modules.items():
+            m.load_state_dict(state["models"][name])
+        for name, e in emas.items():
+            e.load_state_dict(state["ema"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_states(state["rng"])
+        step = state["step"]
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"cannot resume from {folder}: it does not fit this run ({type(e).__name__}: "
+                              f"{reason}); delete it or pass --no-resume to start over") from None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"cannot resume from {folder}: its step {step!r} is not a whole number >= 0; "
+                              f"delete it or pass --no-resume to start over")
+    return step
 
 
 def weights_digest(modules) -> list[int]:
@@ -187,13 +228,7 @@ def train(stage, config, out_dir, accelerator=None, resume=True, callback=None):
     step = 0
     state = load_checkpoint(out_dir) if resume else None
     if state is not None:
-        for name, m in modules.items():
-            m.load_state_dict(state["models"][name])
-        for name, e in emas.items():
-            e.load_state_dict(state["ema"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_states(state["rng"])
-        step = state["step"]
+        step = _resume(state, modules, emas, optimizer, os.path.join(out_dir, CHECKPOINT))
         if main:
             _truncate_log(os.path.join(out_dir, LOG_FILE), step)
             tqdm.write(f"resumed {out_dir} at step {step}")

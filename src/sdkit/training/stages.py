@@ -14,6 +14,7 @@ import os
 import numpy as np
 import torch
 
+from sdkit.files import plain_modes
 from sdkit.models import AutoencoderKL, UNet2DConditionModel
 
 from . import losses
@@ -292,6 +293,9 @@ class UNetStage:
 
     def finish(self, models, out_dir):
         models["unet"].save_pretrained(os.path.join(out_dir, "unet"))
-        models["text_encoder"].save_pretrained(os.path.join(out_dir, "text_encoder"))
+        folder = os.path.join(out_dir, "text_encoder")
+        os.makedirs(folder, exist_ok=True)
+        with plain_modes(folder):  # transformers writes the weights 0600
+            models["text_encoder"].save_pretrained(folder)
         with open(os.path.join(out_dir, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(self.cfg), f, indent=2)

@@ -458,6 +458,8 @@ def test_a_lora_tag_at_0_8_equals_the_lora_at_0_8_and_its_text_never_reaches_the
 def test_cli_applies_lora_tags_and_writes_a1111_s_lora_hash(folder, tmp_path, capsys):
     import hashlib
 
+    from PIL import Image
+
     from sdkit import infotext
     from sdkit.cli import main
 
@@ -477,6 +479,15 @@ def test_cli_applies_lora_tags_and_writes_a1111_s_lora_hash(folder, tmp_path, ca
     info = infotext.load(out)
     assert info.get("Lora hashes") == (("mystyle", addnet),) and 'Lora hashes: "mystyle: ' in info.text
     assert info.prompt == "a red circle <lora:my,style:0.8>"
+    again = tmp_path / "again.png"  # --from-png applies the prompt's tags again, to the same pixels
+    code = main(["generate", "--from-png", str(out), "-o", str(again), "--model", folder, "-q", "--enlarge", "1",
+                 "--lora-dir", str(loras)])
+    assert code == 0 and "Lora hashes" in capsys.readouterr().err  # the hashes themselves are only reported
+    untagged = tmp_path / "untagged.png"
+    assert main(["generate", "a red circle", "-o", str(untagged), "--model", folder, "--steps", "2", "--seed", "1",
+                 "-q", "--enlarge", "1"]) == 0
+    pixels = [np.asarray(Image.open(p)) for p in (out, again, untagged)]
+    assert np.array_equal(pixels[1], pixels[0]) and not np.array_equal(pixels[2], pixels[0])
     code = main(["generate", "a <lora:absent:1>", "-o", str(tmp_path / "x.png"), "--model", folder, "--steps", "1",
                  "-q", "--lora-dir", str(loras)])
     err = capsys.readouterr().err

@@ -239,3 +239,8 @@ def test_cli_writes_a1111_s_ti_hashes(folders, tmp_path, capsys):
     expected = pipe("a (zqxtrig:1.1) circle", num_inference_steps=2, guidance_scale=7.5, prompt_syntax="a1111",
                     embedding_dirs=str(folder), seed=1).images[0]
     assert list(Image.open(out).convert("RGB").getdata()) == list(expected.getdata())
+    again = tmp_path / "again.png"  # --from-png reads the trigger word from --embeddings-dir again
+    code = main(["generate", "--from-png", str(out), "-o", str(again), "--model", folders["sd1"], "-q",
+                 "--enlarge", "1", "--embeddings-dir", str(folder)])
+    assert code == 0 and "TI hashes" in capsys.readouterr().err
+    assert list(Image.open(again).getdata()) == list(Image.open(out).getdata())

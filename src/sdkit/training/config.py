@@ -93,13 +93,14 @@ def decoder_config(vae_folder: str, unet_folder: Optional[str] = None) -> VAECon
     robust to imprecise latents (by blurring them). Experimental, not in the recipe: with the
     finished UNet run ``unet_folder``, half of each batch is that UNet's denoised latents with their
     drawings as targets (``denoised_from``), the other half clean encodings, no latent noise, so
-    the decoder may learn to draw the UNet's latents as clean shapes. (Measurements: MODEL_CARD.md.)
+    the decoder may learn to draw the UNet's latents as clean shapes; 2000 steps of 8 + 8 at lr
+    5e-4, the settings of the out-of-tree prototype measured in MODEL_CARD.md.
     """
-    common = dict(init_from=vae_folder, train_encoder=False, steps=3000, batch_size=12, lr=1e-3, warmup_steps=20,
-                  foreground_weight=2.0)
+    common = dict(init_from=vae_folder, train_encoder=False, foreground_weight=2.0)
     if unet_folder is None:
-        return VAEConfig(**common, latent_noise=0.3)
-    return VAEConfig(**common, latent_noise=0.0, denoised_from=unet_folder)
+        return VAEConfig(**common, steps=3000, batch_size=12, lr=1e-3, warmup_steps=20, latent_noise=0.3)
+    return VAEConfig(**common, steps=2000, batch_size=16, lr=5e-4, warmup_steps=50, latent_noise=0.0,
+                     denoised_from=unet_folder)
 
 
 @dataclass

@@ -1,7 +1,5 @@
 """Test helpers: tiny reference-shaped configs, weight perturbation, error metrics."""
 
-import threading
-
 import torch
 
 SD1_UNET = dict(
@@ -158,20 +156,20 @@ def one_torch_thread():
         torch.set_num_threads(before)
 
 
-def run_in_threads(work, jobs):
-    """work(job) for every job, started together in threads (a barrier); the results in the jobs'
-    order. An exception in any thread is raised here."""
-    results, errors = [None] * len(jobs), []
-    barrier = threading.Barrier(len(jobs))
+def concurrently(fn, count):
+    """[fn(0), ..., fn(count - 1)], each run in its own thread, all started together; errors re-raised."""
+    import threading
+
+    results, errors, barrier = [None] * count, [], threading.Barrier(count)
 
     def worker(i):
         try:
             barrier.wait()
-            results[i] = work(jobs[i])
+            results[i] = fn(i)
         except Exception as e:  # re-raised in the calling thread below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
@@ -179,8 +177,6 @@ def run_in_threads(work, jobs):
     if errors:
         raise errors[0]
     return results
-
-
 # -- broken model folders (for the error tests) -----------------------------------------------------
 
 class Payload:

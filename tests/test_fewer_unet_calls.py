@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sdkit.schedulers
-from helpers import SD1_UNET, build_reference_pipeline, one_torch_thread, perturb, quiet, run_in_threads
+from helpers import SD1_UNET, build_reference_pipeline, concurrently, one_torch_thread, perturb, quiet
 from sdkit import StableDiffusionPipeline
 from sdkit.models import UNet2DConditionModel
 
@@ -156,6 +156,6 @@ def test_threads_with_deep_cache_and_guidance_end_give_the_sequential_images(pip
                     deep_cache_interval=job["deep_cache_interval"], guidance_end=job["guidance_end"]).images
 
     expected = [run(job) for job in jobs]
-    results = run_in_threads(run, jobs)
+    results = concurrently(lambda i: run(jobs[i]), len(jobs))
     for i, (a, b) in enumerate(zip(expected, results)):
         np.testing.assert_array_equal(a, b, err_msg=f"job {i}")

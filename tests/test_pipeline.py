@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sdkit.schedulers as sch
-from helpers import build_reference_pipeline, one_torch_thread, run_in_threads, sample_image, sample_mask
+from helpers import build_reference_pipeline, concurrently, one_torch_thread, sample_image, sample_mask
 from sdkit import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
 
 SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
@@ -94,7 +94,7 @@ def test_eight_threads_give_the_sequential_images(pipe, memory_settings):
                     scheduler=job["scheduler"], output_type="np").images
 
     expected = [run(job) for job in jobs]
-    results = run_in_threads(run, jobs)
+    results = concurrently(lambda i: run(jobs[i]), len(jobs))
     for i, (a, b) in enumerate(zip(expected, results)):
         np.testing.assert_array_equal(a, b, err_msg=f"job {i}")
 

@@ -1,13 +1,15 @@
 """Speed options that keep the outputs: torch.compile of the UNet, channels_last (OpenVINO in test_openvino.py)."""
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import build_reference_pipeline, one_torch_thread, quiet, rel_err, run_in_threads
+from helpers import build_reference_pipeline, concurrently, one_torch_thread, quiet, rel_err
 from sdkit import StableDiffusionPipeline
+from sdkit.pipelines.adapters import NO_NETWORKS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,13 +36,13 @@ def test_compiled_unet_gives_the_eager_images_in_threads_and_follows_a_new_unet(
     expected = [run(p, *job) for job in jobs]
     assert p.compile(backend="eager") is p
     np.testing.assert_array_equal(run(p, *jobs[0]), expected[0])  # the first call compiles
-    results = run_in_threads(lambda job: run(p, *job), jobs)
+    results = concurrently(lambda i: run(p, *jobs[i]), len(jobs))
     for a, b in zip(expected, results):
         np.testing.assert_array_equal(a, b)
     p.unet = copy.deepcopy(p.unet)  # new weights: the stale compiled UNet is not used
     with torch.no_grad():
         next(p.unet.parameters()).add_(0.5)
-    assert p._unet_for_run() is p.unet
+    assert p._unet_for_run(SimpleNamespace(networks=NO_NETWORKS)) is p.unet
     assert np.abs(run(p) - expected[0]).max() > 1e-3
     p.compile(backend=None)
     assert p._compiled_unet is None

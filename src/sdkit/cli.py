@@ -22,8 +22,7 @@ SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
 RANDOM_SEED = -1  # A1111's "random seed"
 ENLARGED_BYTES = 5  # per pixel of an enlarged copy: PIL's 4-byte RGB pixels, plus the PNG encoder's rows
 DEFAULT_GUIDANCE = 7.5  # diffusers' default CFG scale
-BUNDLED_GUIDANCE = 3.0  # the bundled model's recommended scale and guidance rescale (a sweep is in
-BUNDLED_GUIDANCE_RESCALE = 0.7  # assets/tiny-shapes/MODEL_CARD.md)
+DEFAULT_STEPS = 25  # for models whose folder recommends no step count (recommended_settings.json)
 
 
 class CLIError(Exception):
@@ -145,7 +144,7 @@ def _check_number(option, value, low, high=math.inf, note=""):
 
 def _check_args(args):
     """Every check that needs no model: run before torch is imported, so bad options fail at once."""
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps {args.steps} must be at least 1")
     if args.batch < 1:
         raise CLIError(f"--batch {args.batch} must be at least 1")
@@ -271,15 +270,69 @@ def _clip_skip_option(args):
     return {"clip_skip": args.clip_skip - 1}  # the reference counts the layers skipped
 
 
-def model_hash(path):
-    """A1111's short model hash of a checkpoint file: the first 10 hex digits of its SHA-256."""
+def _recommended_defaults(args, recommended):
+    """Fill in --steps, --guidance and --guidance-rescale from the model's recommended settings."""
+    if args.steps is None:
+        args.steps = recommended.get("num_inference_steps", DEFAULT_STEPS)
+    if args.guidance is None:
+        args.guidance = recommended.get("guidance_scale", DEFAULT_GUIDANCE)
+    if args.guidance_rescale is None:
+        args.guidance_rescale = recommended.get("guidance_rescale", 0.0)
+
+
+def _sha256(path, skip_header=False):
+    """The SHA-256 hex digest of a file; ``skip_header``: of a .safetensors file's tensor bytes only."""
     import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if skip_header:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:10]
+    return digest.hexdigest()
+
+
+def model_hash(path):
+    """A1111's short model hash of a checkpoint file: the first 10 hex digits of its SHA-256."""
+    return _sha256(path)[:10]
+
+
+def lora_hash(path):
+    """A1111's short LoRA hash: 12 hex digits of kohya's "addnet" hash for .safetensors (the SHA-256 of
+    the bytes after the header, so metadata edits keep it), of the SHA-256 for other files."""
+    return _sha256(path, skip_header=path.lower().endswith(".safetensors"))[:12]
+
+
+def embedding_hash(path):
+    """A1111's short embedding hash ("TI hashes"): the first 12 hex digits of the file's SHA-256."""
+    return _sha256(path)[:12]
+
+
+def _network_fields(args, pipe):
+    """A1111's "Lora hashes" and "TI hashes" of the LoRA files the prompt's tags name and the embeddings
+    the prompt and negative prompt use, as sdkit.infotext fields (((name, hash), ...); names without
+    ":" and ",", as A1111 writes them)."""
+    from sdkit.embeddings import Triggers, folder_embeddings
+    from sdkit.pipelines.adapters import find_lora_file, lora_tags
+
+    def clean(name):
+        return name.replace(":", "").replace(",", "")
+
+    fields = []
+    if args.prompt_syntax == "a1111" and args.lora_dir:
+        paths = [(t.name, find_lora_file(t.name, args.lora_dir)) for t in lora_tags([args.prompt])]
+        hashes = tuple((clean(n), lora_hash(p)) for n, p in paths if p)
+        if hashes:
+            fields.append(("Lora hashes", hashes))
+    if args.embeddings_dir:
+        embeddings = folder_embeddings(args.embeddings_dir)
+        files = {e.name: e.path for e in embeddings}
+        triggers = Triggers(embeddings, pipe.tokenizer, pipe.text_encoder.config.hidden_size)
+        used = triggers.used(pipe.tokenizer, [args.prompt, args.negative], args.prompt_syntax == "a1111")
+        if used:
+            fields.append(("TI hashes", tuple((clean(n), embedding_hash(files[n])) for n in used)))
+    return fields
 
 
 def _show_loading_log(quiet):
@@ -321,12 +374,14 @@ def _seed_options(args, seed):
                 scheduler_options=args.scheduler_options or None)
 
 
-def _infotext(args, scheduler, run_options, seed, subseed, image, model, strength, file_hash):
-    """The A1111 parameters text of one image of this run (CFG scale 0 to 1 runs unguided: written as 1)."""
+def _infotext(args, scheduler, run_options, seed, subseed, image, model, strength, file_hash, network_fields=()):
+    """The A1111 parameters text of one image of this run (CFG scale 0 to 1 runs unguided: written as 1);
+    ``network_fields``: the run's "Lora hashes" and "TI hashes" (``_network_fields``)."""
     import sdkit
     from sdkit import infotext
 
     extra = [("CFG Rescale phi", args.guidance_rescale)] if args.guidance_rescale else []
+    extra += list(network_fields)
     return infotext.create(
         args.prompt, args.negative, steps=args.steps, scheduler=scheduler, run_options=run_options,
         cfg_scale=max(args.guidance, 1.0), seed=seed, width=image.width, height=image.height, model=model,
@@ -408,11 +463,6 @@ def generate(args):
     from sdkit.pipelines.img2img import small_image_error
 
     model = args.model or _default_model()
-    bundled = _model_label(model) == "tiny-shapes"
-    if args.guidance is None:
-        args.guidance = BUNDLED_GUIDANCE if bundled else DEFAULT_GUIDANCE
-    if args.guidance_rescale is None:
-        args.guidance_rescale = BUNDLED_GUIDANCE_RESCALE if bundled else 0.0
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar is noise here
@@ -420,6 +470,7 @@ def generate(args):
         pipe = _load_pipeline(args, model)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CLIError(f"cannot load model {model!r}: {e}") from None
+    _recommended_defaults(args, pipe.recommended)
     for name in ("width", "height"):
         value = getattr(args, name)
         error = pipe.size_error(value) if value is not None else None
@@ -450,7 +501,8 @@ def generate(args):
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative or None, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, num_images_per_prompt=args.batch, height=args.height,
                   width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale,
-                  prompt_syntax=args.prompt_syntax, **_clip_skip_option(args), **_seed_options(args, seed),
+                  prompt_syntax=args.prompt_syntax, lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir,
+                  allow_pickle=args.allow_pickle, **_clip_skip_option(args), **_seed_options(args, seed),
                   allow_large=True)  # _check_sizes has checked, or --allow-large was given
     strength = None
     if mask is not None:
@@ -463,7 +515,7 @@ def generate(args):
         pipe.set_progress_bar_config(disable=True)
     try:
         images = pipe(**kwargs).images
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
@@ -479,10 +531,11 @@ def generate(args):
     run_options = scheduler.make_options(**run_options)
     seeds, subseeds = a1111_seeds(seed, args.batch, args.subseed, args.subseed_strength)
     file_hash = model_hash(model) if os.path.isfile(model) else None
+    network_fields = _network_fields(args, pipe)
     items, shown = [], []
     for i, (image, path) in enumerate(zip(images, paths)):
         params = _infotext(args, scheduler, run_options, seeds[i], subseeds[i] if subseeds else None, image,
-                           _model_label(model), strength, file_hash).text
+                           _model_label(model), strength, file_hash, network_fields).text
         items.append((lambda image=image: image, path, params))
         shown.append(path)
         if scale > 1:
@@ -585,17 +638,19 @@ def build_parser():
                                  ".safetensors)")
     _add_single_file_options(g)
     g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--steps", type=int, help=f"sampler steps; default: the model's recommended_settings.json, "
+                                             f"else {DEFAULT_STEPS}")
     g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (CFG) >= 0; 0 to 1 is no "
-                                                   f"guidance (written as CFG scale 1); default "
-                                                   f"{DEFAULT_GUIDANCE:g}, {BUNDLED_GUIDANCE:g} for the bundled model")
+                                                   f"guidance (written as CFG scale 1); default: the model's "
+                                                   f"recommended_settings.json, else {DEFAULT_GUIDANCE:g}")
     g.add_argument("--guidance-rescale", type=float,
-                   help=f"guidance rescale phi in [0, 1] (Lin et al. 2024); default 0, "
-                        f"{BUNDLED_GUIDANCE_RESCALE:g} for the bundled model")
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2024); default: the model's "
+                        "recommended_settings.json, else 0")
     g.add_argument("--seed", type=int, help="random seed, 0 to 2**64-1 (-1 or not given: random, printed and "
                                             "written as the seed used; image k of a batch uses seed + k)")
     g.add_argument("--scheduler", help="A1111 sampler name (A1111's sampling), e.g. 'Euler a', 'DPM++ 2M', "
-                                       "'DPM++ 2M Karras', or an sdkit class name, e.g. DDIMScheduler")
+                                       "'DPM++ 2M Karras', or an sdkit class name, e.g. DDIMScheduler; default: "
+                                       "the model's recommended_settings.json, else its scheduler_config.json")
     g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
                    help="a1111 (default): read the prompts as A1111 does: (word:1.2), [word], BREAK, more than 75 "
                         "tokens, [from:to:when], [a|b], AND; plain: as the reference pipeline does (one window of "
@@ -603,6 +658,12 @@ def build_parser():
     g.add_argument("--clip-skip", type=int, default=1,
                    help="A1111's Clip skip: 1 (default) uses the text encoder's last layer, 2 the one before, ... "
                         "(no effect on SD 2 models with a1111 syntax, as in A1111)")
+    g.add_argument("--lora-dir", action="append", metavar="DIR",
+                   help="a folder of LoRA files for the prompt's <lora:name:weight> tags (name = file stem; may "
+                        "be given more than once); written to the PNG as Lora hashes")
+    g.add_argument("--embeddings-dir", action="append", metavar="DIR",
+                   help="a folder of textual-inversion embeddings whose file stems are trigger words (may be "
+                        "given more than once); those used are written to the PNG as TI hashes")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--batch", type=int, default=1, help="number of images")

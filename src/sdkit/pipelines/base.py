@@ -10,7 +10,8 @@ threads at once. A call goes:
     model = pipe.prepare_model(run, start)     # unet -> pieces -> guidance (denoising.py)
     latents = pipe._denoise(model, conditioning, start, run, callback)   # the one loop
 
-Each pipeline adds only its options and its ``prepare_start``.
+Each pipeline adds only its options and its ``prepare_start``. LoRA adapters and textual-inversion
+embeddings (adapters.py) are chosen per call (``run.networks``) and never change shared weights.
 """
 
 import copy
@@ -23,11 +24,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .. import per_call
 from ..files import plain_modes
 from ..noise import SeedNoise
 from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
 from . import loading, memory, prompting
+from . import recommended as recommended_settings
+from .adapters import NO_NETWORKS, AdapterLoaderMixin, with_adapters
 from .denoising import DeepCache, ModelCall, classifier_free_guidance, compose, truncate_guidance, unet_model
 from .images import to_output
 from .options import CallOptions
@@ -53,6 +57,7 @@ class Run:
     guidance: Callable  # the guidance piece (denoising.ClassifierFreeGuidance or ConditionalOnly)
     device: torch.device
     dtype: torch.dtype  # the UNet's dtype: latents and context are kept in it
+    networks: Any = NO_NETWORKS  # the call's LoRA plans and embeddings (adapters.CallNetworks)
     deep_cache: Optional[DeepCache] = None  # DeepCache settings of the run (None: off)
 
 
@@ -106,14 +111,18 @@ def repeat_to_batch(x, batch_size, what):
     return x.repeat_interleave(batch_size // b, dim=0)
 
 
-class DiffusionPipeline(PerformanceSettings):
-    """Base of the Stable Diffusion pipelines. Build from parts, or with ``from_pretrained``."""
+class DiffusionPipeline(AdapterLoaderMixin, PerformanceSettings):
+    """Base of the Stable Diffusion pipelines. Build from parts, or with ``from_pretrained``.
+
+    ``recommended`` (a ``recommended.RecommendedSettings``, read from the folder's
+    recommended_settings.json by ``from_pretrained``) fills in the call options a call does not pass.
+    """
 
     reference_class_name = "StableDiffusionPipeline"  # written to model_index.json
     parts = loading.STABLE_DIFFUSION  # the parts this pipeline needs (loading.Part)
     options_class = CallOptions  # the options of a call
 
-    def __init__(self, **parts):
+    def __init__(self, recommended=None, **parts):
         names = [p.name for p in self.parts]
         missing = [n for n in names if n not in parts]
         unknown = sorted(set(parts) - set(names))
@@ -125,6 +134,10 @@ class DiffusionPipeline(PerformanceSettings):
             if part.check is not None:
                 part.check(parts[part.name])
             setattr(self, part.name, parts[part.name])
+        if recommended is not None and not isinstance(recommended, recommended_settings.RecommendedSettings):
+            raise TypeError(f"recommended must be a RecommendedSettings (sdkit.pipelines.recommended), "
+                            f"got {type(recommended).__name__}.")
+        self.recommended = recommended or recommended_settings.RecommendedSettings()  # read-only: frozen
         self._progress_bar_config = {}
         self._fp32_vae = None  # lazily made float32 copy of a half-precision VAE (NaN guard)
         self._fp32_lock = threading.Lock()
@@ -138,14 +151,17 @@ class DiffusionPipeline(PerformanceSettings):
 
     @classmethod
     def from_pipe(cls, pipe, **overrides):
-        """A pipeline of this class on the same parts as `pipe` (weights shared, not copied)."""
+        """A pipeline of this class on the same parts as `pipe` (weights shared, not copied), with its
+        recommended settings."""
         names = [p.name for p in cls.parts]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
             raise TypeError(f"from_pipe got unknown parts {unknown}; {cls.__name__}'s parts are {names}.")
         shared = {n: getattr(pipe, n) for n in names if hasattr(pipe, n)}
-        new = cls(**{**shared, **overrides})
+        new = cls(recommended=getattr(pipe, "recommended", None), **{**shared, **overrides})
         new._progress_bar_config = dict(pipe._progress_bar_config)
+        if not {"unet", "text_encoder"} & set(overrides):  # the same layers: the same LoRAs and embeddings
+            new._network_registry = pipe._networks
         return new
 
     @classmethod
@@ -154,17 +170,26 @@ class DiffusionPipeline(PerformanceSettings):
         """Load a diffusers-layout pipeline folder or Hub repo id (model_index.json + part folders).
 
         Parts given as keywords (``scheduler=...``, ``vae=...``) replace the folder's. Parts sdkit
-        does not use (safety_checker, feature_extractor) are skipped.
+        does not use (safety_checker, feature_extractor) are skipped. The folder's
+        recommended_settings.json, if any, becomes ``pipe.recommended`` (and its scheduler, unless
+        one is passed, ``pipe.scheduler``).
         """
         names = [p.name for p in cls.parts]
         unknown = sorted(set(components) - set(names))
         if unknown:
             raise TypeError(f"from_pretrained got unknown arguments {unknown}; parts that can be "
                             f"passed are {names}.")
-        parts = loading.load_components(pretrained_model_name_or_path, cls.parts, torch_dtype=torch_dtype,
-                                        variant=variant, local_files_only=local_files_only,
+        folder = loading.resolve_pipeline_folder(pretrained_model_name_or_path, cls.parts, variant,
+                                                 local_files_only)
+        parts = loading.load_components(folder, cls.parts, torch_dtype=torch_dtype, variant=variant,
                                         skip=tuple(components))
-        return cls(**{**parts, **components})
+        settings = recommended_settings.read(folder)
+        if "scheduler" in parts:
+            try:
+                parts["scheduler"] = settings.scheduler_for(parts["scheduler"])
+            except ValueError as e:
+                raise ValueError(f"{folder / recommended_settings.FILE}: {e}") from None
+        return cls(recommended=settings, **{**parts, **components})
 
     @classmethod
     def from_single_file(cls, path, prediction_type=None, torch_dtype=None, allow_pickle=False, use_ema=False,
@@ -197,7 +222,8 @@ class DiffusionPipeline(PerformanceSettings):
         save_pipeline(self.components, path, dtype)
 
     def save_pretrained(self, save_directory):
-        """Write a folder that sdkit and diffusers both load (model_index.json + one folder per part)."""
+        """Write a folder that sdkit and diffusers both load (model_index.json + one folder per part,
+        and recommended_settings.json when ``recommended`` holds any)."""
         os.makedirs(save_directory, exist_ok=True)
         for part in self.parts:
             obj, folder = getattr(self, part.name), os.path.join(save_directory, part.name)
@@ -208,6 +234,7 @@ class DiffusionPipeline(PerformanceSettings):
                 else:
                     obj.save_pretrained(folder)
         loading.write_model_index(save_directory, self.reference_class_name, self.parts, self.components)
+        recommended_settings.write(save_directory, self.recommended)
 
     def to(self, *args, **kwargs):
         """Move or cast the models, like ``nn.Module.to``: ``pipe.to("cuda")``, ``pipe.to(torch.float16)``."""
@@ -259,8 +286,10 @@ class DiffusionPipeline(PerformanceSettings):
     def __call__(self, *args, **kwargs):
         """Generate images. The options, with their meaning and defaults, are ``self.options_class``
         (``help(type(pipe).options_class)``); ``prompt`` (and ``image``, ``mask_image``) may be given
-        by position. Returns a PipelineOutput with ``.images`` and ``.interrupted``."""
-        options = self.options_class.from_call(args, kwargs)
+        by position. Options the call does not pass come from ``self.recommended`` (the model folder's
+        recommended_settings.json), else the reference's defaults. Returns a PipelineOutput with
+        ``.images`` and ``.interrupted``."""
+        options = self.options_class.from_call(args, {**self.recommended.call_defaults(), **kwargs})
         with self._call_guard():
             return self._generate(options)
 
@@ -272,13 +301,17 @@ class DiffusionPipeline(PerformanceSettings):
     def prepare_conditioning(self, run, options):
         """The prompt embeddings of every model call (``.at(index)``): the same at every step, or
         A1111's per-step schedule (prompting.py)."""
-        request = prompting.request_for_call(options, run.guidance.needs_uncond)
-        return prompting.conditioning(self.text_encoder, self.tokenizer, request, options.num_images_per_prompt,
-                                      run.device, run.dtype)
+        networks = run.networks
+        request = prompting.request_for_call(options, run.guidance.needs_uncond,
+                                             networks.triggers(self.tokenizer, self.text_encoder))
+        with per_call.using(networks.text_encoder):
+            return prompting.conditioning(self.text_encoder, self.tokenizer, request, options.num_images_per_prompt,
+                                          run.device, run.dtype)
 
     def encode_prompt(self, prompt, negative_prompt=None, prompt_syntax="plain", clip_skip=None,
                       clip_stop_at_last_layers=None, num_inference_steps=None,
-                      comma_padding_backtrack=prompting.DEFAULT_COMMA_PADDING_BACKTRACK):
+                      comma_padding_backtrack=prompting.DEFAULT_COMMA_PADDING_BACKTRACK, adapters=None,
+                      lora_dirs=None, embedding_dirs=None, allow_pickle=False):
         """(prompt_embeds, negative_prompt_embeds) a call with these prompts would use, for
         ``pipe(prompt_embeds=..., negative_prompt_embeds=...)``.
 
@@ -286,20 +319,26 @@ class DiffusionPipeline(PerformanceSettings):
         A1111 prompts that change during the run or use AND, ``prompting.ScheduledPromptEmbeds``
         (those need ``num_inference_steps``, the call's step count). ``clip_skip`` is the
         reference's (layers skipped; "plain" only), ``clip_stop_at_last_layers`` A1111's Clip skip
-        (1 = last layer; "a1111" only). One row per prompt: a call repeats them per image.
+        (1 = last layer; "a1111" only). One row per prompt: a call repeats them per image. The text
+        encoder's LoRA weights and the embeddings are those a call with these options would use.
         """
-        with torch.no_grad():  # not inference mode: callers may edit the embeddings
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        networks = self.networks_for_call(prompts, prompt_syntax, adapters, lora_dirs, embedding_dirs, allow_pickle)
+        with torch.no_grad(), per_call.using(networks.text_encoder):  # not inference mode: callers may edit them
             return prompting.encode_prompt(self.text_encoder, self.tokenizer, prompt, negative_prompt, prompt_syntax,
                                            clip_skip, clip_stop_at_last_layers, num_inference_steps,
-                                           comma_padding_backtrack, self.device, self.dtype)
+                                           comma_padding_backtrack, self.device, self.dtype,
+                                           networks.triggers(self.tokenizer, self.text_encoder))
 
     def prepare_start(self, run, options):
         """How the run starts (the pipeline's own part): a :class:`Start`."""
         raise NotImplementedError
 
     def prepare_model(self, run, start):
-        """The model function of this run: the UNet, then the start's pieces, then the guidance."""
-        return compose(unet_model(self._unet_for_run(), run.deep_cache), [*start.pieces, run.guidance])
+        """The model function of this run: the UNet (with the call's LoRAs), then the start's pieces, then
+        the guidance."""
+        return compose(unet_model(self._unet_for_run(run), run.deep_cache),
+                       [with_adapters(run.networks.unet), *start.pieces, run.guidance])
 
     def _scheduler_options(self, scheduler, options):
         """The run options for the scheduler: ``scheduler_options`` plus ``eta`` where it has one."""
@@ -326,11 +365,14 @@ class DiffusionPipeline(PerformanceSettings):
                                             strength=options.denoising_strength, **run_options)
             guidance = truncate_guidance(prompting.guidance_for_call(options), options.guidance_end,
                                          len(state.timesteps))
+            networks = self.networks_for_call(options.prompts if options.prompt is not None else None,
+                                              options.prompt_syntax, options.adapters, options.lora_dirs,
+                                              options.embedding_dirs, options.allow_pickle)
             self._check_memory(options, height, width, guidance)
             seed_noise = options.seed_noise(device, self.vae_scale_factor)
             generator = options.generator if seed_noise is None else seed_noise
             run = Run(options.batch_size, height, width, generator, scheduler, state, guidance, device, dtype,
-                      deep_cache=DeepCache(options.deep_cache_interval, options.deep_cache_branch))
+                      networks, deep_cache=DeepCache(options.deep_cache_interval, options.deep_cache_branch))
             conditioning = self.prepare_conditioning(run, options)
             start = self.prepare_start(run, options)
             start = dataclasses.replace(start, latents=scheduler.begin(start.latents, state, generator))

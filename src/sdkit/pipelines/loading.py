@@ -15,6 +15,7 @@ from typing import Callable, Optional
 from ..files import atomic_write, read_json_object
 from ..hub import resolve_folder
 from ..models.modeling import DIFFUSERS_VERSION, PICKLE_SUFFIXES, check_safetensors
+from .recommended import FILE as RECOMMENDED
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ STABLE_DIFFUSION = (UNET, VAE, TEXT_ENCODER, TOKENIZER, SCHEDULER)
 
 def _download_patterns(parts, variant):
     weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
-    return [MODEL_INDEX, "*/*.json", "*/*.txt", *(f"{p.name}/{weights}" for p in parts)]
+    return [MODEL_INDEX, RECOMMENDED, "*/*.json", "*/*.txt", *(f"{p.name}/{weights}" for p in parts)]
 
 
 def _resolve(name_or_path, parts, variant, local_files_only):
@@ -148,6 +149,11 @@ def _resolve(name_or_path, parts, variant, local_files_only):
         return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=True)
     except FileNotFoundError:
         return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=False)
+
+
+def resolve_pipeline_folder(name_or_path, parts=STABLE_DIFFUSION, variant=None, local_files_only=False):
+    """The local folder (a Path) of a pipeline folder or repo id, with the files ``parts`` need."""
+    return _resolve(name_or_path, parts, variant, local_files_only)
 
 
 def read_model_index(folder):

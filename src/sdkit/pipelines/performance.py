@@ -176,7 +176,10 @@ class PerformanceSettings:
             self._compiled_unet = CompiledUNet(self.unet, backend, **options)
         return self
 
-    def _unet_for_run(self):
-        """The compiled UNet when it was compiled from the pipeline's current UNet, else the UNet."""
+    def _unet_for_run(self, run):
+        """The compiled UNet when it was compiled from the pipeline's current UNet, else the UNet; the
+        eager UNet too for a call with UNet LoRAs (a compiled graph holds the plain weights)."""
         compiled = self._compiled_unet
-        return compiled if compiled is not None and compiled.unet is self.unet else self.unet
+        if compiled is None or compiled.unet is not self.unet or run.networks.unet:
+            return self.unet
+        return compiled

@@ -16,6 +16,8 @@ its own options, can share one scheduler.
 import dataclasses
 import json
 import os
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,34 @@ from ..files import atomic_write, read_json_object
 from . import schedules as S
 
 CONFIG_NAME = "scheduler_config.json"
+
+MODEL_SCHEDULE_KEYS = {
+    "rescale_betas_zero_snr": (False, "the model was trained on a zero-terminal-SNR schedule (Lin et al. 2024), "
+                                      "whose last timestep is pure noise"),
+}
+"""Reference config keys that describe the noise schedule a model was trained on: key -> (the value
+that changes nothing, what a non-neutral value means). ``from_config`` warns once per class and key
+when a config sets one to another value and the class has no such setting, since dropping it
+samples another schedule than the model's."""
+_warned_dropped = set()
+_warned_lock = threading.Lock()
+
+
+def warn_dropped_keys(cls, unused):
+    """Warn (once per class and key) about the ``MODEL_SCHEDULE_KEYS`` that ``cls.from_config`` drops."""
+    for key, value in unused.items():
+        if key not in MODEL_SCHEDULE_KEYS or value == MODEL_SCHEDULE_KEYS[key][0]:
+            continue
+        with _warned_lock:
+            if (cls.__name__, key) in _warned_dropped:
+                continue
+            _warned_dropped.add((cls.__name__, key))
+        from .registry import SCHEDULER_CLASSES
+
+        having = sorted(name for name, c in SCHEDULER_CLASSES.items() if key in c.config_keys())
+        warnings.warn(f"{cls.__name__} has no {key!r} setting, so the config's {key}={value!r} is dropped: "
+                      f"{MODEL_SCHEDULE_KEYS[key][1]}, and {cls.__name__} samples another schedule, which "
+                      f"can give broken images. Use one of {', '.join(having)} for this model.", stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -144,18 +174,21 @@ class Scheduler:
 
     @classmethod
     def from_config(cls, config, **overrides):
-        """Build from reference config keys (dict, json file or folder); unused keys are ignored."""
+        """Build from reference config keys (dict, json file or folder); unused keys are ignored, with a
+        warning for those that change the model's noise schedule (``MODEL_SCHEDULE_KEYS``)."""
         values = {**_load_config_dict(config), **overrides}
         try:
-            cfg, _ = configuration.read_config(cls.__name__, cls.config_class, values, cls._fixed,
-                                               none_is_unset=True)
-            return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+            cfg, unused = configuration.read_config(cls.__name__, cls.config_class, values, cls._fixed,
+                                                    none_is_unset=True)
+            scheduler = cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
         except ValueError as e:
             if isinstance(config, (str, os.PathLike)):  # a bad value in a file: name the file
                 folder = os.fspath(config)
                 path = os.path.join(folder, CONFIG_NAME) if os.path.isdir(folder) else folder
                 raise ValueError(f"{path}: {e} Fix the file or download the model again.") from None
             raise
+        warn_dropped_keys(cls, unused)
+        return scheduler
 
     def save_pretrained(self, save_directory):
         """Write scheduler_config.json (loadable by sdkit and by the reference) into a folder."""

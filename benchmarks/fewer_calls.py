@@ -4,11 +4,12 @@
 
 The 60 fully specified prompts of ``quality.py`` (colour, shape, place, size, background) with the
 model's default scheduler, and its 36 short "a COLOR SHAPE" prompts with DDIM 20 steps, at the
-recommended guidance, image i from seed 1000 + i, once per setting: plain; ``deep_cache_interval``
+model's recommended settings, image i from seed 1000 + i, once per setting: plain; ``deep_cache_interval``
 2, 3, 5 (branch 0); ``guidance_end`` 0.7 and 0.5; and VAE tiling with tiles of 32 pixels, so
 every 64 x 64 decode is tiled (the judge's result should not change). Per setting: the judged
 accuracy of each attribute the prompts name, their mean in points (100 = every named attribute
-of every image right) and its change from the plain run, the circle roundness (``quality.py``),
+of every image right; "fill shape" is the geometry's reading of the shape) and its change from
+the plain run, the circles' roundness (``quality.py``'s geometry, higher is rounder),
 the mean absolute pixel difference (0-1) from the plain run's images, the UNet evaluations per
 image (a guided call counts 2; a shallow DeepCache call is one evaluation of the shallow path)
 and the seconds of sampling (on a shared machine only a rough guide; the speed of these
@@ -27,12 +28,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from quality import ATTRIBUTES, ROOT, accuracy, circle_roundness, full_prompts, generate, short_prompts  # noqa: E402
+from quality import ATTRIBUTES, ROOT, evaluate, full_prompts, generate, short_prompts  # noqa: E402
 
 import sdkit  # noqa: E402
-from sdkit.cli import BUNDLED_GUIDANCE, BUNDLED_GUIDANCE_RESCALE  # noqa: E402
 from sdkit.schedulers import DDIMScheduler  # noqa: E402
-from sdkit.training.judge import measure  # noqa: E402
 
 TILE = 32  # the bundled model's images are 64 x 64: tiles of 32 pixels (4 latents) overlapping by 8
 SETTINGS = (("plain", {}), ("deep_cache_interval=2", dict(deep_cache_interval=2)),
@@ -58,7 +57,7 @@ def calls(steps, deep_cache_interval=1, guidance_end=1.0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=sdkit.TINY_MODEL)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, help="default: the model's recommended steps")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -67,12 +66,13 @@ def main(argv=None):
     pipe = sdkit.StableDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     full, short = full_prompts(), short_prompts()
-    generate(pipe, full[:2], 2, BUNDLED_GUIDANCE, args.seed)  # warm-up: the first call's one-time costs
-    blocks = ((f"{len(full)} full prompts, {type(pipe.scheduler).__name__} {args.steps} steps", full, args.steps, None),
+    steps = args.steps or pipe.recommended.get("num_inference_steps", 50)
+    generate(pipe, full[:2], args.seed, num_inference_steps=2)  # warm-up: the first call's one-time costs
+    blocks = ((f"{len(full)} full prompts, {type(pipe.scheduler).__name__} {steps} steps", full, steps, None),
               (f"{len(short)} short prompts, DDIM 20 steps", short, 20, DDIMScheduler.from_config(pipe.scheduler.config)))
     model = os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT) else args.model
-    print(f"model: {model}, guidance {BUNDLED_GUIDANCE:g}, guidance_rescale {BUNDLED_GUIDANCE_RESCALE:g}")
-    print("| prompts | setting | " + " | ".join(ATTRIBUTES) + " | mean (points) | change | circle roundness | "
+    print(f"model: {model}; the recommended settings {pipe.recommended.as_dict()}")
+    print("| prompts | setting | " + " | ".join(ATTRIBUTES) + " | mean (points) | change | roundness | "
           "mean abs diff from plain | UNet evaluations: whole + shallow | sampling s |")
     print("|---|---|" + "---:|" * (len(ATTRIBUTES) + 6), flush=True)
     tiled = sdkit.StableDiffusionPipeline.from_pipe(pipe, vae=copy.deepcopy(pipe.vae))
@@ -82,19 +82,19 @@ def main(argv=None):
         for name, options in SETTINGS:
             runner, options = (tiled, {}) if options == "tiled" else (pipe, options)
             started = time.perf_counter()
-            images = np.stack(generate(runner, prompts, steps, BUNDLED_GUIDANCE, args.seed, scheduler,
-                                       guidance_rescale=BUNDLED_GUIDANCE_RESCALE, **options))
+            images = np.stack(generate(runner, prompts, args.seed, num_inference_steps=steps, scheduler=scheduler,
+                                       **options))
             seconds = time.perf_counter() - started
-            judged, scores = zip(*[measure(image) for image in images])
-            acc = accuracy(judged, prompts)
-            named = [a for a in ATTRIBUTES if a in acc]
+            acc = evaluate(images, prompts)
+            named = [a for a in ATTRIBUTES if acc.get(a) is not None]
             points = 100 * float(np.mean([acc[a] for a in named]))
             if plain is None:
                 plain = (points, images)
             whole, shallow = calls(steps, **options)
-            cells = [f"{acc[a]:.2f}" if a in acc else "" for a in ATTRIBUTES]
+            cells = [f"{acc[a]:.2f}" if a in named else "" for a in ATTRIBUTES]
+            roundness = "" if acc.get("roundness") is None else f"{acc['roundness']:.3f}"
             print(f"| {label} | {name} | " + " | ".join(cells) + f" | {points:.1f} | {points - plain[0]:+.1f} | "
-                  f"{circle_roundness(scores, prompts):.3f} | {np.abs(images - plain[1]).mean():.4f} | "
+                  f"{roundness} | {np.abs(images - plain[1]).mean():.4f} | "
                   f"{whole} + {shallow} | {seconds:.0f} |", flush=True)
 
 

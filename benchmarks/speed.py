@@ -17,8 +17,9 @@ from other processes falls on both; the ratio is the median over the pairs of re
 sdkit time (above 1: sdkit is faster); the CPU ratio is the same over the process's CPU time,
 which other processes on a shared machine disturb far less (with one thread, ``--threads 1``, it
 is the work done; with more, idle threads' spinning counts too). Outputs are compared (the
-largest relative error, or for txt2img the largest pixel difference in [0, 1]). Peak RSS: the largest resident memory seen
-(sampled every 5 ms) while a side ran, above the process's before the case.
+largest relative error, or for txt2img the largest pixel difference in [0, 1]). Peak RSS: the
+largest resident memory seen (sampled every 5 ms) while a side ran, above the process's before
+the case.
 
 ``--fewer-unet-calls`` adds sdkit-only rows: the whole txt2img with ``deep_cache_interval`` 2, 3, 5
 and ``guidance_end`` 0.5, each against sdkit's plain run (alternating likewise). A bare run takes
@@ -83,19 +84,20 @@ def alternate(reference, ours, pairs, warm_up=True):
     fns = {"reference": reference, "sdkit": ours}
     for i in range(0 if warm_up else 1, pairs + 1):  # pair 0 is the warm-up
         order = ("reference", "sdkit") if i % 2 == 0 else ("sdkit", "reference")
-        elapsed = {}
+        elapsed, used = {}, {}
         for side in order:
             with PeakRSS() as peak, torch.inference_mode():
                 start, start_cpu = time.perf_counter(), time.process_time()
                 out[side] = fns[side]()
                 elapsed[side] = time.perf_counter() - start
-                used = time.process_time() - start_cpu
+                used[side] = time.process_time() - start_cpu
             peaks[side] = max(peaks[side], peak.peak - base)
             if i:
                 times[side].append(elapsed[side])
-                cpu[side].append(used)
-        print(f"    pair {i}{'' if i else ' (warm-up)'}: reference {elapsed['reference']:.2f} s, "
-              f"sdkit {elapsed['sdkit']:.2f} s", flush=True)
+                cpu[side].append(used[side])
+        print(f"    pair {i}{'' if i else ' (warm-up)'}: reference {elapsed['reference']:.2f} s "
+              f"({used['reference']:.2f} CPU s), sdkit {elapsed['sdkit']:.2f} s ({used['sdkit']:.2f} CPU s)",
+              flush=True)
     ratios = [r / s for r, s in zip(times["reference"], times["sdkit"])]
     cpu_ratios = [r / s for r, s in zip(cpu["reference"], cpu["sdkit"])]
     return dict(reference=statistics.median(times["reference"]), sdkit=statistics.median(times["sdkit"]),
@@ -203,7 +205,8 @@ def run_cases(args, models, rows):
         print(f"txt2img, {args.steps} steps", flush=True)
         r = alternate(txt2img(ref), txt2img(ours), args.txt2img_pairs, args.txt2img_warm_up)
         a, b = r["outputs"]
-        rows.append(row(f"whole txt2img {args.size}x{args.size}, {args.steps} steps", r, float(abs(a - b).max()), "max |diff|"))
+        rows.append(row(f"whole txt2img {args.size}x{args.size}, {args.steps} steps", r, float(abs(a - b).max()),
+                        "max abs diff"))
     if args.fewer_unet_calls:
         if "txt2img" not in args.cases:
             ours(prompt, num_inference_steps=1, output_type="np", height=args.size, width=args.size)  # warm-up
@@ -213,7 +216,7 @@ def run_cases(args, models, rows):
             print(f"txt2img, {name}", flush=True)
             r = alternate(txt2img(ours), txt2img(ours, **extra), args.txt2img_pairs, args.txt2img_warm_up)
             a, b = r["outputs"]
-            rows.append(row(f"txt2img {name} (vs sdkit plain)", r, float(abs(a - b).max()), "max |diff|"))
+            rows.append(row(f"txt2img {name} (vs sdkit plain)", r, float(abs(a - b).max()), "max abs diff"))
 
 
 def main():

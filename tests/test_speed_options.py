@@ -1,6 +1,9 @@
-"""Speed options that keep the outputs: torch.compile of the UNet, channels_last (OpenVINO in test_openvino.py)."""
+"""Speed options that keep the outputs: torch.compile of the UNet, channels_last, and the OpenVINO backend
+(``pipe.compile(backend="openvino")``, the ``openvino`` extra: the eager images to 1e-4, compiled once per
+shape and cached on disk, shared by concurrent calls)."""
 
 import copy
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +26,7 @@ def pipe(tmp_path_factory):
     return quiet(StableDiffusionPipeline.from_pretrained(folder))
 
 
-def run(p, prompt="a red circle", seed=0, steps=2):
+def run(p, prompt="a red circle", seed=0, steps=3):
     return p(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="np").images
 
 
@@ -49,7 +52,7 @@ def test_compiled_unet_gives_the_eager_images_in_threads_and_follows_a_new_unet(
 
 
 def test_compile_refuses_a_cache_dir_for_torch_backends(pipe, tmp_path):
-    with pytest.raises(ValueError, match="cache_dir is OpenVINO's"):
+    with pytest.raises(ValueError, match="cache_dir is for backend=.openvino."):
         StableDiffusionPipeline.from_pipe(pipe).compile(backend="inductor", cache_dir=str(tmp_path))
 
 
@@ -60,3 +63,55 @@ def test_channels_last_unet_and_vae_give_the_same_images(pipe):
     p.vae.to(memory_format=torch.channels_last)
     assert p.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(plain, run(p)) < 1e-4
+
+
+# -- OpenVINO -----------------------------------------------------------------------------------------
+
+def openvino_module():
+    """sdkit.pipelines.openvino, skipping the test where OpenVINO is not installed."""
+    pytest.importorskip("openvino")
+    from sdkit.pipelines import openvino
+
+    return openvino
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.slow
+def test_openvino_unet_gives_the_eager_images_compiles_once_and_serves_threads(pipe, tmp_path, monkeypatch):
+    ov = pytest.importorskip("openvino")
+    jobs = [("a red circle", 0), ("a blue square", 1), ("a green triangle", 2)]
+    expected = [run(pipe, *job) for job in jobs]
+    p = StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path), threads=1)
+    conversions = []
+    convert = ov.convert_model
+    monkeypatch.setattr(ov, "convert_model", lambda *a, **k: conversions.append(1) or convert(*a, **k))
+    results = concurrently(lambda i: run(p, *jobs[i]), len(jobs))  # the first compiles; the others wait
+    for a, b in zip(results, expected):
+        assert rel(a, b) < 1e-4 and np.abs(a - b).max() < 1e-3
+    assert len(conversions) == 1  # one shape (batch 2, 8x8 latents, 16 tokens), converted once
+    files = os.listdir(p._compiled_unet.cache_dir)
+    assert any(f.endswith(".xml") for f in files) and any(f.endswith(".bin") for f in files)
+    # a new process (here: a new pipeline) with the same weights loads the saved model, converting nothing
+    again = StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path), threads=1)
+    assert rel(run(again), expected[0]) < 1e-4
+    assert len(conversions) == 1
+
+
+def test_the_openvino_disk_cache_is_keyed_by_the_weights(pipe):
+    sdkit_openvino = openvino_module()
+    unet = pipe.unet
+    key = sdkit_openvino.weights_hash(unet)
+    changed = StableDiffusionPipeline.from_pipe(pipe, unet=type(unet).from_config(dict(unet.config)))
+    changed.unet.load_state_dict({k: v + 0.01 for k, v in unet.state_dict().items()})
+    assert sdkit_openvino.weights_hash(changed.unet) != key
+    assert sdkit_openvino.weights_hash(unet) == key
+
+
+def test_openvino_refuses_a_half_precision_unet(pipe):
+    openvino_module()
+    p = StableDiffusionPipeline.from_pipe(pipe, unet=type(pipe.unet).from_config(dict(pipe.unet.config)).half())
+    with pytest.raises(ValueError, match="float32 on the CPU"):
+        p.compile(backend="openvino")

@@ -8,6 +8,7 @@ none is per-call state, so concurrent calls stay correct with them on:
     pipe.enable_vae_tiling()                # decode large images in blended tiles (close, no seams)
     pipe.enable_model_cpu_offload()         # accelerators: one model at a time on the device
     pipe.enable_sequential_cpu_offload()    # accelerators: one layer's weights at a time
+    pipe.compile(backend="openvino")        # CPU: the UNet compiled by OpenVINO (to ~1e-5)
     pipe.compile(backend="inductor")        # torch.compile of the UNet (GPU or CPU)
 
 The offload methods and torch.compile's CUDA graphs are for accelerators and are not tested on
@@ -61,19 +62,12 @@ class ModelOffload:
         return tuple(a.to(self.device) if torch.is_tensor(a) else a for a in args)
 
 
-class CompiledUNet:
-    """The UNet under ``torch.compile``: one static-shape graph per input shape, compiled on first use.
+class CompiledModel:
+    """What a compiled UNet shares: it calls like the UNet, reports its device and dtype, and runs
+    DeepCache's split forward on the eager UNet (that path is not compiled)."""
 
-    A shape's first call compiles under a lock (dynamo's compilation is not meant to run in
-    several threads at once); with ``mode="reduce-overhead"`` (CUDA graphs, which reuse their
-    buffers) every call holds it, so calls on the device run one at a time.
-    """
-
-    def __init__(self, unet, backend, **options):
+    def __init__(self, unet):
         self.unet = unet
-        self.function = torch.compile(unet, backend=backend, dynamic=False, **options)
-        self.serial = options.get("mode") == "reduce-overhead"
-        self._seen, self._lock = set(), threading.Lock()
 
     @property
     def device(self):
@@ -83,16 +77,6 @@ class CompiledUNet:
     def dtype(self):
         return self.unet.dtype
 
-    def __call__(self, sample, timestep, encoder_hidden_states):
-        timestep = torch.as_tensor(timestep, device=sample.device)  # a tensor input: no recompile per value
-        key = (tuple(sample.shape), tuple(encoder_hidden_states.shape))
-        if key in self._seen and not self.serial:
-            return self.function(sample, timestep, encoder_hidden_states)
-        with self._lock:
-            out = self.function(sample, timestep, encoder_hidden_states)
-            self._seen.add(key)
-            return out
-
     def deep_cache_forward(self, *args, **kwargs):
         return self.unet.deep_cache_forward(*args, **kwargs)
 
@@ -100,12 +84,42 @@ class CompiledUNet:
         return self.unet.deep_cache_branches()
 
 
+class CompiledUNet(CompiledModel):
+    """The UNet under ``torch.compile``: one static-shape graph per input shape, compiled on first use.
+
+    A shape's first call compiles under a lock (dynamo's compilation is not meant to run in
+    several threads at once); with ``mode="reduce-overhead"`` (CUDA graphs, which replay into the
+    same output buffers) every call holds it, so calls on the device run one at a time, and each
+    output is copied out before the next replay (samplers such as PNDM keep past outputs).
+    """
+
+    def __init__(self, unet, backend, **options):
+        super().__init__(unet)
+        self.function = torch.compile(unet, backend=backend, dynamic=False, **options)
+        self.serial = options.get("mode") == "reduce-overhead"
+        self._seen, self._lock = set(), threading.Lock()
+
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        timestep = torch.as_tensor(timestep, device=sample.device)  # a tensor input: no recompile per value
+        key = (tuple(sample.shape), tuple(encoder_hidden_states.shape))
+        if key in self._seen and not self.serial:
+            return self.function(sample, timestep, encoder_hidden_states)
+        with self._lock:
+            if self.serial:  # CUDA graphs replay into static buffers: mark the step, copy the output out
+                torch.compiler.cudagraph_mark_step_begin()
+                out = self.function(sample, timestep, encoder_hidden_states).clone()
+            else:
+                out = self.function(sample, timestep, encoder_hidden_states)
+            self._seen.add(key)
+            return out
+
+
 class PerformanceSettings:
     """The speed and memory methods of DiffusionPipeline (module docstring)."""
 
     _execution_device = None  # the accelerator while offloading (the models' own device is then the CPU)
     _offload_lock = None  # offloaded calls run one at a time: the hooks move shared models
-    _compiled_unet = None  # CompiledUNet of this pipeline's UNet, or None
+    _compiled_unet = None  # OpenVINOUNet or CompiledUNet of this pipeline's UNet, or None
 
     def _models(self):
         return [part for part in self.components.values() if isinstance(part, torch.nn.Module)]
@@ -149,8 +163,11 @@ class PerformanceSettings:
         """Keep the weights in CPU RAM and move each layer's to the accelerator only while it runs
         (accelerate's ``cpu_offload``): the least device memory, and slow. Untested here (no accelerator)."""
         target = accelerator(device, gpu_id, "enable_sequential_cpu_offload")
-        from accelerate import cpu_offload
-
+        try:
+            from accelerate import cpu_offload
+        except ImportError:
+            raise ImportError("enable_sequential_cpu_offload needs accelerate: pip install accelerate "
+                              "(or use enable_model_cpu_offload, which does not).") from None
         self.to("cpu")
         for part in self._models():
             cpu_offload(part, execution_device=target, offload_buffers=True)
@@ -165,14 +182,21 @@ class PerformanceSettings:
         return self._offload_lock if self._offload_lock is not None else contextlib.nullcontext()
 
     def compile(self, backend, cache_dir=None, **options):
-        """Run the UNet compiled: any ``torch.compile`` backend ("inductor", with ``mode=``:
-        "max-autotune", "reduce-overhead" for CUDA graphs), or None to go back to eager. Compile after
-        loading or changing the weights. Returns the pipeline."""
+        """Run the UNet compiled: ``backend="openvino"`` (CPU, float32, each static shape compiled on
+        first use and cached on disk under ``cache_dir``; ``threads=`` sets OpenVINO's), any
+        ``torch.compile`` backend ("inductor", with ``mode=``: "max-autotune", "reduce-overhead" for
+        CUDA graphs), or None to go back to eager. Compile after loading or changing the weights.
+        Returns the pipeline."""
         if backend is None:
             self._compiled_unet = None
+        elif backend == "openvino":
+            from .openvino import OpenVINOUNet
+
+            self._compiled_unet = OpenVINOUNet(self.unet, cache_dir, **options)
         else:
             if cache_dir is not None:
-                raise ValueError("cache_dir is OpenVINO's; torch.compile keeps its own cache (TORCHINDUCTOR_CACHE_DIR).")
+                raise ValueError("cache_dir is for backend='openvino'; torch.compile keeps its own cache "
+                                 "(TORCHINDUCTOR_CACHE_DIR).")
             self._compiled_unet = CompiledUNet(self.unet, backend, **options)
         return self
 

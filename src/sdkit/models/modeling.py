@@ -28,6 +28,32 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 DIFFUSERS_VERSION = "0.42.1"  # the layout we read and write
 
 
+class OutputTensor(torch.Tensor):
+    """A model's output tensor that also answers the reference's ``.sample`` (``unet(...).sample``).
+
+    It is the output itself (no copy); any operation on it gives a plain ``torch.Tensor``, so
+    code that takes ``unet(...)`` as a tensor runs as fast as before. ``return_dict=False`` gives
+    the reference's one-element tuple instead.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # ops return plain tensors, no overhead
+
+    @property
+    def sample(self):
+        return self.as_subclass(torch.Tensor)
+
+    def __deepcopy__(self, memo):
+        return self.as_subclass(torch.Tensor).clone()
+
+    def __reduce_ex__(self, protocol):  # pickled (torch.save) as a plain tensor
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+def model_output(x, return_dict):
+    """``x`` as the reference returns it: an OutputTensor (``.sample``), or ``(x,)`` for ``return_dict=False``."""
+    return x.as_subclass(OutputTensor) if return_dict else (x,)
+
+
 def variant_name(name, variant):
     """'a.safetensors' + 'fp16' -> 'a.fp16.safetensors' (the diffusers variant naming)."""
     if not variant:

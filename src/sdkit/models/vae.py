@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D
-from .modeling import ModelMixin
+from .modeling import ModelMixin, model_output
 
 
 @dataclass(frozen=True)
@@ -182,18 +182,22 @@ class AutoencoderKL(ModelMixin):
     def downsample_factor(self):
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    def encode(self, x):
-        """x: (B, 3, H, W) in [-1, 1] -> DiagonalGaussian over (B, latent_channels, H/f, W/f)."""
+    def encode(self, x, return_dict=True):
+        """x: (B, 3, H, W) in [-1, 1] -> DiagonalGaussian over (B, latent_channels, H/f, W/f), which is
+        also its own ``.latent_dist`` (the reference's ``vae.encode(x).latent_dist``); ``(dist,)``
+        with ``return_dict=False``."""
         h = self.encoder(x)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
-        return DiagonalGaussian(h)
+        return DiagonalGaussian(h) if return_dict else (DiagonalGaussian(h),)
 
-    def decode(self, z):
-        """z: (B, latent_channels, h, w) unscaled latents -> (B, 3, h*f, w*f), roughly in [-1, 1]."""
+    def decode(self, z, return_dict=True, generator=None):
+        """z: (B, latent_channels, h, w) unscaled latents -> (B, 3, h*f, w*f), roughly in [-1, 1]: a tensor
+        that also has the reference's ``.sample``, or ``(images,)`` with ``return_dict=False``.
+        ``generator`` is taken for the reference's signature; decoding draws no noise."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return model_output(self.decoder(z), return_dict)
 
     def forward(self, x, generator=None, sample_posterior=False):
         posterior = self.encode(x)

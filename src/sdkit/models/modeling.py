@@ -18,7 +18,7 @@ from torch import nn
 from .. import configuration
 from ..configuration import Config
 from ..files import atomic_write, read_json_object
-from ..hub import resolve_folder
+from ..hub import resolve_folder, weights_choice
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -275,20 +275,23 @@ class ModelMixin(nn.Module):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, torch_dtype=None,
                         variant=None, allow_pickle=False, local_files_only=None, revision=None,
-                        cache_dir=None, device=None):
+                        cache_dir=None, device=None, use_safetensors=None, low_cpu_mem_usage=None, token=None):
         """Load a model from a diffusers-layout folder (``config.json`` + safetensors) or repo id.
 
         ``variant="fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``; sharded checkpoints
         are read through their ``*.safetensors.index.json``. Pickle files (``.bin``, ``.ckpt``)
         load only with ``allow_pickle=True``, and then with ``torch.load(weights_only=True)``.
-        Parameters are cast to ``torch_dtype`` (float32 when not given).
+        Parameters are cast to ``torch_dtype`` (float32 when not given). The reference's
+        ``use_safetensors``, ``low_cpu_mem_usage`` and ``token`` are taken (``hub.weights_choice``).
         """
+        allow_pickle = weights_choice(cls.__name__, use_safetensors, low_cpu_mem_usage, allow_pickle)
         patterns = None
         if not os.path.exists(os.fspath(pretrained_model_name_or_path)):
             prefix = f"{subfolder}/" if subfolder else ""
             patterns = [f"{prefix}{CONFIG_NAME}", f"{prefix}*.safetensors", f"{prefix}*.json"]
         folder = resolve_folder(pretrained_model_name_or_path, subfolder, allow_patterns=patterns,
-                                local_files_only=local_files_only, revision=revision, cache_dir=cache_dir)
+                                local_files_only=local_files_only, revision=revision, cache_dir=cache_dir,
+                                token=token)
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: a {cls.__name__} folder needs a "

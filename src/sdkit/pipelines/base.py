@@ -112,6 +112,7 @@ class DiffusionPipeline:
     options_class = CallOptions  # the options of a call
 
     def __init__(self, **parts):
+        parts, _ = loading.reference_keywords(type(self).__name__, parts, loading=False)  # safety_checker=None, ...
         names = [p.name for p in self.parts]
         missing = [n for n in names if n not in parts]
         unknown = sorted(set(parts) - set(names))
@@ -152,8 +153,12 @@ class DiffusionPipeline:
         """Load a diffusers-layout pipeline folder or Hub repo id (model_index.json + part folders).
 
         Parts given as keywords (``scheduler=...``, ``vae=...``) replace the folder's. Parts sdkit
-        does not use (safety_checker, feature_extractor) are skipped.
+        does not use (safety_checker, feature_extractor) are skipped. The reference's loading
+        keywords that mean something here are taken: ``use_safetensors``, ``revision``,
+        ``cache_dir``, ``token``, ``low_cpu_mem_usage`` and the "no safety checker" forms
+        (``safety_checker=None``, ``requires_safety_checker=False``; see ``loading.reference_keywords``).
         """
+        components, hub = loading.reference_keywords(cls.__name__, components)
         names = [p.name for p in cls.parts]
         unknown = sorted(set(components) - set(names))
         if unknown:
@@ -161,7 +166,7 @@ class DiffusionPipeline:
                             f"passed are {names}.")
         parts = loading.load_components(pretrained_model_name_or_path, cls.parts, torch_dtype=torch_dtype,
                                         variant=variant, local_files_only=local_files_only,
-                                        skip=tuple(components))
+                                        skip=tuple(components), hub=hub)
         return cls(**{**parts, **components})
 
     @classmethod
@@ -177,6 +182,7 @@ class DiffusionPipeline:
         """
         from ..models.single_file import load_parts
 
+        components, _ = loading.reference_keywords(cls.__name__, components, loading=False)
         names = [p.name for p in cls.parts]
         unknown = sorted(set(components) - set(names))
         if unknown:

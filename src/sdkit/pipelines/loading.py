@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..files import atomic_write, read_json_object
-from ..hub import resolve_folder
+from ..hub import resolve_folder, weights_choice
 from ..models.modeling import DIFFUSERS_VERSION, PICKLE_SUFFIXES, check_safetensors
 
 logger = logging.getLogger(__name__)
@@ -139,15 +139,40 @@ def _download_patterns(parts, variant):
     return [MODEL_INDEX, "*/*.json", "*/*.txt", *(f"{p.name}/{weights}" for p in parts)]
 
 
-def _resolve(name_or_path, parts, variant, local_files_only):
-    """A local folder, else the Hub cache, else (online and allowed) a download."""
-    patterns = _download_patterns(parts, variant)
+def _resolve(name_or_path, parts, variant, local_files_only, hub=None):
+    """A local folder, else the Hub cache, else (online and allowed) a download; ``hub``: revision, cache_dir, token."""
+    patterns, hub = _download_patterns(parts, variant), hub or {}
     if local_files_only or os.path.exists(os.fspath(name_or_path)):
-        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=local_files_only)
+        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=local_files_only, **hub)
     try:
-        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=True)
+        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=True, **hub)
     except FileNotFoundError:
-        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=False)
+        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=False, **hub)
+
+
+# the reference's "no safety checker" keywords, at the values that mean it: sdkit has no checker
+NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "image_encoder": None,
+                     "requires_safety_checker": False}
+HUB_KEYWORDS = ("revision", "cache_dir", "token")  # the reference's download keywords, passed to the hub
+
+
+def reference_keywords(owner, keywords, loading=True):
+    """(the rest, hub keywords) of a pipeline's keyword arguments, after the reference's that sdkit takes.
+
+    The "no safety checker" forms (``safety_checker=None``, ``requires_safety_checker=False``, ...)
+    change nothing, since sdkit has no checker; any other value of them is an error. When
+    ``loading``, ``use_safetensors`` / ``low_cpu_mem_usage`` are checked (``hub.weights_choice``) and
+    ``revision`` / ``cache_dir`` / ``token`` go to the download.
+    """
+    rest = dict(keywords)
+    for name, value in NO_SAFETY_CHECKER.items():
+        if name in rest and rest.pop(name) is not value:
+            raise ValueError(f"{owner}: sdkit has no safety checker (nor feature extractor or image encoder), so "
+                             f"it cannot take {name}={keywords[name]!r}; pass {name}={value!r} or leave it out.")
+    if not loading:
+        return rest, {}
+    weights_choice(owner, rest.pop("use_safetensors", None), rest.pop("low_cpu_mem_usage", None))
+    return rest, {name: rest.pop(name) for name in HUB_KEYWORDS if name in rest}
 
 
 def read_model_index(folder):
@@ -176,9 +201,9 @@ def component_classes(index, parts, source):
 
 
 def load_components(name_or_path, parts=STABLE_DIFFUSION, torch_dtype=None, variant=None,
-                    local_files_only=False, skip=()):
+                    local_files_only=False, skip=(), hub=None):
     """Load the declared ``parts`` of a pipeline folder or repo id (those in ``skip`` are left out)."""
-    folder = _resolve(name_or_path, parts, variant, local_files_only)
+    folder = _resolve(name_or_path, parts, variant, local_files_only, hub)
     index = read_model_index(folder)
     classes = component_classes(index, parts, folder / MODEL_INDEX)
     missing = [p.name for p in parts if p.name not in classes and p.name not in skip]

@@ -236,13 +236,14 @@ class Scheduler:
                             lambda p: Path(p).write_text(text, encoding="utf-8"))
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, subfolder=None, local_files_only=None):
+    def from_pretrained(cls, path_or_repo_id, subfolder=None, local_files_only=None, revision=None, cache_dir=None,
+                        token=None):
         """Load scheduler_config.json from a folder or hub repo id (cache first), optionally in ``subfolder``."""
         from ..hub import resolve_folder
 
         pattern = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
-        folder = resolve_folder(path_or_repo_id, subfolder, allow_patterns=[pattern],
-                                local_files_only=local_files_only)
+        folder = resolve_folder(path_or_repo_id, subfolder, allow_patterns=[pattern], local_files_only=local_files_only,
+                                revision=revision, cache_dir=cache_dir, token=token)
         return cls.from_config(str(folder))
 
     def __repr__(self):

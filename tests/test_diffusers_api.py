@@ -90,3 +90,65 @@ def test_models_take_the_loading_keywords(tmp_path):
     (tmp_path / "config.json").write_text(open(TINY + "/vae/config.json").read())
     loaded = AutoencoderKL.from_pretrained(tmp_path, use_safetensors=False, allow_pickle=True)
     assert torch.equal(loaded.decoder.conv_out.weight, vae.decoder.conv_out.weight)
+
+
+# ------------------------------------------------------------------ (2) names
+@pytest.fixture(scope="module")
+def inpaint_folder(tmp_path_factory):
+    from helpers import build_reference_pipeline
+
+    return build_reference_pipeline(tmp_path_factory.mktemp("inpaint"), kind="inpaint")
+
+
+def test_every_scheduler_is_importable_from_sdkit():
+    names = [n for n in sdkit.schedulers.__all__ if n.endswith("Scheduler")]
+    assert len(names) > 20
+    for name in names + ["AysSchedules"]:
+        assert getattr(sdkit, name) is getattr(sdkit.schedulers, name), name
+    from sdkit import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler  # noqa: F401
+    with pytest.raises(AttributeError):
+        sdkit.NoSuchScheduler
+
+
+def test_reference_pipeline_names_are_sdkit_classes():
+    from sdkit import (Img2ImgPipeline, InpaintPipeline, StableDiffusionImg2ImgPipeline,
+                       StableDiffusionInpaintPipeline)
+
+    assert StableDiffusionImg2ImgPipeline is Img2ImgPipeline and StableDiffusionInpaintPipeline is InpaintPipeline
+    assert StableDiffusionImg2ImgPipeline.reference_class_name == "StableDiffusionImg2ImgPipeline"
+
+
+def test_diffusion_pipeline_loads_the_class_model_index_names(inpaint_folder):
+    import diffusers
+
+    for folder in (TINY, inpaint_folder):
+        ref = type(diffusers.DiffusionPipeline.from_pretrained(folder, safety_checker=None))
+        mine = sdkit.DiffusionPipeline.from_pretrained(folder, safety_checker=None, use_safetensors=True)
+        assert type(mine).reference_class_name == ref.__name__
+        assert mine.unet.config.in_channels == (9 if folder == inpaint_folder else 4)
+
+
+def test_diffusion_pipeline_refuses_a_class_sdkit_lacks(tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(TINY, tmp_path / "m")
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ValueError, match="'StableDiffusionXLPipeline', which sdkit does not have"):
+        sdkit.DiffusionPipeline.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("task", ["Text2Image", "Image2Image", "Inpainting"])
+def test_auto_pipelines_choose_the_reference_class(pipe, task):
+    import diffusers
+
+    ours_auto, ref_auto = getattr(sdkit, f"AutoPipelineFor{task}"), getattr(diffusers, f"AutoPipelineFor{task}")
+    ref = ref_auto.from_pretrained(TINY, safety_checker=None)
+    mine = ours_auto.from_pretrained(TINY, safety_checker=None, torch_dtype=torch.float32)
+    assert type(mine).reference_class_name == type(ref).__name__
+    assert type(ours_auto.from_pipe(pipe)).reference_class_name == type(ref_auto.from_pipe(ref)).__name__
+    shared = ours_auto.from_pipe(pipe, requires_safety_checker=False)
+    assert shared.unet is pipe.unet and shared.vae is pipe.vae
+    with pytest.raises(TypeError, match="from_pretrained"):
+        ours_auto()

@@ -138,6 +138,7 @@ class DiffusionPipeline:
     @classmethod
     def from_pipe(cls, pipe, **overrides):
         """A pipeline of this class on the same parts as `pipe` (weights shared, not copied)."""
+        overrides, _ = loading.reference_keywords(cls.__name__, overrides, loading=False)
         names = [p.name for p in cls.parts]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
@@ -152,12 +153,18 @@ class DiffusionPipeline:
                         local_files_only=False, **components):
         """Load a diffusers-layout pipeline folder or Hub repo id (model_index.json + part folders).
 
-        Parts given as keywords (``scheduler=...``, ``vae=...``) replace the folder's. Parts sdkit
+        ``DiffusionPipeline.from_pretrained`` loads the class that the folder's model_index.json
+        names. Parts given as keywords (``scheduler=...``, ``vae=...``) replace the folder's. Parts sdkit
         does not use (safety_checker, feature_extractor) are skipped. The reference's loading
         keywords that mean something here are taken: ``use_safetensors``, ``revision``,
         ``cache_dir``, ``token``, ``low_cpu_mem_usage`` and the "no safety checker" forms
         (``safety_checker=None``, ``requires_safety_checker=False``; see ``loading.reference_keywords``).
         """
+        if cls is DiffusionPipeline:  # the reference's generic loader: the class model_index.json names
+            from .auto import from_index
+
+            return from_index(pretrained_model_name_or_path, torch_dtype=torch_dtype, variant=variant,
+                              local_files_only=local_files_only, **components)
         components, hub = loading.reference_keywords(cls.__name__, components)
         names = [p.name for p in cls.parts]
         unknown = sorted(set(components) - set(names))

@@ -152,3 +152,40 @@ def test_auto_pipelines_choose_the_reference_class(pipe, task):
     assert shared.unet is pipe.unet and shared.vae is pipe.vae
     with pytest.raises(TypeError, match="from_pretrained"):
         ours_auto()
+
+
+# ------------------------------------------------------------------ (3) object shapes
+def test_image_processor_converts_as_the_reference():
+    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
+    from helpers import sample_image
+
+    ref, mine = VaeImageProcessor(vae_scale_factor=8), StableDiffusionPipeline.from_pretrained(TINY).image_processor
+    image = sample_image(70)  # not a multiple of 8: rounded down to 64
+    for kw in ({}, {"height": 48, "width": 32}):
+        expected = ref.preprocess(image, **kw)
+        got = mine.preprocess(image, **kw)
+        assert got.shape == expected.shape and (got - expected).abs().max() <= 1e-6
+    x = torch.rand(2, 3, 16, 16) * 2.2 - 1.1
+    assert (mine.preprocess(x) == ref.preprocess(x)).all()  # already in [-1, 1]
+    for output_type in ("np", "pt"):
+        assert np.allclose(np.asarray(mine.postprocess(x, output_type)), np.asarray(ref.postprocess(x, output_type)),
+                           atol=1e-6)
+    pils = [np.asarray(a) for a in mine.postprocess(x)]
+    assert all((a == np.asarray(b)).all() for a, b in zip(pils, ref.postprocess(x)))
+    flags = [True, False]
+    assert torch.allclose(mine.postprocess(x, "pt", flags), ref.postprocess(x, "pt", flags))
+    arr = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)
+    assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(mine.numpy_to_pil(arr), ref.numpy_to_pil(arr)))
+    assert (mine.pil_to_numpy(image) == ref.pil_to_numpy(image)).all()
+
+
+def test_output_has_no_nsfw_flags_and_the_progress_bar_follows_its_config(pipe, capsys):
+    out = pipe("a red circle", num_inference_steps=2, output_type="latent")
+    assert out.nsfw_content_detected is None
+    assert list(pipe.progress_bar(range(3))) == [0, 1, 2]
+    with pipe.progress_bar(total=2) as bar:
+        bar.update(2)
+    assert capsys.readouterr().err == ""  # disable=True from set_progress_bar_config
+    with pytest.raises(ValueError, match="iterable or a total"):
+        pipe.progress_bar()

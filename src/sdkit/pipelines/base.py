@@ -37,6 +37,7 @@ from .options import CallOptions
 class PipelineOutput:
     images: Any  # list of PIL images | (B, H, W, 3) float array | (B, 3, H, W) tensor | latents
     interrupted: bool = False  # True when the callback stopped the run before its last step
+    nsfw_content_detected: Any = None  # the reference's safety-checker flags: None, sdkit has no checker
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,21 @@ class DiffusionPipeline:
     @property
     def vae_scale_factor(self):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_processor(self):
+        """The reference's ``pipe.image_processor`` (``preprocess`` / ``postprocess``) for this VAE's factor."""
+        from .image_processor import VaeImageProcessor
+
+        return VaeImageProcessor(self.vae_scale_factor)
+
+    def progress_bar(self, iterable=None, total=None):
+        """A tqdm bar with ``set_progress_bar_config``'s options, as the reference's ``pipe.progress_bar``."""
+        from tqdm.auto import tqdm
+
+        if iterable is None and total is None:
+            raise ValueError("progress_bar needs an iterable or a total.")
+        return tqdm(iterable, total=total, **self._progress_bar_config)
 
     def default_size(self):
         """(height, width) of images when a call gives none: the UNet's sample size times the VAE factor."""

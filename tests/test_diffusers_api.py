@@ -189,3 +189,150 @@ def test_output_has_no_nsfw_flags_and_the_progress_bar_follows_its_config(pipe, 
     assert capsys.readouterr().err == ""  # disable=True from set_progress_bar_config
     with pytest.raises(ValueError, match="iterable or a total"):
         pipe.progress_bar()
+
+
+# ------------------------------------------------------------------ (5) call arguments
+@pytest.fixture(scope="module")
+def pair():
+    """(reference, sdkit) pipelines of the bundled model."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(TINY, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    mine = StableDiffusionPipeline.from_pretrained(TINY)
+    mine.set_progress_bar_config(disable=True)
+    return ref, mine
+
+
+def both(pair, scheduler=None, **kw):
+    """The same call on both pipelines (with ``scheduler``, a class name, swapped in for it): np images of each."""
+    import diffusers
+
+    out = []
+    for p in pair:
+        library = diffusers if type(p).__module__.startswith("diffusers") else sdkit
+        sch = getattr(library, scheduler).from_config(p.scheduler.config) if scheduler else p.scheduler
+        args = {"num_inference_steps": 4, "output_type": "np", "scheduler": sch, **kw}
+        if library is diffusers:  # the reference takes no per-call scheduler: swap it in and back
+            p.scheduler, original = args.pop("scheduler"), p.scheduler
+        try:
+            out.append(p("a red circle", generator=torch.Generator().manual_seed(0), **args).images)
+        finally:
+            if library is diffusers:
+                p.scheduler = original
+    return out
+
+
+def close(a, b, tol=2 / 255):
+    import numpy as np
+
+    assert a.shape == b.shape and float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= tol
+
+
+def recorder(log, edit=None):
+    def on_step_end(pipe, step, timestep, callback_kwargs):
+        log.append((step, int(timestep), callback_kwargs["latents"].clone()))
+        return edit(pipe, step, callback_kwargs) if edit else callback_kwargs
+
+    return on_step_end
+
+
+def test_step_end_callback_sees_and_replaces_latents_as_in_the_reference(pair):
+    def halve(pipe, step, kwargs):
+        return {"latents": kwargs["latents"] * 0.5} if step == 1 else kwargs
+
+    logs = ([], [])
+    images = [both((p,), callback_on_step_end=recorder(log, halve), callback_on_step_end_tensor_inputs=["latents"])[0]
+              for p, log in zip(pair, logs)]
+    close(*images)
+    assert abs(images[1] - both(pair[1:])[0]).max() > 0.05
+    assert [s for s, _, _ in logs[0]] == [s for s, _, _ in logs[1]] == [0, 1, 2, 3]
+    assert [t for _, t, _ in logs[0]] == [t for _, t, _ in logs[1]]
+    for (_, _, a), (_, _, b) in zip(*logs):
+        assert (a - b).abs().max() < 1e-4
+
+
+def test_dynamic_guidance_callback_from_the_reference_docs(pair):
+    """The reference docs' example: guidance off after 40 % of the steps (scale 0, cond embeddings only)."""
+    def stop_guidance(pipe, step, timestep, callback_kwargs):
+        if step == int(pipe.num_timesteps * 0.4):
+            callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"].chunk(2)[-1]
+            pipe._guidance_scale = 0.0
+        return callback_kwargs
+
+    images = both(pair, callback_on_step_end=stop_guidance, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+                  num_inference_steps=5)
+    close(*images)
+    assert abs(images[1] - both(pair[1:], num_inference_steps=5)[0]).max() > 0.05  # the callback changed the run
+
+
+def test_interrupt_stops_only_its_own_call(pair):
+    import threading
+
+    ref, mine = pair
+
+    def interrupt(pipe, step, timestep, callback_kwargs):
+        if step == 1:
+            pipe._interrupt = True
+        return callback_kwargs
+
+    stopped = both(pair, callback_on_step_end=interrupt)
+    close(*stopped)
+    full = both((mine,))[0]
+    assert abs(stopped[1] - full).max() > 0.05
+    results = {}
+
+    def run(name, **kw):
+        results[name] = mine("a red circle", num_inference_steps=4, output_type="np",
+                             generator=torch.Generator().manual_seed(0), **kw)
+
+    threads = [threading.Thread(target=run, args=("stopped",), kwargs={"callback_on_step_end": interrupt}),
+               threading.Thread(target=run, args=("full",))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["stopped"].interrupted and not results["full"].interrupted
+    assert (results["full"].images == full).all()
+    with pytest.raises(AttributeError, match="only during a call"):
+        mine._interrupt
+
+
+def test_old_callback_every_callback_steps_as_the_reference():
+    import diffusers
+
+    logs = ([], [])
+    for cls, log in zip((diffusers.StableDiffusionPipeline, StableDiffusionPipeline), logs):
+        p = cls.from_pretrained(TINY, safety_checker=None)
+        p.set_progress_bar_config(disable=True)
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore", FutureWarning)
+            p("a circle", num_inference_steps=5, output_type="latent", callback_steps=2,
+              callback=lambda i, t, latents, log=log: log.append((i, int(t), latents.clone())))
+    assert [x[:2] for x in logs[0]] == [x[:2] for x in logs[1]] and len(logs[0]) == 3
+
+
+def test_return_dict_false_gives_the_reference_tuple(pair):
+    ref, mine = pair
+    images, nsfw = mine("a circle", num_inference_steps=2, output_type="np", return_dict=False)
+    ref_images, ref_nsfw = ref("a circle", num_inference_steps=2, output_type="np", return_dict=False)
+    assert nsfw is None is ref_nsfw and images.shape == ref_images.shape
+
+
+@pytest.mark.parametrize("kind", ["timesteps", "sigmas"])
+def test_custom_schedules_in_a_call_give_the_reference_pixels(pair, kind):
+    values = sdkit.AysSchedules["StableDiffusion" + kind.capitalize()]
+    images = both(pair, scheduler="EulerDiscreteScheduler", **{kind: values})  # num_inference_steps is ignored
+    close(*images)
+    assert abs(images[1] - both(pair[1:], scheduler="EulerDiscreteScheduler")[0]).max() > 0.02
+
+
+def test_call_argument_errors_are_clear(pipe):
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs \\['mask'\\] are not offered"):
+        pipe("a circle", callback_on_step_end=lambda *a: a[-1], callback_on_step_end_tensor_inputs=["mask"])
+    with pytest.raises(ValueError, match="DDIMScheduler takes no custom timesteps"):
+        pipe("a circle", timesteps=[999, 500])
+    with pytest.raises(ValueError, match="callback_steps must be an integer >= 1"):
+        pipe("a circle", callback_steps=0)
+    with pytest.raises(TypeError, match="return the callback_kwargs dict"):
+        pipe("a circle", num_inference_steps=1, callback_on_step_end=lambda *a: None)

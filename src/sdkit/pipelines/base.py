@@ -27,7 +27,7 @@ from ..files import plain_modes
 from ..noise import SeedNoise
 from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
-from . import loading, memory, prompting
+from . import compat, loading, memory, prompting
 from .denoising import ModelCall, classifier_free_guidance, compose, unet_model
 from .images import to_output
 from .options import CallOptions
@@ -105,8 +105,11 @@ def repeat_to_batch(x, batch_size, what):
     return x.repeat_interleave(batch_size // b, dim=0)
 
 
-class DiffusionPipeline:
-    """Base of the Stable Diffusion pipelines. Build from parts, or with ``from_pretrained``."""
+class DiffusionPipeline(compat.CallStateMixin):
+    """Base of the Stable Diffusion pipelines. Build from parts, or with ``from_pretrained``.
+
+    The reference's per-call attributes (``pipe._interrupt``, ``pipe.guidance_scale``, ...) answer
+    from the call running in this thread, inside its callbacks only (compat.py)."""
 
     reference_class_name = "StableDiffusionPipeline"  # written to model_index.json
     parts = loading.STABLE_DIFFUSION  # the parts this pipeline needs (loading.Part)
@@ -346,8 +349,8 @@ class DiffusionPipeline:
 
         with torch.inference_mode():
             device, dtype = self.device, self.dtype
-            state = scheduler.set_timesteps(options.num_inference_steps, device=device,
-                                            strength=options.denoising_strength, **run_options)
+            compat.check_lora_scale(self, options)
+            state = compat.set_timesteps(scheduler, options, device, run_options)  # steps, or custom timesteps / sigmas
             guidance = prompting.guidance_for_call(options)
             self._check_memory(options, height, width, guidance)
             seed_noise = options.seed_noise(device, self.vae_scale_factor)
@@ -356,15 +359,18 @@ class DiffusionPipeline:
             conditioning = self.prepare_conditioning(run, options)
             start = self.prepare_start(run, options)
             start = dataclasses.replace(start, latents=scheduler.begin(start.latents, state, generator))
+            callbacks = compat.StepCallbacks(self, options, run, conditioning)  # the reference's callbacks
+            start, run = callbacks.wrap(start, run)
             model = self.prepare_model(run, start)
-            latents, interrupted = self._denoise(model, conditioning, start, run, options.callback)
+            with callbacks.active():
+                latents, interrupted = self._denoise(model, conditioning, start, run, callbacks.callback)
             check_finite(latents, "denoised latents", options)
             if options.output_type == "latent":
-                return PipelineOutput(latents, interrupted)
+                return compat.returned(PipelineOutput(latents, interrupted), options)
             images = (self._decode(latents, options) * 0.5 + 0.5).clamp(0, 1)
             if start.finish is not None:
                 images = start.finish(images)
-            return PipelineOutput(to_output(images, options.output_type), interrupted)
+            return compat.returned(PipelineOutput(to_output(images, options.output_type), interrupted), options)
 
     def _denoise(self, model, conditioning, start, run, callback):
         """The denoising loop every pipeline shares: ``model(x, call)``, then the scheduler's step.

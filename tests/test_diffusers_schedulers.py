@@ -195,3 +195,15 @@ def test_stateful_step_keywords_and_tuple_form_match_the_reference():
             y = s.step(model(y, t), t, y, eta=1.0, generator=g, return_dict=False)[0]
         outs.append(y)
     assert ((outs[1] - outs[0]).norm() / outs[0].norm()).item() < 1e-6
+
+
+def test_a_setting_changed_in_the_config_dict_is_kept():
+    """``{**sch.config, key: value}`` keeps value even where _use_default_values lists the key (the reference
+    drops it, silently); an unchanged listed key still takes the new class's default, as in the reference."""
+    ddim = ours.DDIMScheduler.from_config(SD15)
+    assert "timestep_spacing" in ddim.config["_use_default_values"]
+    assert ours.DDIMScheduler.from_config({**ddim.config, "timestep_spacing": "trailing"}).config.timestep_spacing == \
+        "trailing"
+    assert ours.EulerDiscreteScheduler.from_config(ddim.config).config.timestep_spacing == "linspace"
+    karras = ours.from_name("DPM++ 2M", ours.from_name("DPM++ 2M", SD15).config, schedule="Karras")
+    assert karras.config["schedule_type"] == "karras"

@@ -70,11 +70,29 @@ def carried_config(cls, values):
     its config, so a later swap sees them again (``PNDMScheduler.from_config(ddim.config)`` keeps the
     file's ``skip_prk_steps``).
     """
-    defaults = set(values.get("_use_default_values") or ())
+    defaults = _left_at_defaults(values)
     values = {k: v for k, v in values.items() if k not in defaults and k != "_use_default_values"}
     fields = set(cls.config_keys())
     carried = {k: configuration.plain(v) for k, v in values.items() if not k.startswith("_") and k not in fields}
     return values, carried, frozenset(k for k in values if k in fields)
+
+
+def _left_at_defaults(values):
+    """The keys of a config that its ``_use_default_values`` lists and that still hold its class's default.
+
+    A listed key given another value since (``{**sch.config, "timestep_spacing": "trailing"}``) is
+    kept, where the reference would drop it; for a class sdkit lacks, every listed key is dropped.
+    """
+    from .registry import get_scheduler_class
+
+    listed = set(values.get("_use_default_values") or ())
+    try:
+        source = get_scheduler_class(values.get("_class_name"))
+    except ValueError:
+        return listed
+    defaults = {f.name: configuration.plain(f.default) for f in dataclasses.fields(source.config_class)
+                if f.default is not dataclasses.MISSING}
+    return {k for k in listed if k not in defaults or defaults[k] == configuration.plain(values.get(k))}
 
 
 @dataclass(frozen=True)

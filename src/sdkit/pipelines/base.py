@@ -128,6 +128,8 @@ class DiffusionPipeline(compat.CallStateMixin):
             if part.check is not None:
                 part.check(parts[part.name])
             setattr(self, part.name, parts[part.name])
+        if "scheduler" in parts:
+            self.scheduler = loading.reference_scheduler(self.scheduler, type(self).__name__)
         self._progress_bar_config = {}
         self._fp32_vae = None  # lazily made float32 copy of a half-precision VAE (NaN guard)
         self._fp32_lock = threading.Lock()

@@ -240,8 +240,17 @@ class StepCallbacks:
         return dataclasses.replace(call, prompt=prompt)
 
     def callback(self, i, t, latents):
-        """The loop's callback: the older reference callback every callback_steps steps; False stops the run."""
-        old = self.options.callback
-        if old is not None and i % (self.options.callback_steps or 1) == 0 and old(i, t, latents) is False:
+        """The loop's callback: ``callback`` after every model call, or, with ``callback_steps``, where the
+        reference's older form calls it (every callback_steps steps, not in a warm-up); False stops the run."""
+        old, every = self.options.callback, self.options.callback_steps
+        if old is not None and (every is None or self._reference_callback_step(i, every)) and old(i, t, latents) is False:
             return False
         return False if self.state.interrupt else None
+
+    def _reference_callback_step(self, i, every):
+        """Whether the reference calls ``callback`` after loop index ``i``: past the warm-up model calls (PNDM's
+        repeated first step), at the last call or after each full step, every ``every`` steps."""
+        state, order = self.run.state, self.run.scheduler.order
+        warmup = len(state.schedule) - state.num_inference_steps * order
+        last = i == len(state.timesteps) - 1
+        return (last or (i + 1 > warmup and (i + 1) % order == 0)) and i % every == 0

@@ -8,6 +8,7 @@ A pipeline class declares its parts as a tuple of :class:`Part`; loading, ``comp
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -113,6 +114,23 @@ def _load_scheduler(folder, class_name, torch_dtype, variant):
         raise ValueError(f"{folder.parent / MODEL_INDEX} names the scheduler {class_name!r}, which sdkit "
                          f"does not have. {e} Pass one to from_pretrained(..., scheduler=...).") from None
     return scheduler_class.from_config(folder)
+
+
+def reference_scheduler(scheduler, owner):
+    """The scheduler as the reference's SD pipelines take it: their constructors set steps_offset to 1 and
+    clip_sample to False (with a deprecation note), so sdkit's do too, for the reference's pixels."""
+    config, fixes = scheduler.config, {}
+    if config.get("steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    if config.get("clip_sample", False) is True:
+        fixes["clip_sample"] = False
+    if not fixes:
+        return scheduler
+    changes = ", ".join(f"{k}={config[k]!r} -> {v!r}" for k, v in fixes.items())
+    warnings.warn(f"{owner}: the scheduler's {changes}, as the reference's Stable Diffusion pipelines set them "
+                  f"(an outdated config); set pipe.scheduler afterwards, or pass scheduler= in the call, to sample with "
+                  f"it unchanged.", stacklevel=4)
+    return type(scheduler).from_config(config, **fixes)
 
 
 def check_scheduler(scheduler):

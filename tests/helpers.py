@@ -156,6 +156,27 @@ def one_torch_thread():
         torch.set_num_threads(before)
 
 
+def concurrently(fn, count):
+    """[fn(0), ..., fn(count - 1)], each run in its own thread, all started together; errors re-raised."""
+    import threading
+
+    results, errors, barrier = [None] * count, [], threading.Barrier(count)
+
+    def worker(i):
+        try:
+            barrier.wait()
+            results[i] = fn(i)
+        except Exception as e:  # re-raised in the calling thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 # -- broken model folders (for the error tests) -----------------------------------------------------
 
 class Payload:

@@ -3,7 +3,6 @@
 import copy
 import json
 import shutil
-import threading
 import warnings
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import sdkit.schedulers as sch
-from helpers import build_reference_pipeline, one_torch_thread, sample_image, sample_mask
+from helpers import build_reference_pipeline, concurrently, one_torch_thread, sample_image, sample_mask
 from sdkit import Img2ImgPipeline, InpaintPipeline, StableDiffusionPipeline
 
 SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
@@ -82,22 +81,7 @@ def test_eight_threads_give_the_sequential_images(pipe):
                     scheduler=job["scheduler"], output_type="np").images
 
     expected = [run(job) for job in jobs]
-    results, errors = [None] * len(jobs), []
-    barrier = threading.Barrier(len(jobs))
-
-    def worker(i):
-        try:
-            barrier.wait()
-            results[i] = run(jobs[i])
-        except Exception as e:  # re-raised in the main thread below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = concurrently(lambda i: run(jobs[i]), len(jobs))
     for i, (a, b) in enumerate(zip(expected, results)):
         np.testing.assert_array_equal(a, b, err_msg=f"job {i}")
 

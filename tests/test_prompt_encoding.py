@@ -392,8 +392,8 @@ def test_plain_encode_prompt_matches_the_reference(pipe, reference):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompt="a <lora:style:0.8> cat", prompt_syntax="a1111"),
-     r"<lora:style:0.8>: LoRA tags need LoRA loading.*'style' cannot be applied"),
-    (dict(prompt="a <lyco:grain:0.5:0.2>", prompt_syntax="a1111"), r"<lyco:grain:0.5:0.2>: LoRA tags"),
+     r"<lora:style:0.8>: no LoRA named 'style': loaded adapters: none; no lora_dirs given"),
+    (dict(prompt="a <lyco:grain:0.5:0.2>", prompt_syntax="a1111"), r"<lyco:grain:0.5:0.2>: no LoRA named 'grain'"),
     (dict(prompt="a <hypernet:h:1>", prompt_syntax="a1111"), r"no 'hypernet' extra networks"),
     (dict(prompt="a", prompt_syntax="a1111", clip_skip=1), r"clip_stop_at_last_layers=2"),
     (dict(prompt="a", clip_stop_at_last_layers=2), r"with 'plain' pass clip_skip=1"),

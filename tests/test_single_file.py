@@ -314,23 +314,36 @@ def test_full_size_pipelines_export_as_sd(family, unet, text, expected):
 
 
 @pytest.mark.slow
-def test_sd15_unet_round_trip_with_weights(tmp_path):
-    """The SD 1.5 UNet (860M parameters) with random fp16 weights through a real file: every tensor back."""
+def test_sd15_pipeline_round_trip_with_weights(tmp_path):
+    """A whole SD 1.5-shaped pipeline (860M-parameter UNet, SD VAE, CLIP ViT-L) with random fp16
+    weights: folder -> single file -> folder gives every tensor back."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdkit.clip_vocab import SD1_PAD, clip_tokenizer
+    from sdkit.models.single_file import build_scheduler
+
     g = torch.Generator().manual_seed(0)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(SD15)
-    unet = unet.to_empty(device="cpu").half()
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float16))
-    exported, _ = ldm.unet_to_ldm(unet.state_dict(), unet.config)
-    save_file({ldm.UNET_PREFIX + k: v.contiguous() for k, v in exported.items()}, tmp_path / "unet.safetensors")
-    del exported
-    back = UNet2DConditionModel.from_single_file(tmp_path / "unet.safetensors", torch_dtype=torch.float16)
-    assert back.config == {**unet.config, "sample_size": 64}
-    ours = back.state_dict()
-    for key, value in unet.state_dict().items():
-        assert torch.equal(ours[key], value), key
+        parts = dict(unet=UNet2DConditionModel.from_config(SD15), vae=AutoencoderKL.from_config(VAE_TABLE["SD"] | dict(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)),
+            text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=49408, **TEXT_TABLE["CLIP ViT-L (SD 1)"][1])))
+    for name, part in parts.items():
+        parts[name] = part = part.to_empty(device="cpu").half()
+        with torch.no_grad():
+            for p in part.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float16) * 0.02)
+            for key, b in part.named_buffers():  # CLIP's position ids
+                if key.endswith("position_ids"):
+                    b.copy_(torch.arange(b.shape[-1]).expand_as(b))
+    pipe = StableDiffusionPipeline(tokenizer=clip_tokenizer(SD1_PAD), scheduler=build_scheduler("epsilon"), **parts)
+    pipe.save_pretrained(tmp_path / "folder")
+    folder = StableDiffusionPipeline.from_pretrained(tmp_path / "folder", torch_dtype=torch.float16)
+    folder.save_single_file(tmp_path / "sd15.safetensors")
+    back = quiet(StableDiffusionPipeline.from_single_file(tmp_path / "sd15.safetensors", prediction_type="epsilon",
+                                                          torch_dtype=torch.float16))
+    assert back.unet.config == {**pipe.unet.config, "sample_size": 64}
+    assert sum(p.numel() for p in back.unet.parameters()) > 859e6
+    _assert_same_weights(pipe, back)
 
 
 # -- prediction type ----------------------------------------------------------------------------

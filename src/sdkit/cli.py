@@ -271,15 +271,59 @@ def _clip_skip_option(args):
     return {"clip_skip": args.clip_skip - 1}  # the reference counts the layers skipped
 
 
-def model_hash(path):
-    """A1111's short model hash of a checkpoint file: the first 10 hex digits of its SHA-256."""
+def _sha256(path, skip_header=False):
+    """The SHA-256 hex digest of a file; ``skip_header``: of a .safetensors file's tensor bytes only."""
     import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if skip_header:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:10]
+    return digest.hexdigest()
+
+
+def model_hash(path):
+    """A1111's short model hash of a checkpoint file: the first 10 hex digits of its SHA-256."""
+    return _sha256(path)[:10]
+
+
+def lora_hash(path):
+    """A1111's short LoRA hash: 12 hex digits of kohya's "addnet" hash for .safetensors (the SHA-256 of
+    the bytes after the header, so metadata edits keep it), of the SHA-256 for other files."""
+    return _sha256(path, skip_header=path.lower().endswith(".safetensors"))[:12]
+
+
+def embedding_hash(path):
+    """A1111's short embedding hash ("TI hashes"): the first 12 hex digits of the file's SHA-256."""
+    return _sha256(path)[:12]
+
+
+def _network_fields(args, pipe):
+    """A1111's "Lora hashes" and "TI hashes" of the LoRA files the prompt's tags name and the embeddings
+    the prompt and negative prompt use, as sdkit.infotext fields (((name, hash), ...); names without
+    ":" and ",", as A1111 writes them)."""
+    from sdkit.embeddings import Triggers, folder_embeddings
+    from sdkit.pipelines.adapters import find_lora_file, lora_tags
+
+    def clean(name):
+        return name.replace(":", "").replace(",", "")
+
+    fields = []
+    if args.prompt_syntax == "a1111" and args.lora_dir:
+        paths = [(t.name, find_lora_file(t.name, args.lora_dir)) for t in lora_tags([args.prompt])]
+        hashes = tuple((clean(n), lora_hash(p)) for n, p in paths if p)
+        if hashes:
+            fields.append(("Lora hashes", hashes))
+    if args.embeddings_dir:
+        embeddings = folder_embeddings(args.embeddings_dir)
+        files = {e.name: e.path for e in embeddings}
+        triggers = Triggers(embeddings, pipe.tokenizer, pipe.text_encoder.config.hidden_size)
+        used = triggers.used(pipe.tokenizer, [args.prompt, args.negative], args.prompt_syntax == "a1111")
+        if used:
+            fields.append(("TI hashes", tuple((clean(n), embedding_hash(files[n])) for n in used)))
+    return fields
 
 
 def _show_loading_log(quiet):
@@ -321,12 +365,14 @@ def _seed_options(args, seed):
                 scheduler_options=args.scheduler_options or None)
 
 
-def _infotext(args, scheduler, run_options, seed, subseed, image, model, strength, file_hash):
-    """The A1111 parameters text of one image of this run (CFG scale 0 to 1 runs unguided: written as 1)."""
+def _infotext(args, scheduler, run_options, seed, subseed, image, model, strength, file_hash, network_fields=()):
+    """The A1111 parameters text of one image of this run (CFG scale 0 to 1 runs unguided: written as 1);
+    ``network_fields``: the run's "Lora hashes" and "TI hashes" (``_network_fields``)."""
     import sdkit
     from sdkit import infotext
 
     extra = [("CFG Rescale phi", args.guidance_rescale)] if args.guidance_rescale else []
+    extra += list(network_fields)
     return infotext.create(
         args.prompt, args.negative, steps=args.steps, scheduler=scheduler, run_options=run_options,
         cfg_scale=max(args.guidance, 1.0), seed=seed, width=image.width, height=image.height, model=model,
@@ -450,7 +496,8 @@ def generate(args):
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative or None, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, num_images_per_prompt=args.batch, height=args.height,
                   width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale,
-                  prompt_syntax=args.prompt_syntax, **_clip_skip_option(args), **_seed_options(args, seed),
+                  prompt_syntax=args.prompt_syntax, lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir,
+                  allow_pickle=args.allow_pickle, **_clip_skip_option(args), **_seed_options(args, seed),
                   allow_large=True)  # _check_sizes has checked, or --allow-large was given
     strength = None
     if mask is not None:
@@ -463,7 +510,7 @@ def generate(args):
         pipe.set_progress_bar_config(disable=True)
     try:
         images = pipe(**kwargs).images
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
@@ -479,10 +526,11 @@ def generate(args):
     run_options = scheduler.make_options(**run_options)
     seeds, subseeds = a1111_seeds(seed, args.batch, args.subseed, args.subseed_strength)
     file_hash = model_hash(model) if os.path.isfile(model) else None
+    network_fields = _network_fields(args, pipe)
     items, shown = [], []
     for i, (image, path) in enumerate(zip(images, paths)):
         params = _infotext(args, scheduler, run_options, seeds[i], subseeds[i] if subseeds else None, image,
-                           _model_label(model), strength, file_hash).text
+                           _model_label(model), strength, file_hash, network_fields).text
         items.append((lambda image=image: image, path, params))
         shown.append(path)
         if scale > 1:
@@ -604,6 +652,12 @@ def build_parser():
     g.add_argument("--clip-skip", type=int, default=1,
                    help="A1111's Clip skip: 1 (default) uses the text encoder's last layer, 2 the one before, ... "
                         "(no effect on SD 2 models with a1111 syntax, as in A1111)")
+    g.add_argument("--lora-dir", action="append", metavar="DIR",
+                   help="a folder of LoRA files for the prompt's <lora:name:weight> tags (name = file stem; may "
+                        "be given more than once); written to the PNG as Lora hashes")
+    g.add_argument("--embeddings-dir", action="append", metavar="DIR",
+                   help="a folder of textual-inversion embeddings whose file stems are trigger words (may be "
+                        "given more than once); those used are written to the PNG as TI hashes")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--batch", type=int, default=1, help="number of images")

@@ -14,25 +14,34 @@ encoder with another length it is ``min(tokenizer.model_max_length, max_position
   batch is rescaled so its mean equals the unweighted mean.
 - OpenCLIP text encoders (SD 2: the tokenizer's pad token is not its EOS) have the positions after
   the first EOS set to the pad id, as A1111's ``sd_hijack_open_clip.py`` does.
+- Textual-inversion embeddings (``triggers``, ``sdkit.embeddings``): a trigger word's tokens become n
+  placeholders for its n vectors, which start a new chunk when they do not fit in this one (A1111's
+  ``tokenize_line``). Where the comma back-off moves text that holds an embedding to the next
+  chunk, its vectors move with it; A1111 leaves them at their old positions (in the old chunk's
+  padding) and reads the moved placeholders as the token "!".
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from .clip_vocab import is_open_clip, prepare
+from .clip_vocab import is_open_clip
+from .embeddings import PLACEHOLDER
 from .prompts import BREAK, parse_emphasis
-from .text import _TOKENIZER_LOCK, hidden_states
+from .per_call import token_vectors
+from .text import _TOKENIZER_LOCK, hidden_states, text_root, token_ids
 
 DEFAULT_COMMA_PADDING_BACKTRACK = 20  # A1111's comma_padding_backtrack setting
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One text-encoder input: ``L + 2`` token ids (BOS, text, EOS padding) and a weight for each."""
+    """One text-encoder input: ``L + 2`` token ids (BOS, text, EOS padding), a weight for each, and the
+    embedding vectors that replace placeholder tokens."""
 
     tokens: tuple
     weights: tuple
+    fixes: tuple = ()  # ((position in tokens, (n, D) vectors), ...)
 
 
 def chunk_length(tokenizer, text_encoder=None):
@@ -45,11 +54,12 @@ def chunk_length(tokenizer, text_encoder=None):
     return positions - 2
 
 
-def _wrap(tokenizer, tokens, weights, L):
+def _wrap(tokenizer, tokens, weights, L, fixes=()):
     """A :class:`Chunk` of up to L text tokens: padded with EOS to L, then BOS ... EOS around them."""
     pad = L - len(tokens)
     eos = tokenizer.eos_token_id
-    return Chunk((tokenizer.bos_token_id, *tokens, *[eos] * pad, eos), (1.0, *weights, *[1.0] * pad, 1.0))
+    return Chunk((tokenizer.bos_token_id, *tokens, *[eos] * pad, eos), (1.0, *weights, *[1.0] * pad, 1.0),
+                 tuple((1 + position, vectors) for position, vectors in fixes))
 
 
 def empty_chunk(tokenizer, L):
@@ -59,42 +69,59 @@ def empty_chunk(tokenizer, L):
 
 def _token_ids(tokenizer, texts):
     """(token ids of each text, the id of the word-final comma or None), read under the tokenizer lock."""
-    texts, options = prepare(tokenizer, texts)
+    ids = token_ids(tokenizer, texts)
     with _TOKENIZER_LOCK:
-        ids = tokenizer(texts, truncation=False, add_special_tokens=False, verbose=False, **options)["input_ids"]
         return ids, tokenizer.get_vocab().get(",</w>")
 
 
-def chunk_text(tokenizer, text, L, comma_padding_backtrack=DEFAULT_COMMA_PADDING_BACKTRACK):
-    """The chunks of one prompt text (emphasis parsed, ``BREAK`` and comma back-off applied)."""
+def chunk_text(tokenizer, text, L, comma_padding_backtrack=DEFAULT_COMMA_PADDING_BACKTRACK, triggers=None):
+    """The chunks of one prompt text (emphasis parsed, ``BREAK`` and comma back-off applied, the
+    trigger words of ``triggers`` replaced by their embeddings' placeholders)."""
     pieces = parse_emphasis(text)
     ids, comma = _token_ids(tokenizer, [text for text, _ in pieces])
-    chunks, tokens, weights = [], [], []
+    chunks, tokens, weights, fixes = [], [], [], []  # fixes: (position in tokens, vectors)
     last_comma = -1  # position in ``tokens`` of the chunk's last comma
 
     def close():
-        nonlocal tokens, weights, last_comma
-        chunks.append(_wrap(tokenizer, tokens, weights, L))
-        tokens, weights, last_comma = [], [], -1
+        nonlocal tokens, weights, fixes, last_comma
+        chunks.append(_wrap(tokenizer, tokens, weights, L, fixes))
+        tokens, weights, fixes, last_comma = [], [], [], -1
 
     for piece_ids, piece in zip(ids, pieces):
         if piece == BREAK:
             close()
             continue
-        for token in piece_ids:
+        position = 0
+        while position < len(piece_ids):
+            token = piece_ids[position]
             if token == comma:
                 last_comma = len(tokens)
             elif (comma_padding_backtrack and len(tokens) == L and last_comma != -1
                   and len(tokens) - last_comma <= comma_padding_backtrack):
                 cut = last_comma + 1
-                moved = tokens[cut:], weights[cut:]
-                tokens, weights = tokens[:cut], weights[:cut]
+                moved = tokens[cut:], weights[cut:], [(p - cut, v) for p, v in fixes if p >= cut]
+                tokens, weights, fixes = tokens[:cut], weights[:cut], [(p, v) for p, v in fixes if p < cut]
                 close()
-                tokens, weights = moved
+                tokens, weights, fixes = moved
             if len(tokens) == L:
                 close()
-            tokens.append(token)
-            weights.append(piece[1])
+            found = triggers.find(piece_ids, position) if triggers else None
+            if found is None:
+                tokens.append(token)
+                weights.append(piece[1])
+                position += 1
+                continue
+            embedding, length = found
+            vectors = triggers.vectors(embedding)
+            if len(vectors) > L:
+                raise ValueError(f"embedding {embedding.name!r} has {len(vectors)} vectors, more than the {L} tokens "
+                                 f"of a prompt chunk: this text encoder cannot read it.")
+            if len(tokens) + len(vectors) > L:
+                close()
+            fixes.append((len(tokens), vectors))
+            tokens += [PLACEHOLDER] * len(vectors)
+            weights += [piece[1]] * len(vectors)
+            position += length
     if tokens or not chunks:
         close()
     return chunks
@@ -107,7 +134,8 @@ def encode_chunks(text_encoder, tokenizer, chunks, layer=1):
     if is_open_clip(tokenizer):
         for row, chunk in zip(ids, chunks):
             row[chunk.tokens.index(tokenizer.eos_token_id) + 1:] = tokenizer.pad_token_id
-    z = hidden_states(text_encoder, ids, layer)
+    with token_vectors(text_root(text_encoder).embeddings.token_embedding, [c.fixes for c in chunks]):
+        z = hidden_states(text_encoder, ids, layer)
     weights = torch.tensor([c.weights for c in chunks], device=device)  # (B, L + 2), float32 as in A1111
     mean = z.mean()
     z = z * weights[..., None]
@@ -115,15 +143,16 @@ def encode_chunks(text_encoder, tokenizer, chunks, layer=1):
 
 
 def encode_texts(text_encoder, tokenizer, texts, layer=1,
-                 comma_padding_backtrack=DEFAULT_COMMA_PADDING_BACKTRACK):
+                 comma_padding_backtrack=DEFAULT_COMMA_PADDING_BACKTRACK, triggers=None):
     """(len(texts), chunks * (L + 2), D): the texts encoded together, chunk by chunk, as A1111 does.
 
     ``layer``: A1111's "Clip skip" (``CLIP_stop_at_last_layers``: 1 = the last layer; N = hidden
     state -N and the final layer norm). Texts encoded together share each chunk's emphasis
-    rescaling, as the texts of one prompt's schedule do in A1111.
+    rescaling, as the texts of one prompt's schedule do in A1111. ``triggers``: the call's
+    textual-inversion embeddings (``embeddings.Triggers``).
     """
     L = chunk_length(tokenizer, text_encoder)
-    per_text = [chunk_text(tokenizer, text, L, comma_padding_backtrack) for text in texts]
+    per_text = [chunk_text(tokenizer, text, L, comma_padding_backtrack, triggers) for text in texts]
     empty = empty_chunk(tokenizer, L)
     n = max(len(chunks) for chunks in per_text)
     return torch.cat([encode_chunks(text_encoder, tokenizer, [c[k] if k < len(c) else empty for c in per_text],

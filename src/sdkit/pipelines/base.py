@@ -10,7 +10,8 @@ threads at once. A call goes:
     model = pipe.prepare_model(run, start)     # unet -> pieces -> guidance (denoising.py)
     latents = pipe._denoise(model, conditioning, start, run, callback)   # the one loop
 
-Each pipeline adds only its options and its ``prepare_start``.
+Each pipeline adds only its options and its ``prepare_start``. LoRA adapters and textual-inversion
+embeddings (adapters.py) are chosen per call (``run.networks``) and never change shared weights.
 """
 
 import copy
@@ -23,11 +24,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .. import per_call
 from ..files import plain_modes
 from ..noise import SeedNoise
 from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
 from . import compat, loading, memory, prompting
+from .adapters import NO_NETWORKS, AdapterLoaderMixin, with_adapters
 from .denoising import ModelCall, classifier_free_guidance, compose, unet_model
 from .images import to_output
 from .options import CallOptions
@@ -53,6 +56,7 @@ class Run:
     guidance: Callable  # the guidance piece (denoising.ClassifierFreeGuidance or ConditionalOnly)
     device: torch.device
     dtype: torch.dtype  # the UNet's dtype: latents and context are kept in it
+    networks: Any = NO_NETWORKS  # the call's LoRA plans and embeddings (adapters.CallNetworks)
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def repeat_to_batch(x, batch_size, what):
     return x.repeat_interleave(batch_size // b, dim=0)
 
 
-class DiffusionPipeline(compat.CallStateMixin):
+class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin):
     """Base of the Stable Diffusion pipelines. Build from parts, or with ``from_pretrained``.
 
     The reference's per-call attributes (``pipe._interrupt``, ``pipe.guidance_scale``, ...) answer
@@ -152,6 +156,8 @@ class DiffusionPipeline(compat.CallStateMixin):
         shared = {n: getattr(pipe, n) for n in names if hasattr(pipe, n)}
         new = cls(**{**shared, **overrides})
         new._progress_bar_config = dict(pipe._progress_bar_config)
+        if not {"unet", "text_encoder"} & set(overrides):  # the same layers: the same LoRAs and embeddings
+            new._network_registry = pipe._networks
         return new
 
     @classmethod
@@ -301,13 +307,17 @@ class DiffusionPipeline(compat.CallStateMixin):
     def prepare_conditioning(self, run, options):
         """The prompt embeddings of every model call (``.at(index)``): the same at every step, or
         A1111's per-step schedule (prompting.py)."""
-        request = prompting.request_for_call(options, run.guidance.needs_uncond)
-        return prompting.conditioning(self.text_encoder, self.tokenizer, request, options.num_images_per_prompt,
-                                      run.device, run.dtype)
+        networks = run.networks
+        request = prompting.request_for_call(options, run.guidance.needs_uncond,
+                                             networks.triggers(self.tokenizer, self.text_encoder))
+        with per_call.using(networks.text_encoder):
+            return prompting.conditioning(self.text_encoder, self.tokenizer, request, options.num_images_per_prompt,
+                                          run.device, run.dtype)
 
     def encode_prompt(self, prompt, negative_prompt=None, prompt_syntax="plain", clip_skip=None,
                       clip_stop_at_last_layers=None, num_inference_steps=None,
-                      comma_padding_backtrack=prompting.DEFAULT_COMMA_PADDING_BACKTRACK):
+                      comma_padding_backtrack=prompting.DEFAULT_COMMA_PADDING_BACKTRACK, adapters=None,
+                      lora_dirs=None, embedding_dirs=None, allow_pickle=False):
         """(prompt_embeds, negative_prompt_embeds) a call with these prompts would use, for
         ``pipe(prompt_embeds=..., negative_prompt_embeds=...)``.
 
@@ -315,20 +325,25 @@ class DiffusionPipeline(compat.CallStateMixin):
         A1111 prompts that change during the run or use AND, ``prompting.ScheduledPromptEmbeds``
         (those need ``num_inference_steps``, the call's step count). ``clip_skip`` is the
         reference's (layers skipped; "plain" only), ``clip_stop_at_last_layers`` A1111's Clip skip
-        (1 = last layer; "a1111" only). One row per prompt: a call repeats them per image.
+        (1 = last layer; "a1111" only). One row per prompt: a call repeats them per image. The text
+        encoder's LoRA weights and the embeddings are those a call with these options would use.
         """
-        with torch.no_grad():  # not inference mode: callers may edit the embeddings
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        networks = self.networks_for_call(prompts, prompt_syntax, adapters, lora_dirs, embedding_dirs, allow_pickle)
+        with torch.no_grad(), per_call.using(networks.text_encoder):  # not inference mode: callers may edit them
             return prompting.encode_prompt(self.text_encoder, self.tokenizer, prompt, negative_prompt, prompt_syntax,
                                            clip_skip, clip_stop_at_last_layers, num_inference_steps,
-                                           comma_padding_backtrack, self.device, self.dtype)
+                                           comma_padding_backtrack, self.device, self.dtype,
+                                           networks.triggers(self.tokenizer, self.text_encoder))
 
     def prepare_start(self, run, options):
         """How the run starts (the pipeline's own part): a :class:`Start`."""
         raise NotImplementedError
 
     def prepare_model(self, run, start):
-        """The model function of this run: the UNet, then the start's pieces, then the guidance."""
-        return compose(unet_model(self.unet), [*start.pieces, run.guidance])
+        """The model function of this run: the UNet (with the call's LoRAs), then the start's pieces, then
+        the guidance."""
+        return compose(unet_model(self.unet), [with_adapters(run.networks.unet), *start.pieces, run.guidance])
 
     def _scheduler_options(self, scheduler, options):
         """The run options for the scheduler: ``scheduler_options`` plus ``eta`` where it has one."""
@@ -354,10 +369,14 @@ class DiffusionPipeline(compat.CallStateMixin):
             compat.check_lora_scale(self, options)
             state = compat.set_timesteps(scheduler, options, device, run_options)  # steps, or custom timesteps / sigmas
             guidance = prompting.guidance_for_call(options)
+            networks = self.networks_for_call(options.prompts if options.prompt is not None else None,
+                                              options.prompt_syntax, options.adapters, options.lora_dirs,
+                                              options.embedding_dirs, options.allow_pickle)
             self._check_memory(options, height, width, guidance)
             seed_noise = options.seed_noise(device, self.vae_scale_factor)
             generator = options.generator if seed_noise is None else seed_noise
-            run = Run(options.batch_size, height, width, generator, scheduler, state, guidance, device, dtype)
+            run = Run(options.batch_size, height, width, generator, scheduler, state, guidance, device, dtype,
+                      networks)
             conditioning = self.prepare_conditioning(run, options)
             start = self.prepare_start(run, options)
             start = dataclasses.replace(start, latents=scheduler.begin(start.latents, state, generator))

@@ -119,7 +119,7 @@ def check_lora_scale(pipe, options):
     are ``adapters={name: weight}``.
     """
     scale = (options.cross_attention_kwargs or {}).get("scale", 1.0)
-    active = getattr(pipe, "get_active_adapters", lambda: [])()
+    active = options.adapters or getattr(pipe, "get_active_adapters", lambda: [])()
     if scale != 1.0 and active:
         raise ValueError(f"cross_attention_kwargs={{'scale': {scale}}} is not applied to LoRA adapters in sdkit; "
                          f"pass adapters={{name: weight * {scale}}} for this call instead.")

@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 
 from ..text_chunks import DEFAULT_COMMA_PADDING_BACKTRACK
+from .adapters import check_network_options
 from .compat import check_call_options
 from .prompting import check_prompt_options, embeds_count
 
@@ -70,6 +71,15 @@ class CallOptions:
         penultimate (= clip_skip 1), for prompt and negative prompt; no effect on SD 2, as in A1111.
     comma_padding_backtrack: with "a1111", A1111's setting: when a 75-token chunk fills up, text
         after a comma among its last this-many tokens moves to the next chunk (0: off).
+    adapters: the LoRA adapters of this call only, ``{name: weight}`` (a weight may be a pair
+        (text_encoder_weight, unet_weight)), whatever set_adapters chose; ``{}`` for none. Names are
+        adapters loaded with load_lora_weights. The pipeline's shared weights never change.
+    lora_dirs: folders where "a1111" prompts' ``<lora:name:w>`` tags find ``name.safetensors`` (when no
+        adapter of that name is loaded); a tag's weights replace those ``adapters`` gives it.
+    embedding_dirs: folders of textual-inversion embeddings whose file stems are trigger words for
+        this call (besides those loaded with load_textual_inversion).
+    allow_pickle: let this call read .pt / .ckpt / .bin files from lora_dirs and embedding_dirs
+        (through torch.load(weights_only=True)).
     allow_large: run even when the memory estimate of this size and batch exceeds the memory at
         hand (``sdkit.pipelines.memory``); by default such a call is refused before it starts.
     seed: A1111 seeds instead of ``generator``: image k of the batch uses seed + k with its own
@@ -114,6 +124,10 @@ class CallOptions:
     clip_skip: Optional[int] = None
     clip_stop_at_last_layers: Optional[int] = None
     comma_padding_backtrack: int = DEFAULT_COMMA_PADDING_BACKTRACK
+    adapters: Optional[dict] = None
+    lora_dirs: Any = None
+    embedding_dirs: Any = None
+    allow_pickle: bool = False
     allow_large: bool = False
     seed: Optional[int] = None
     subseed: Optional[int] = None
@@ -177,6 +191,7 @@ class CallOptions:
             raise ValueError(f"prompt must be a string or a non-empty list of strings (or pass prompt_embeds), "
                              f"got {self.prompt!r}.")
         check_prompt_options(self)
+        check_network_options(self)
         negative = self.negative_prompt
         if negative is not None and not isinstance(negative, str):
             if not _strings(negative):

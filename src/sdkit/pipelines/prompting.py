@@ -19,8 +19,11 @@
   prompt's chunk, so both run in one UNet batch: A1111 with its "Pad prompt/negative prompt"
   setting on (off by default, where it runs the two lengths as separate UNet batches);
   prompts of one batch (and AND parts) of different lengths repeat their last vector, as A1111 does.
-- Extra-network tags (``<lora:name:w>``, ``<lyco:...>``) are cut from the text; applying them
-  needs LoRA loading, which sdkit does not have yet, so a call with one raises an error naming it.
+- Extra-network tags (``<lora:name:w>``, ``<lyco:...>``) are cut from the text; the pipeline reads
+  the LoRA tags before encoding and applies them per call (``pipelines/adapters.py``); other kinds
+  of tag are an error naming them.
+- Textual-inversion embeddings reach the text encoders through ``triggers`` (``embeddings.Triggers``),
+  in prompts and negative prompts, on both paths.
 
 ``pipe.encode_prompt`` returns the embeddings a call would use: tensors when they are the same at
 every step, else :class:`ScheduledPromptEmbeds`; both go back in as ``prompt_embeds=`` /
@@ -41,7 +44,7 @@ from ..text_chunks import (DEFAULT_COMMA_PADDING_BACKTRACK, chunk_length, empty_
 from .denoising import ClassifierFreeGuidance, PromptEmbeds, classifier_free_guidance, guidance_for
 
 PROMPT_SYNTAXES = ("plain", "a1111")
-LORA_KINDS = ("lora", "lyco")
+LORA_KINDS = ("lora", "lyco")  # applied by the pipeline (adapters.py) before encoding
 
 
 @dataclass(frozen=True)
@@ -247,13 +250,11 @@ def read_a1111(prompts, steps, negative=False):
 
 
 def check_tags(tags):
-    """Raise for extra-network tags: LoRA tags cannot be applied yet, other kinds not at all."""
+    """Raise for extra-network tags other than LoRA's (the pipeline applies those before encoding)."""
     for tag in (t for found in tags for t in found):
-        if tag.kind in LORA_KINDS:
-            lora = syntax.lora_tag(tag)
-            raise ValueError(f"{tag.text}: LoRA tags need LoRA loading, which sdkit does not have yet, so "
-                             f"'{lora.name}' cannot be applied; remove the tag from the prompt.")
-        raise ValueError(f"{tag.text}: sdkit has no '{tag.kind}' extra networks; remove the tag from the prompt.")
+        if tag.kind not in LORA_KINDS:
+            raise ValueError(f"{tag.text}: sdkit has no '{tag.kind}' extra networks; remove the tag from the "
+                             f"prompt.")
 
 
 def a1111_layer(tokenizer, text_encoder, clip_stop_at_last_layers):
@@ -267,7 +268,8 @@ def a1111_layer(tokenizer, text_encoder, clip_stop_at_last_layers):
     return layer
 
 
-def encode_a1111(text_encoder, tokenizer, read, layer, comma_padding_backtrack, empty, device, dtype):
+def encode_a1111(text_encoder, tokenizer, read, layer, comma_padding_backtrack, empty, device, dtype,
+                 triggers=None):
     """ScheduledPromptEmbeds of read A1111 prompts: each part's schedule texts encoded together."""
     cache, out = {}, []
     for parts in read.parts:
@@ -275,7 +277,8 @@ def encode_a1111(text_encoder, tokenizer, read, layer, comma_padding_backtrack, 
         for weight, schedule in parts:
             texts = tuple(text for _, text in schedule)
             if texts not in cache:
-                cache[texts] = encode_texts(text_encoder, tokenizer, texts, layer, comma_padding_backtrack)
+                cache[texts] = encode_texts(text_encoder, tokenizer, texts, layer, comma_padding_backtrack,
+                                            triggers)
             ends = tuple(end for end, _ in schedule)
             encoded.append((weight, PromptSchedule(ends, cache[texts].to(device=device, dtype=dtype))))
         out.append(tuple(encoded))
@@ -302,6 +305,7 @@ class _Request:
     comma_padding_backtrack: int = DEFAULT_COMMA_PADDING_BACKTRACK
     steps: Optional[int] = None
     guidance: bool = True
+    triggers: object = None  # the call's textual-inversion embeddings (embeddings.Triggers)
 
 
 def encode_request(text_encoder, tokenizer, request, device, dtype):
@@ -321,9 +325,10 @@ def encode_request(text_encoder, tokenizer, request, device, dtype):
             read = read_a1111(texts, request.steps, negative)
             check_tags(read.tags)
             return encode_a1111(text_encoder, tokenizer, read, layer, request.comma_padding_backtrack, empty, device,
-                                dtype)
+                                dtype, request.triggers)
         # the reference's clip_skip applies to the prompts only (text.encode_prompts)
-        return encode_text(text_encoder, tokenizer, texts, device, dtype, None if negative else request.clip_skip)
+        return encode_text(text_encoder, tokenizer, texts, device, dtype, None if negative else request.clip_skip,
+                           request.triggers)
 
     count = len(request.prompts) if request.prompts is not None else len(request.prompt_embeds)
     cond = side(request.prompts, request.prompt_embeds, False)
@@ -364,7 +369,7 @@ def conditioning(text_encoder, tokenizer, request, num_images_per_prompt, device
             check_layer(text_encoder, request.clip_skip + 1, f"clip_skip={request.clip_skip}")
         return PromptEmbeds(*encode_prompts(text_encoder, tokenizer, request.prompts, request.negative_prompts,
                                             num_images_per_prompt, request.guidance, device, dtype,
-                                            request.clip_skip))
+                                            request.clip_skip, request.triggers))
     cond, uncond, empty = encode_request(text_encoder, tokenizer, request, device, dtype)
     fixed = fixed_pair(cond, uncond, empty)
     if fixed is not None:
@@ -377,23 +382,23 @@ def conditioning(text_encoder, tokenizer, request, num_images_per_prompt, device
     return StepConditioning(cond, uncond, empty, num_images_per_prompt)
 
 
-def request_for_call(options, guidance):
-    """What a pipeline call encodes (its options: text or embeddings, syntax, clip skip)."""
+def request_for_call(options, guidance, triggers=None):
+    """What a pipeline call encodes (its options: text or embeddings, syntax, clip skip; its embeddings)."""
     return _Request(options.prompts if options.prompt is not None else None, options.negative_prompts,
                     options.prompt_embeds, options.negative_prompt_embeds, options.prompt_syntax, options.clip_skip,
                     options.clip_stop_at_last_layers, options.comma_padding_backtrack, options.num_inference_steps,
-                    guidance)
+                    guidance, triggers)
 
 
 def encode_prompt(text_encoder, tokenizer, prompt, negative_prompt=None, prompt_syntax="plain", clip_skip=None,
                   clip_stop_at_last_layers=None, num_inference_steps=None,
-                  comma_padding_backtrack=DEFAULT_COMMA_PADDING_BACKTRACK, device=None, dtype=None):
+                  comma_padding_backtrack=DEFAULT_COMMA_PADDING_BACKTRACK, device=None, dtype=None, triggers=None):
     """(prompt_embeds, negative_prompt_embeds) of ``DiffusionPipeline.encode_prompt``."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
     check_text_options(prompt_syntax, clip_skip, clip_stop_at_last_layers, comma_padding_backtrack)
     request = _Request(prompts, None if negatives is None else list(negatives), None, None, prompt_syntax, clip_skip,
-                       clip_stop_at_last_layers, comma_padding_backtrack, num_inference_steps, True)
+                       clip_stop_at_last_layers, comma_padding_backtrack, num_inference_steps, True, triggers)
     cond, uncond, empty = encode_request(text_encoder, tokenizer, request, device, dtype)
     fixed = fixed_pair(cond, uncond, empty)
     return fixed if fixed is not None else (_scheduled(cond), _scheduled(uncond))

@@ -336,3 +336,17 @@ def test_call_argument_errors_are_clear(pipe):
         pipe("a circle", callback_steps=0)
     with pytest.raises(TypeError, match="return the callback_kwargs dict"):
         pipe("a circle", num_inference_steps=1, callback_on_step_end=lambda *a: None)
+
+
+def test_outdated_scheduler_configs_are_fixed_as_the_reference_constructors_do(pipe):
+    """The reference's SD pipelines set steps_offset=1 and clip_sample=False on the scheduler they are given."""
+    import diffusers
+
+    config = {**dict(pipe.scheduler.config), "steps_offset": 0, "clip_sample": True}
+    ref = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler": diffusers.DDIMScheduler.from_config(
+        config)}, safety_checker=None, feature_extractor=None, requires_safety_checker=False).scheduler
+    with pytest.warns(UserWarning, match="steps_offset=0 -> 1, clip_sample=True -> False"):
+        mine = StableDiffusionPipeline(**{**pipe.components,
+                                          "scheduler": sdkit.DDIMScheduler.from_config(config)}).scheduler
+    assert (mine.config.steps_offset, mine.config.clip_sample) == (ref.config.steps_offset, ref.config.clip_sample) \
+        == (1, False)

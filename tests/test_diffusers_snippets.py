@@ -634,3 +634,44 @@ def test_snippet_runs_on_sdkit_with_the_reference_pixels(name, model, models, tm
     diff = float(np.abs(ours - expected).max())
     WORST[name, model] = diff
     assert diff <= TOL, f"{name} on {model}: max abs difference {diff * 255:.2f}/255"
+
+
+# ---------------------------------------------------------------- the scheduler swap matrix
+MATRIX = list(sdkit.schedulers.SCHEDULER_CLASSES)
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                  "clip_sample": False}  # runwayml/stable-diffusion-v1-5's scheduler_config.json
+
+
+@pytest.fixture(scope="module")
+def matrix_pipes(models):
+    """source -> (reference pipeline, sdkit pipeline, scheduler config): the bundled model with its own
+    config, and the tiny SD 1 pipeline with SD 1.5's."""
+    out = {}
+    for source, model in (("bundled", "bundled"), ("sd15", "tiny")):
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(models[model], safety_checker=None)
+        ours = sdkit.StableDiffusionPipeline.from_pretrained(models[model])
+        for p in (ref, ours):
+            p.set_progress_bar_config(disable=True)
+        config = dict(ref.scheduler.config) if source == "bundled" else SD15_SCHEDULER
+        out[source] = ref, ours, config
+    return out
+
+
+@pytest.mark.parametrize("source", ["bundled", "sd15"])
+@pytest.mark.parametrize("first", MATRIX)
+def test_scheduler_swap_matrix_gives_the_reference_pixels(matrix_pipes, source, first):
+    """pipe.scheduler = Second.from_config(First.from_config(config).config), for every Second."""
+    ref_pipe, our_pipe, config = matrix_pipes[source]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dropped zero-SNR keys (the bundled config) warn on both sides
+        ref_first, our_first = getattr(diffusers, first).from_config(config), sdkit.schedulers.SCHEDULER_CLASSES[
+            first].from_config(config)
+        for second in MATRIX:
+            ref_pipe.scheduler = getattr(diffusers, second).from_config(ref_first.config)
+            our_pipe.scheduler = sdkit.schedulers.SCHEDULER_CLASSES[second].from_config(our_first.config)
+            images = [p("a red circle", num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+                      for p in (ref_pipe, our_pipe)]
+            diff = float(np.abs(images[0] - images[1]).max())
+            assert diff <= TOL, f"{first} -> {second} from the {source} config: {diff * 255:.2f}/255"

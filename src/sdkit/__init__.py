@@ -33,6 +33,8 @@ __all__ = ["TINY_MODEL", "__version__", *_LAZY]
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in ("models", "pipelines", "schedulers"):  # sdkit.schedulers.X without importing it first
+        return importlib.import_module(f"sdkit.{name}")
     if name.endswith("Scheduler") or name == "AysSchedules":  # every scheduler, as from sdkit.schedulers
         schedulers = importlib.import_module("sdkit.schedulers")
         if name in schedulers.__all__:

@@ -634,7 +634,7 @@ def build_parser():
     _add_single_file_options(g)
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", "--cfg-scale", type=float, help=f"classifier-free guidance scale (CFG) >= 0; 0 to 1 is no "
+    g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (CFG) >= 0; 0 to 1 is no "
                                                    f"guidance (written as CFG scale 1); default "
                                                    f"{DEFAULT_GUIDANCE:g}, {BUNDLED_GUIDANCE:g} for the bundled model")
     g.add_argument("--guidance-rescale", type=float,
@@ -642,9 +642,11 @@ def build_parser():
                         f"{BUNDLED_GUIDANCE_RESCALE:g} for the bundled model")
     g.add_argument("--seed", type=int, help="random seed, 0 to 2**64-1 (-1 or not given: random, printed and "
                                             "written as the seed used; image k of a batch uses seed + k)")
-    g.add_argument("--scheduler", "--sampler", help="A1111 sampler name (A1111's sampling), e.g. 'Euler a', "
-                                                    "'DPM++ 2M', 'DPM++ 2M Karras', or an sdkit class name, e.g. "
-                                                    "DDIMScheduler (--sampler and --cfg-scale: A1111 scripts' names)")
+    g.add_argument("--scheduler", help="A1111 sampler name (A1111's sampling), e.g. 'Euler a', 'DPM++ 2M', "
+                                       "'DPM++ 2M Karras', or an sdkit class name, e.g. DDIMScheduler")
+    # A1111 scripts' names for --guidance and --scheduler (errors name the main option)
+    g.add_argument("--cfg-scale", dest="guidance", type=float, help="the same as --guidance")
+    g.add_argument("--sampler", dest="scheduler", help="the same as --scheduler")
     g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
                    help="a1111 (default): read the prompts as A1111 does: (word:1.2), [word], BREAK, more than 75 "
                         "tokens, [from:to:when], [a|b], AND; plain: as the reference pipeline does (one window of "

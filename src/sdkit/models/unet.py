@@ -224,7 +224,8 @@ class UNet2DConditionModel(ModelMixin):
         prediction: a tensor that also has the reference's ``.sample`` (``modeling.OutputTensor``),
         or ``(prediction,)`` with ``return_dict=False``, as the reference returns it."""
         if cross_attention_kwargs:
-            raise ValueError(f"UNet2DConditionModel takes no cross_attention_kwargs (got {sorted(cross_attention_kwargs)}): "
+            raise ValueError(f"UNet2DConditionModel takes no cross_attention_kwargs "
+                             f"(got {sorted(cross_attention_kwargs)}): "
                              f"sdkit has no attention processors to pass them to; leave them out.")
         return model_output(self._predict(sample, timestep, encoder_hidden_states), return_dict)
 

@@ -35,7 +35,7 @@ class CallState:
     cross_attention_kwargs: Optional[dict]
     num_timesteps: int
     interrupt: bool = False  # set by a callback: stop after this step
-    context: Optional[torch.Tensor] = None  # prompt_embeds returned by a step-end callback: the UNet's context from then on
+    context: Optional[torch.Tensor] = None  # prompt_embeds a step-end callback returned: the UNet's context from then
 
 
 def running_call(pipe):
@@ -92,7 +92,8 @@ def check_call_options(options):
                          f"callbacks get {', '.join(CALLBACK_TENSOR_INPUTS)}.")
     steps = options.callback_steps
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"callback_steps must be an integer >= 1 (call the callback every that many steps), got {steps!r}.")
+        raise ValueError(f"callback_steps must be an integer >= 1 (call the callback every that many steps), "
+                         f"got {steps!r}.")
     if not isinstance(options.return_dict, bool):
         raise ValueError(f"return_dict must be True or False, got {options.return_dict!r}.")
     if options.timesteps is not None and options.sigmas is not None:

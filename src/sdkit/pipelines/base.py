@@ -366,11 +366,11 @@ class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin):
 
         with torch.inference_mode():
             device, dtype = self.device, self.dtype
-            compat.check_lora_scale(self, options)
             state = compat.set_timesteps(scheduler, options, device, run_options)  # steps, or custom timesteps / sigmas
             guidance = prompting.guidance_for_call(options)
+            adapters = compat.lora_adapters(self, options)  # adapters=, scaled by cross_attention_kwargs["scale"]
             networks = self.networks_for_call(options.prompts if options.prompt is not None else None,
-                                              options.prompt_syntax, options.adapters, options.lora_dirs,
+                                              options.prompt_syntax, adapters, options.lora_dirs,
                                               options.embedding_dirs, options.allow_pickle)
             self._check_memory(options, height, width, guidance)
             seed_noise = options.seed_noise(device, self.vae_scale_factor)

@@ -113,17 +113,25 @@ def tensor_inputs(options):
     return [names] if isinstance(names, str) else list(names)
 
 
-def check_lora_scale(pipe, options):
-    """Refuse ``cross_attention_kwargs={"scale": s}`` where it cannot be honoured: with LoRA adapters active.
+def lora_adapters(pipe, options):
+    """The call's ``adapters`` after ``cross_attention_kwargs={"scale": s}``, the reference's LoRA scale: every
+    adapter the call uses (``adapters=``, else the set_adapters choice; not fused ones) at its weights times s.
 
-    Without adapters the scale changes nothing, as in the reference; sdkit's per-call adapter weights
-    are ``adapters={name: weight}``.
+    Without adapters the scale changes nothing, as in the reference; A1111 prompt tags keep their own weights.
     """
+    from .adapters import adapter_weight
+
     scale = (options.cross_attention_kwargs or {}).get("scale", 1.0)
-    active = options.adapters or getattr(pipe, "get_active_adapters", lambda: [])()
-    if scale != 1.0 and active:
-        raise ValueError(f"cross_attention_kwargs={{'scale': {scale}}} is not applied to LoRA adapters in sdkit; "
-                         f"pass adapters={{name: weight * {scale}}} for this call instead.")
+    if scale == 1.0:
+        return options.adapters
+    chosen = options.adapters
+    if chosen is None:
+        registry = pipe._networks
+        with registry.lock:
+            fused = registry.fused[0] if registry.fused else ()
+            chosen = {n: registry.weights[n] for n in registry.active if n not in fused}
+    return {name: tuple(w * scale for w in adapter_weight(weight, f"adapters[{name!r}]"))
+            for name, weight in chosen.items()}
 
 
 def set_timesteps(scheduler, options, device, run_options):

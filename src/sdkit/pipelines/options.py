@@ -99,7 +99,8 @@ class CallOptions:
     return_dict: False returns the reference's tuple (images, nsfw_content_detected).
     timesteps, sigmas: a custom schedule instead of ``num_inference_steps`` (e.g. ``AysSchedules``),
         for the schedulers whose ``custom_schedules`` list it (as in the reference).
-    cross_attention_kwargs: only ``{"scale": s}``, the reference's LoRA weight (compat.check_lora_scale).
+    cross_attention_kwargs: only ``{"scale": s}``, the reference's LoRA scale: the call's adapters at their
+        weights times s (compat.lora_adapters).
     """
 
     positional: ClassVar[tuple] = ("prompt",)  # the arguments a call may give by position

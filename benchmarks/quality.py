@@ -1,23 +1,27 @@
-"""Prompt adherence of the bundled tiny-shapes model, read back by the shapes judge.
+"""Prompt adherence and geometry of the bundled tiny-shapes model, read back from the pixels.
 
     python benchmarks/quality.py                 # the bundled model (sdkit.TINY_MODEL)
     python benchmarks/quality.py --model DIR     # any shapes pipeline folder
 
-Prints one markdown table: for each setting, the fraction of images whose judged attribute equals
-the prompt's, per attribute the prompts name, and the circle roundness: the mean |square score| of
-the images asked for a circle (``judge.measure``; 0 is a round disc, 1 a square, -1 a diamond),
-which the shape accuracy does not see. Settings:
+Prints one markdown table per prompt set (60 fully specified prompts; 36 short "a COLOR SHAPE"
+prompts), then the targets and whether each row meets them. Rows:
 
-* the judge on clean renders of the full prompts (must be 1.0: the judge itself is right);
-* 60 fully specified prompts, 25 steps, the model's default scheduler, at the recommended
-  guidance scale and at guidance 1.0 (no classifier-free guidance);
-* 36 short "a COLOR SHAPE" prompts with DDIM (20 steps), Euler ancestral (20) and DPM-Solver++ (12),
-  and for each of these which colours were drawn instead of which; then the same at guidance 1.0.
+* clean renders of the prompts (the judges themselves must be right), and the same renders
+  encoded and decoded by the model's VAE (what the VAE alone loses);
+* generated images with DDIM, Euler a and DPM++ at the model's recommended settings (its
+  recommended_settings.json), at guidance 7.5 with the recommended rescale (what a call passing
+  only ``guidance_scale=7.5`` gets), and at the reference's defaults (7.5, no rescale).
 
-Image i of a setting uses seed ``seed + i``, so every number is reproducible.
+Columns: colour, shape, background, place and size as the shapes judge (``judge.py``, moments)
+reads them; **shape (fill)**, the shape class an independent judge reads from how much of its
+bounding box the shape fills (``geometry.py``); and the geometry: the mean fill of squares and of
+triangles (clean: 1.00 and 0.50-0.53), square corners (mean coverage of the corner patches),
+circle roundness (smallest / largest radius) and triangle edge error (RMS px of the row widths
+from a straight line). Image i of a row uses seed ``seed + i``, so every number is reproducible.
 """
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -30,13 +34,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 import sdkit  # noqa: E402
-from sdkit.cli import BUNDLED_GUIDANCE, BUNDLED_GUIDANCE_RESCALE  # noqa: E402  (the model card's recommendation)
 from sdkit.schedulers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler  # noqa: E402
-from sdkit.training.judge import measure, score  # noqa: E402
+from sdkit.training import geometry  # noqa: E402
+from sdkit.training.judge import judge, score  # noqa: E402
 from sdkit.training.shapes import (BACKGROUNDS, COLORS, PLACES, SHAPES, SIZES, Attributes, caption,  # noqa: E402
-                                   parse_prompt, render)
+                                   parse_prompt, render, sample_attributes, to_pixel_values)
 
-ATTRIBUTES = ("color", "shape", "background", "place", "size")
+ATTRIBUTES = ("color", "shape", "fill shape", "background", "place", "size")
+GEOMETRY = ("square fill", "triangle fill", "corners", "roundness", "edge error")
+HIGHER_IS_BETTER = {"square fill": True, "triangle fill": None, "corners": True, "roundness": True,
+                    "edge error": False}
+"""How a geometry measure compares with the VAE round trip's: True higher is better, False lower
+is better, None closer to the clean renders' is better (a triangle's fill rises when its corners
+round off and falls when its edges are notched)."""
+SAMPLERS = (("DDIM", DDIMScheduler), ("Euler a", EulerAncestralDiscreteScheduler),
+            ("DPM++", DPMSolverMultistepScheduler))
+TARGET_RECOMMENDED, TARGET_HIGH, TARGET_GEOMETRY = 0.97, 0.92, 0.10
 
 
 def full_prompts(n=60, seed=0):
@@ -60,58 +73,102 @@ def short_prompts(repeats=2):
     return [f"a {c} {s}" for c, s in itertools.product(COLORS, SHAPES)] * repeats
 
 
-def accuracy(judged, prompts):
-    """Per attribute the prompts name, the fraction of judged images (``judge`` results) that have it."""
-    hits = {}
-    for attrs, prompt in zip(judged, prompts):
-        for name, ok in score(parse_prompt(prompt), attrs).items():
-            hits.setdefault(name, []).append(ok)
-    return {name: float(np.mean(v)) for name, v in hits.items()}
+def clean_renders(prompts, seed):
+    """A clean render of each prompt; what a prompt leaves open is drawn at random (fixed seeds)."""
+    images = []
+    for i, prompt in enumerate(prompts):
+        attrs = dataclasses.replace(sample_attributes(np.random.default_rng([seed, i, 1])), **parse_prompt(prompt))
+        images.append(render(attrs, np.random.default_rng([seed, i])))
+    return images
 
 
-def generate(pipe, prompts, steps, guidance, seed, scheduler=None, batch=30, guidance_rescale=0.0):
+@torch.no_grad()
+def vae_round_trip(vae, images):
+    """uint8 images through the VAE (posterior mean), as float (B, H, W, 3) in [0, 1]."""
+    x = to_pixel_values(np.stack(images)).to(vae.device, vae.dtype)  # (B, 3, H, W)
+    decoded = torch.cat([vae.decode(vae.encode(chunk).mean) for chunk in x.split(60)])
+    return (decoded.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def generate(pipe, prompts, seed, batch=30, **options):
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                   output_type="np", scheduler=scheduler, guidance_rescale=guidance_rescale)
-        images.extend(out.images)
+        images.extend(pipe(chunk, generator=generators, output_type="np", **options).images)
     return images
 
 
-def circle_roundness(scores, prompts):
-    """Mean |square score| of the images whose prompt asks for a circle (0: a round disc; a square
-    has 1, a diamond -1): how well drawn the circles are, which the circle/square/triangle
-    accuracy does not see. ``None`` when no such image has a measured shape."""
-    values = [abs(s[1]) for s, prompt in zip(scores, prompts) if parse_prompt(prompt)["shape"] == "circle" and s]
+def _mean(values):
+    values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
 
 
-def colour_misses(judged, prompts):
-    """``{"asked->drawn": count}`` over the judged images whose colour differs from the prompt's."""
-    counts = {}
-    for attrs, prompt in zip(judged, prompts):
-        asked, drawn = parse_prompt(prompt)["color"], attrs.color
-        if drawn != asked:
-            counts[f"{asked}->{drawn}"] = counts.get(f"{asked}->{drawn}", 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+def evaluate(images, prompts):
+    """{column: value} for one row: attribute accuracies and mean geometry measures."""
+    hits, shapes = {}, []
+    measured = [geometry.measure(image) for image in images]
+    for image, prompt, geo in zip(images, prompts, measured):
+        named = parse_prompt(prompt)
+        for name, ok in score(named, judge(image)).items():
+            hits.setdefault(name, []).append(ok)
+        hits.setdefault("fill shape", []).append(geo is not None and geo.fill_shape == named["shape"])
+        shapes.append(named["shape"])
+    row = {name: float(np.mean(v)) for name, v in hits.items()}
+
+    def of(shape, field):
+        return _mean([getattr(g, field) for g, s in zip(measured, shapes) if s == shape and g is not None])
+
+    row.update({"square fill": of("square", "fill"), "triangle fill": of("triangle", "fill"),
+                "corners": of("square", "corners"), "roundness": of("circle", "roundness"),
+                "edge error": of("triangle", "edge_error")})
+    return row
 
 
-def clean_renders(prompts, seed):
-    images = []
-    for i, prompt in enumerate(prompts):
-        attrs = parse_prompt(prompt)
-        images.append(render(Attributes(**attrs), np.random.default_rng([seed, i])))
-    return images
+def geometry_misses(row, vae_row, clean_row):
+    """The geometry columns of ``row`` more than ``TARGET_GEOMETRY`` worse than the VAE round trip's."""
+    misses = []
+    for name in GEOMETRY:
+        value, reference, clean = row.get(name), vae_row.get(name), clean_row.get(name)
+        if value is None or reference is None:
+            continue
+        better = HIGHER_IS_BETTER[name]
+        if better is True:
+            bad = value < (1 - TARGET_GEOMETRY) * reference
+        elif better is False:
+            bad = value > (1 + TARGET_GEOMETRY) * reference
+        else:  # no further from the clean value than the VAE's, give or take 10% of the VAE's value
+            bad = abs(value - clean) > abs(reference - clean) + TARGET_GEOMETRY * reference
+        if bad:
+            misses.append(f"{name} {value:.3f} vs {reference:.3f}")
+    return misses
+
+
+def print_table(title, rows):
+    print(f"\n{title}")
+    print("| setting | n | " + " | ".join(ATTRIBUTES + GEOMETRY) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in ATTRIBUTES + GEOMETRY) + " |")
+    for name, n, row, _ in rows:
+        cells = ["" if row.get(a) is None else f"{row[a]:.2f}" for a in ATTRIBUTES]
+        cells += ["" if row.get(g) is None else f"{row[g]:.3f}" for g in GEOMETRY]
+        print(f"| {name} | {n} | " + " | ".join(cells) + " |")
+
+
+def settings_of(guidance, rescale, steps):
+    """(label, call options, accuracy target) of the three guidance settings."""
+    recommended = dict(guidance_scale=guidance, guidance_rescale=rescale, num_inference_steps=steps)
+    return [(f"guidance {guidance:g}, rescale {rescale:g} (recommended)", recommended, TARGET_RECOMMENDED),
+            (f"guidance 7.5, rescale {rescale:g}", {**recommended, "guidance_scale": 7.5}, TARGET_HIGH),
+            ("guidance 7.5, rescale 0 (reference defaults)", {**recommended, "guidance_scale": 7.5,
+                                                              "guidance_rescale": 0.0}, TARGET_HIGH)]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=sdkit.TINY_MODEL)
-    parser.add_argument("--guidance-scale", type=float, default=BUNDLED_GUIDANCE)
-    parser.add_argument("--guidance-rescale", type=float, default=BUNDLED_GUIDANCE_RESCALE,
-                        help="guidance_rescale (0: off)")
+    parser.add_argument("--guidance-scale", type=float, help="default: the model's recommended scale")
+    parser.add_argument("--guidance-rescale", type=float, help="default: the model's recommended rescale")
+    parser.add_argument("--steps", type=int, help="default: the model's recommended steps")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -120,46 +177,36 @@ def main(argv=None):
 
     pipe = sdkit.StableDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    full, short = full_prompts(), short_prompts()
-    default_name = type(pipe.scheduler).__name__
-    config = pipe.scheduler.config
-    judged, scores = zip(*[measure(image) for image in clean_renders(full, args.seed)])
-    rows = [("judge on clean renders (60 full prompts)", len(full), accuracy(judged, full),
-             circle_roundness(scores, full))]
-    # (label, prompts, steps, guidance, scheduler, sampler: set for the short prompts, whose colour misses are listed)
-    settings = [
-        (f"60 full prompts, {default_name} 25 steps, guidance {args.guidance_scale:g}", full, 25,
-         args.guidance_scale, None, None),
-        (f"60 full prompts, {default_name} 25 steps, guidance 1.0", full, 25, 1.0, None, None),
-    ]
-    samplers = (("DDIM", 20, DDIMScheduler), ("Euler a", 20, EulerAncestralDiscreteScheduler),
-                ("DPM++", 12, DPMSolverMultistepScheduler))
-    for sampler, steps, cls in samplers:
-        settings.append((f"36 short prompts, {sampler} {steps} steps, guidance {args.guidance_scale:g}", short,
-                         steps, args.guidance_scale, cls.from_config(config), f"{sampler} {steps} steps"))
-    for sampler, steps, cls in samplers:
-        settings.append((f"36 short prompts, {sampler} {steps} steps, guidance 1.0", short, steps, 1.0,
-                         cls.from_config(config), None))
-    started = time.time()
-    misses = {}
-    for name, prompts, steps, guidance, scheduler, sampler in settings:
-        images = generate(pipe, prompts, steps, guidance, args.seed, scheduler, guidance_rescale=args.guidance_rescale)
-        judged, scores = zip(*[measure(image) for image in images])
-        rows.append((name, len(prompts), accuracy(judged, prompts), circle_roundness(scores, prompts)))
-        if sampler:
-            misses[sampler] = colour_misses(judged, prompts)
-
-    print(f"model: {os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT) else args.model}"
-          + (f", guidance_rescale {args.guidance_rescale:g}" if args.guidance_rescale else ""))
-    print("| setting | n | " + " | ".join(ATTRIBUTES) + " | circle roundness |")
-    print("| --- | --- | " + " | ".join("---" for _ in ATTRIBUTES) + " | --- |")
-    for name, n, acc, roundness in rows:
-        cells = [f"{acc[a]:.2f}" if a in acc else "" for a in ATTRIBUTES]
-        cells.append("" if roundness is None else f"{roundness:.3f}")
-        print(f"| {name} | {n} | " + " | ".join(cells) + " |")
-    print(f"({time.time() - started:.0f} s of sampling)")
-    for name, counts in misses.items():
-        print(f"short-prompt colour misses, {name}: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
+    recommended = pipe.recommended
+    guidance = args.guidance_scale if args.guidance_scale is not None else recommended.get("guidance_scale", 7.5)
+    rescale = args.guidance_rescale if args.guidance_rescale is not None else recommended.get("guidance_rescale", 0.0)
+    steps = args.steps or recommended.get("num_inference_steps", 50)
+    settings = settings_of(guidance, rescale, steps)
+    started, failures = time.time(), []
+    print(f"model: {os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT) else args.model}; "
+          f"recommended settings {recommended.as_dict() or 'none (reference defaults)'}")
+    for title, prompts in (("60 full prompts", full_prompts()), ("36 short prompts", short_prompts())):
+        clean = clean_renders(prompts, args.seed)
+        vae_row = evaluate(vae_round_trip(pipe.vae, clean), prompts)
+        clean_row = evaluate(clean, prompts)
+        rows = [("clean renders", len(prompts), clean_row, None),
+                ("clean renders through the VAE", len(prompts), vae_row, None)]
+        for (label, options, target), (sampler, cls) in itertools.product(settings, SAMPLERS):
+            scheduler = cls.from_config(pipe.scheduler.config)
+            row = evaluate(generate(pipe, prompts, args.seed, scheduler=scheduler, **options), prompts)
+            rows.append((f"{sampler}, {label}", len(prompts), row, target))
+        print_table(f"{title}, {steps} steps", rows)
+        for name, _, row, target in rows:
+            if target is None:
+                continue
+            low = [f"{a} {row[a]:.2f}" for a in ATTRIBUTES if a in row and row[a] < target]
+            misses = low + (geometry_misses(row, vae_row, clean_row) if target == TARGET_RECOMMENDED else [])
+            if misses:
+                failures.append(f"{title}, {name}: " + ", ".join(misses))
+    print(f"\n({time.time() - started:.0f} s)")
+    print(f"targets: attributes >= {TARGET_RECOMMENDED} at the recommended settings and >= {TARGET_HIGH} at 7.5; "
+          f"geometry at the recommended settings within {TARGET_GEOMETRY:.0%} of the VAE round trip")
+    print("all met" if not failures else "not met:\n" + "\n".join(f"- {f}" for f in failures))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def demo_picture(size=64):
 
 
 def main(argv=None):
-    from txt2img import model_argument  # the examples folder is on sys.path when run as a script
+    from txt2img import given_settings, model_argument, settings_arguments  # examples/ is on sys.path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="pipeline folder or Hub repo id (default: sdkit.TINY_MODEL)")
@@ -30,8 +30,7 @@ def main(argv=None):
     parser.add_argument("-n", "--negative-prompt", default=None)
     parser.add_argument("-o", "--output", default="img2img.png", help="image file to write")
     parser.add_argument("--strength", type=float, default=0.7, help="0: keep the input, 1: ignore it")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    settings_arguments(parser, "sampler steps before the strength cut")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -40,8 +39,7 @@ def main(argv=None):
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     init = Image.open(args.image).convert("RGB") if args.image else demo_picture(size)
     image = pipe(args.prompt, image=init, strength=args.strength, negative_prompt=args.negative_prompt,
-                 num_inference_steps=args.steps, guidance_scale=args.guidance,
-                 generator=torch.Generator().manual_seed(args.seed)).images[0]
+                 generator=torch.Generator().manual_seed(args.seed), **given_settings(args)).images[0]
     image.save(args.output)
     print(f"wrote {args.output}")
     return 0

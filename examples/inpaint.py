@@ -18,7 +18,7 @@ from sdkit import InpaintPipeline
 
 def main(argv=None):
     from img2img import demo_picture  # the examples folder is on sys.path when run as a script
-    from txt2img import model_argument
+    from txt2img import given_settings, model_argument, settings_arguments  # examples/ is on sys.path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="pipeline folder or Hub repo id (default: sdkit.TINY_MODEL)")
@@ -28,8 +28,7 @@ def main(argv=None):
     parser.add_argument("-n", "--negative-prompt", default=None)
     parser.add_argument("-o", "--output", default="inpaint.png", help="image file to write")
     parser.add_argument("--strength", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    settings_arguments(parser)
     parser.add_argument("--mask-blur", type=int, default=4, help="feathered edge in pixels (4-channel models)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -44,9 +43,8 @@ def main(argv=None):
         mask = Image.new("L", image.size, 0)
         ImageDraw.Draw(mask).rectangle((image.width // 2, 0, image.width, image.height), fill=255)
     out = pipe(args.prompt, image=image, mask_image=mask, strength=args.strength,
-               negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-               guidance_scale=args.guidance, mask_blur=args.mask_blur,
-               generator=torch.Generator().manual_seed(args.seed)).images[0]
+               negative_prompt=args.negative_prompt, mask_blur=args.mask_blur,
+               generator=torch.Generator().manual_seed(args.seed), **given_settings(args)).images[0]
     out.save(args.output)
     print(f"wrote {args.output}")
     return 0

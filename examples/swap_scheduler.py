@@ -27,7 +27,7 @@ def build_scheduler(name, base):
 
 
 def main(argv=None):
-    from txt2img import model_argument  # the examples folder is on sys.path when run as a script
+    from txt2img import given_settings, model_argument, settings_arguments  # examples/ is on sys.path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="pipeline folder or Hub repo id (default: sdkit.TINY_MODEL)")
@@ -35,8 +35,7 @@ def main(argv=None):
                         help=f"class names or sampler names ({', '.join(SAMPLER_NAMES)})")
     parser.add_argument("-p", "--prompt", default="a large yellow square at the top")
     parser.add_argument("-o", "--output", default="schedulers.png", help="grid image to write")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    settings_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -48,8 +47,8 @@ def main(argv=None):
         parser.error(str(e))
     images = []
     for name, scheduler in zip(args.schedulers, schedulers):
-        images += pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                       generator=torch.Generator().manual_seed(args.seed), scheduler=scheduler).images
+        images += pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), scheduler=scheduler,
+                       **given_settings(args)).images
         print(f"{name}: done")
     w, h = images[0].size
     grid = Image.new("RGB", (w * len(images), h))

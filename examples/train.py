@@ -43,12 +43,9 @@ def main():
     import torch
 
     from sdkit import StableDiffusionPipeline
-    from sdkit.cli import BUNDLED_GUIDANCE, BUNDLED_GUIDANCE_RESCALE
 
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline)
-    image = pipe(args.prompt, num_inference_steps=25, guidance_scale=BUNDLED_GUIDANCE,
-                 guidance_rescale=BUNDLED_GUIDANCE_RESCALE,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline)  # its recommended_settings.json: steps, guidance
+    image = pipe(args.prompt, generator=torch.Generator().manual_seed(0)).images[0]
     path = os.path.join(args.out, "sample.png")
     image.save(path)
     print(f"pipeline: {pipeline}\nsample:   {path} ({args.prompt!r})")

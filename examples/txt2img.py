@@ -23,14 +23,26 @@ def model_argument(parser, model):
                  f"Stable Diffusion folder in the diffusers layout or a Hub repo id.")
 
 
+def settings_arguments(parser, steps_help="sampler steps"):
+    """--steps and --guidance; left out, a call uses the model's recommended settings (its folder's
+    recommended_settings.json), else the reference's defaults (50 steps, guidance 7.5)."""
+    parser.add_argument("--steps", type=int, help=f"{steps_help} (default: the model's recommended steps)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's recommended scale)")
+
+
+def given_settings(args):
+    """The --steps and --guidance given on the command line, as call options."""
+    chosen = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
+    return {name: value for name, value in chosen.items() if value is not None}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="pipeline folder or Hub repo id (default: sdkit.TINY_MODEL)")
     parser.add_argument("-p", "--prompt", default="a large red circle on a white background")
     parser.add_argument("-n", "--negative-prompt", default=None)
     parser.add_argument("-o", "--output", default="txt2img.png", help="image file to write")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    settings_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -38,9 +50,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     pipe = StableDiffusionPipeline.from_pretrained(model_argument(parser, args.model)).to(args.device)
-    image = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                 guidance_scale=args.guidance, height=args.height, width=args.width,
-                 generator=torch.Generator().manual_seed(args.seed)).images[0]
+    image = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                 generator=torch.Generator().manual_seed(args.seed), **given_settings(args)).images[0]
     image.save(args.output)
     print(f"wrote {args.output}")
     return 0

@@ -72,3 +72,29 @@ def test_without_a_model_the_example_uses_the_bundled_one(tmp_path):
     result = run("txt2img.py", "-o", str(out), "--steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(out).size[0] > 0
+
+
+def test_examples_use_the_model_s_recommended_settings(folders, tmp_path):
+    """Without --steps and --guidance the example draws what the pipeline's default call draws: the
+    folder's recommended_settings.json (here 2 steps, guidance 4), not constants of its own."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    folder = tmp_path / "model"
+    shutil.copytree(folders["sd1"], folder)
+    (folder / "recommended_settings.json").write_text('{"num_inference_steps": 2, "guidance_scale": 4.0}')
+    out = tmp_path / "out.png"
+    result = run("txt2img.py", str(folder), "-o", str(out), "-p", "a red circle")
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipe = sdkit.StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+
+    def pixels(**kwargs):
+        image = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+        return np.asarray(image, dtype=np.int16)
+
+    drawn = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(drawn - pixels()).max() <= 1  # uint8 rounding of float differences between processes
+    assert np.abs(drawn - pixels(guidance_scale=7.5)).max() > 1

@@ -528,9 +528,56 @@ def test_unet_batches_have_caption_dropout_and_fresh_captions(tiny_vae, tmp_path
     assert not torch.equal(stage.batch(3, 1, 2, 8, "cpu")["indices"], b1["indices"])
 
 
+def test_agreement_loss_is_the_detached_per_sample_difference_over_the_batch():
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 4, 2, 2, generator=g, requires_grad=True)
+    c = torch.randn(3, 4, 2, 2, generator=g, requires_grad=True)
+    got = losses.agreement_loss(u, c, batch_size=8)
+    a, b = u.detach().numpy(), c.detach().numpy()
+    assert got.item() == pytest.approx(((a - b) ** 2).reshape(3, -1).mean(1).sum() / 8, rel=1e-6)
+    got.backward()
+    assert c.grad is None and u.grad.abs().sum() > 0  # only the unconditional prediction moves
+    assert losses.agreement_loss(c.detach(), c, 8).item() == 0.0
+
+
+def test_unet_stage_adds_the_guidance_agreement_on_the_low_noise_samples_only(tiny_vae, tmp_path):
+    """loss = v-MSE + w * agreement, the agreement worked by hand from the empty prompt's prediction on
+    the samples with t below the threshold; with w = 0 the loss is the v-MSE alone."""
+    from accelerate import Accelerator
+
+    from sdkit.training.stages import UNetStage
+
+    below = 600
+    stage = UNetStage(_unet_cfg(num_images=16, guidance_agreement=0.5, guidance_agreement_below=below), tiny_vae)
+    stage.setup(str(tmp_path), Accelerator())
+    torch.manual_seed(0)
+    models = stage.build_models()
+    batch = stage.batch(0, 0, 1, 8, "cpu")
+    batch["timesteps"] = torch.tensor([10, 999, 300, 700, 599, 600, 0, 950])
+    with torch.no_grad():
+        loss, logs = stage.loss(models, batch)
+        plain = UNetStage(_unet_cfg(num_images=16), tiny_vae)
+        plain.tokenizer = stage.tokenizer
+        mse = plain.loss(models, batch)[0]
+        x_t = stage.scheduler.add_noise(batch["x0"], batch["eps"], batch["timesteps"])
+        context = models["text_encoder"](batch["input_ids"]).last_hidden_state
+        cond = models["unet"](x_t, batch["timesteps"], context)
+        low = batch["timesteps"] < below  # 10, 300, 599, 0
+        empty = models["text_encoder"](stage.tokenizer([""], padding="max_length", max_length=16,
+                                                        return_tensors="pt").input_ids).last_hidden_state
+        uncond = models["unet"](x_t[low], batch["timesteps"][low], empty.expand(4, -1, -1))
+        by_hand = (uncond - cond[low]).pow(2).flatten(1).mean(1).sum() / 8
+    assert int(low.sum()) == 4 and not torch.equal(uncond, cond[low])
+    assert logs["agree"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(mse.item() + 0.5 * by_hand.item(), rel=1e-5)
+    batch["timesteps"] = torch.full((8,), 800)  # no low-noise sample: nothing added
+    with torch.no_grad():
+        assert stage.loss(models, batch)[1]["agree"].item() == 0.0
+
+
 @pytest.mark.parametrize("options", [
     dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_bias="later", min_snr_gamma=5.0,
-         offset_noise=0.1, immiscible=True),
+         offset_noise=0.1, immiscible=True, guidance_agreement=1.0),
     dict(prediction_type="epsilon", rescale_betas_zero_snr=False, timestep_bias="none", min_snr_gamma=None,
          offset_noise=0.0, immiscible=False, ema_decay=None),
 ])
@@ -563,7 +610,8 @@ def test_export_writes_a_diffusers_pipeline_folder(tiny_vae, tmp_path):
     cfg = _unet_cfg(steps=2)
     flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
              for k, v in TINY_UNET.items()]
-    assert main(["unet", "--vae", tiny_vae, "--out", str(unet_dir), "--steps", "2", *flags]) == 0
+    assert main(["unet", "--vae", tiny_vae, "--out", str(unet_dir), "--steps", "2", "--guidance-scale", "4.5",
+                 *flags]) == 0
     out = tmp_path / "pipe"
     assert main(["export", "--vae", tiny_vae, "--unet", str(unet_dir), "--out", str(out)]) == 0
     index = json.loads((out / "model_index.json").read_text())
@@ -585,6 +633,13 @@ def test_export_writes_a_diffusers_pipeline_folder(tiny_vae, tmp_path):
     assert text_encoder.config.max_position_embeddings == tokenizer.model_max_length == cfg.max_length
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == cfg.prediction_type
+    # the recommended settings: the run's --guidance-scale, the recipe's rescale and steps
+    settings = json.loads((out / "recommended_settings.json").read_text())
+    assert settings == {"guidance_scale": 4.5, "guidance_rescale": cfg.guidance_rescale,
+                        "num_inference_steps": cfg.num_inference_steps}
+    from sdkit import StableDiffusionPipeline
+
+    assert StableDiffusionPipeline.from_pretrained(str(out)).recommended.guidance_scale == 4.5
 
 
 def test_configs_reject_unknown_cli_values():
@@ -611,3 +666,110 @@ def test_train_cli_reports_options_that_cannot_work_in_one_line_and_writes_nothi
     text = str(raised.value.code)
     assert text.startswith(f"sdkit train {argv[0]}: ") and message in text and "\n" not in text
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_unet_run(tiny_vae, tmp_path_factory):
+    """A 2-step UNet run on the tiny VAE's latents (train_config.json, unet/, text_encoder/, tokenizer/)."""
+    from sdkit.training.cli import main
+
+    out = str(tmp_path_factory.mktemp("unet-run"))
+    flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+             for k, v in TINY_UNET.items()]
+    assert main(["unet", "--vae", tiny_vae, "--out", out, "--steps", "2", *flags]) == 0
+    return out
+
+
+def test_denoised_pairs_are_the_drawings_and_what_img2img_makes_of_them(monkeypatch):
+    """Each chunk is one img2img call on the drawings (as [0, 1] images) with a strength, guidance
+    and sampler from the lists, kept as latents; the targets are the drawings themselves."""
+    from sdkit.training import denoised
+    from sdkit.training.shapes import ShapesDataset, parse_prompt
+
+    calls = []
+
+    class FakePipe:
+        scheduler = DDPMScheduler()
+
+        def __call__(self, prompts, image, scheduler, generator, output_type, **options):
+            calls.append(dict(prompts=prompts, image=image, scheduler=scheduler, options=options))
+            assert output_type == "latent" and len(generator) == len(prompts) == len(image)
+            out = torch.stack([torch.full((4, 8, 8), float(len(calls)))] * len(prompts))  # (b, 4, 8, 8)
+            return type("Out", (), {"images": out})()
+
+    monkeypatch.setattr(denoised, "CHUNK", 3)
+    latents, images = denoised.denoised_pairs(FakePipe(), 7, seed=5)
+    data = ShapesDataset(7, seed=5)
+    assert latents.shape == (7, 4, 8, 8) and images.dtype == torch.uint8 and images.shape == (7, 3, 64, 64)
+    assert [len(c["prompts"]) for c in calls] == [3, 3, 1]
+    assert torch.equal(latents[:, 0, 0, 0], torch.tensor([1.0, 1, 1, 2, 2, 2, 3]))  # chunk k -> call k's output
+    for i in range(7):
+        drawing = data[i]["pixel_values"]
+        assert torch.equal(images[i], ((drawing + 1) * 127.5).round().to(torch.uint8))
+        torch.testing.assert_close(calls[i // 3]["image"][i % 3], (drawing + 1) / 2)
+    for c in calls:
+        assert c["options"]["strength"] in denoised.STRENGTHS
+        assert (c["options"]["guidance_scale"], c["options"]["guidance_rescale"]) in denoised.GUIDANCE
+        assert type(c["scheduler"]).__name__ in denoised.SAMPLERS
+    prompts = [p for c in calls for p in c["prompts"]]
+    for i, prompt in enumerate(prompts):  # each caption names its drawing's shape and colour
+        named = parse_prompt(prompt)
+        assert (named["shape"], named["color"]) == (data[i]["attrs"]["shape"], data[i]["attrs"]["color"]), prompt
+
+
+def test_decoder_on_a_unet_s_denoised_latents_trains_on_both_kinds_of_example(tiny_vae, tiny_unet_run, tmp_path,
+                                                                               monkeypatch):
+    """The experimental ``decoder --unet``: the pairs are made once and cached, half of each batch
+    is them (decoded from the UNet's latents, with the drawings as targets), only the decoder
+    learns, and a changed UNet folder makes new pairs."""
+    from sdkit.models import AutoencoderKL
+    from sdkit.training import denoised
+    from sdkit.training.cli import main
+    from sdkit.training.stages import VAEStage
+
+    flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+             for k, v in TINY_VAE.items()]
+    out = tmp_path / "decoder"
+    assert main(["decoder", "--vae", tiny_vae, "--unet", tiny_unet_run, "--out", str(out), "--steps", "2",
+                 "--denoised-images", "6", *flags]) == 0
+    cached = torch.load(out / "denoised.pt", weights_only=True)
+    assert cached["latents"].shape == (6, 4, 8, 8) and cached["images"].shape == (6, 3, 64, 64)
+    before = AutoencoderKL.from_pretrained(tiny_vae, subfolder="vae").state_dict()
+    after = AutoencoderKL.from_pretrained(str(out), subfolder="vae")
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+
+    # the cache is reused: a second setup on the same folder makes no pairs
+    monkeypatch.setattr(denoised, "denoised_pairs", lambda *a, **k: pytest.fail("pairs made again"))
+    from accelerate import Accelerator
+
+    cfg = VAEConfig(**{**TINY_VAE, "init_from": os.path.join(tiny_vae, "vae"), "train_encoder": False,
+                       "latent_noise": 0.0, "denoised_from": tiny_unet_run, "denoised_images": 6})
+    stage = VAEStage(cfg)
+    stage.setup(str(out), Accelerator())
+    batch = stage.batch(step=1, rank=0, world=1, B=4, device="cpu")
+    assert batch["images"].shape[0] == 2 and batch["denoised"].shape == (2, 4, 8, 8)
+    picked = [int(torch.nonzero((cached["latents"] == z).flatten(1).all(1))[0]) for z in batch["denoised"]]
+    torch.testing.assert_close(batch["denoised_images"], (cached["images"][picked].float() / 127.5 - 1))
+    vae = AutoencoderKL.from_pretrained(os.path.join(tiny_vae, "vae"))
+    seen = []
+    decode = vae.decode
+    vae.decode = lambda z: seen.append(z) or decode(z)
+    replay = torch.Generator().set_state(batch["generator"].get_state())
+    stage.loss({"vae": vae}, batch)
+    with torch.no_grad():
+        z = vae.encode(batch["images"]).sample(replay)
+    torch.testing.assert_close(seen[0].detach(), torch.cat([z, batch["denoised"] / vae.config.scaling_factor]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(denoised_from="run"), "denoised_from trains the decoder of an existing VAE"),
+    (dict(denoised_from="run", init_from="vae", train_encoder=False, denoised_fraction=1.0),
+     "denoised_fraction is a share of each batch"),
+])
+def test_denoised_decoder_options_that_cannot_work_are_refused(overrides, message):
+    from sdkit.training.config import ConfigError
+    from sdkit.training.stages import VAEStage
+
+    with pytest.raises(ConfigError, match=message):
+        VAEStage(VAEConfig(**{**TINY_VAE, **overrides}))

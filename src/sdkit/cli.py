@@ -22,8 +22,7 @@ SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
 RANDOM_SEED = -1  # A1111's "random seed"
 ENLARGED_BYTES = 5  # per pixel of an enlarged copy: PIL's 4-byte RGB pixels, plus the PNG encoder's rows
 DEFAULT_GUIDANCE = 7.5  # diffusers' default CFG scale
-BUNDLED_GUIDANCE = 3.0  # the bundled model's recommended scale and guidance rescale (a sweep is in
-BUNDLED_GUIDANCE_RESCALE = 0.7  # assets/tiny-shapes/MODEL_CARD.md)
+DEFAULT_STEPS = 25  # for models whose folder recommends no step count (recommended_settings.json)
 
 
 class CLIError(Exception):
@@ -145,7 +144,7 @@ def _check_number(option, value, low, high=math.inf, note=""):
 
 def _check_args(args):
     """Every check that needs no model: run before torch is imported, so bad options fail at once."""
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps {args.steps} must be at least 1")
     if args.batch < 1:
         raise CLIError(f"--batch {args.batch} must be at least 1")
@@ -269,6 +268,16 @@ def _clip_skip_option(args):
     if args.prompt_syntax == "a1111":
         return {"clip_stop_at_last_layers": args.clip_skip}
     return {"clip_skip": args.clip_skip - 1}  # the reference counts the layers skipped
+
+
+def _recommended_defaults(args, recommended):
+    """Fill in --steps, --guidance and --guidance-rescale from the model's recommended settings."""
+    if args.steps is None:
+        args.steps = recommended.get("num_inference_steps", DEFAULT_STEPS)
+    if args.guidance is None:
+        args.guidance = recommended.get("guidance_scale", DEFAULT_GUIDANCE)
+    if args.guidance_rescale is None:
+        args.guidance_rescale = recommended.get("guidance_rescale", 0.0)
 
 
 def _sha256(path, skip_header=False):
@@ -454,11 +463,6 @@ def generate(args):
     from sdkit.pipelines.img2img import small_image_error
 
     model = args.model or _default_model()
-    bundled = _model_label(model) == "tiny-shapes"
-    if args.guidance is None:
-        args.guidance = BUNDLED_GUIDANCE if bundled else DEFAULT_GUIDANCE
-    if args.guidance_rescale is None:
-        args.guidance_rescale = BUNDLED_GUIDANCE_RESCALE if bundled else 0.0
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar is noise here
@@ -466,6 +470,7 @@ def generate(args):
         pipe = _load_pipeline(args, model)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CLIError(f"cannot load model {model!r}: {e}") from None
+    _recommended_defaults(args, pipe.recommended)
     for name in ("width", "height"):
         value = getattr(args, name)
         error = pipe.size_error(value) if value is not None else None
@@ -633,17 +638,19 @@ def build_parser():
                                  ".safetensors)")
     _add_single_file_options(g)
     g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--steps", type=int, help=f"sampler steps; default: the model's recommended_settings.json, "
+                                             f"else {DEFAULT_STEPS}")
     g.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (CFG) >= 0; 0 to 1 is no "
-                                                   f"guidance (written as CFG scale 1); default "
-                                                   f"{DEFAULT_GUIDANCE:g}, {BUNDLED_GUIDANCE:g} for the bundled model")
+                                                   f"guidance (written as CFG scale 1); default: the model's "
+                                                   f"recommended_settings.json, else {DEFAULT_GUIDANCE:g}")
     g.add_argument("--guidance-rescale", type=float,
-                   help=f"guidance rescale phi in [0, 1] (Lin et al. 2024); default 0, "
-                        f"{BUNDLED_GUIDANCE_RESCALE:g} for the bundled model")
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2024); default: the model's "
+                        "recommended_settings.json, else 0")
     g.add_argument("--seed", type=int, help="random seed, 0 to 2**64-1 (-1 or not given: random, printed and "
                                             "written as the seed used; image k of a batch uses seed + k)")
     g.add_argument("--scheduler", help="A1111 sampler name (A1111's sampling), e.g. 'Euler a', 'DPM++ 2M', "
-                                       "'DPM++ 2M Karras', or an sdkit class name, e.g. DDIMScheduler")
+                                       "'DPM++ 2M Karras', or an sdkit class name, e.g. DDIMScheduler; default: "
+                                       "the model's recommended_settings.json, else its scheduler_config.json")
     # A1111 scripts' names for --guidance and --scheduler (errors name the main option)
     g.add_argument("--cfg-scale", dest="guidance", type=float, help="the same as --guidance")
     g.add_argument("--sampler", dest="scheduler", help="the same as --scheduler")

@@ -31,7 +31,7 @@ def class_of_folder(folder):
 def from_index(name_or_path, variant=None, local_files_only=False, **kwargs):
     """``DiffusionPipeline.from_pretrained``: the class the folder's model_index.json names, loaded from it."""
     hub = {k: kwargs[k] for k in loading.HUB_KEYWORDS if k in kwargs}
-    folder = loading._resolve(name_or_path, loading.STABLE_DIFFUSION, variant, local_files_only, hub)
+    folder = loading.resolve_pipeline_folder(name_or_path, loading.STABLE_DIFFUSION, variant, local_files_only, hub)
     return class_of_folder(folder).from_pretrained(folder, variant=variant, local_files_only=local_files_only,
                                                    **kwargs)
 

@@ -30,6 +30,7 @@ from ..noise import SeedNoise
 from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
 from . import compat, loading, memory, prompting
+from . import recommended as recommended_settings
 from .adapters import NO_NETWORKS, AdapterLoaderMixin, with_adapters
 from .denoising import ModelCall, classifier_free_guidance, compose, unet_model
 from .images import to_output
@@ -112,14 +113,17 @@ def repeat_to_batch(x, batch_size, what):
 class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin):
     """Base of the Stable Diffusion pipelines. Build from parts, or with ``from_pretrained``.
 
+    ``recommended`` (a ``recommended.RecommendedSettings``, read from the folder's
+    recommended_settings.json by ``from_pretrained``) fills in the call options a call does not pass.
     The reference's per-call attributes (``pipe._interrupt``, ``pipe.guidance_scale``, ...) answer
-    from the call running in this thread, inside its callbacks only (compat.py)."""
+    from the call running in this thread, inside its callbacks only (compat.py).
+    """
 
     reference_class_name = "StableDiffusionPipeline"  # written to model_index.json
     parts = loading.STABLE_DIFFUSION  # the parts this pipeline needs (loading.Part)
     options_class = CallOptions  # the options of a call
 
-    def __init__(self, **parts):
+    def __init__(self, recommended=None, **parts):
         parts, _ = loading.reference_keywords(type(self).__name__, parts, loading=False)  # safety_checker=None, ...
         names = [p.name for p in self.parts]
         missing = [n for n in names if n not in parts]
@@ -134,6 +138,10 @@ class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin):
             setattr(self, part.name, parts[part.name])
         if "scheduler" in parts:
             self.scheduler = loading.reference_scheduler(self.scheduler, type(self).__name__)
+        if recommended is not None and not isinstance(recommended, recommended_settings.RecommendedSettings):
+            raise TypeError(f"recommended must be a RecommendedSettings (sdkit.pipelines.recommended), "
+                            f"got {type(recommended).__name__}.")
+        self.recommended = recommended or recommended_settings.RecommendedSettings()  # read-only: frozen
         self._progress_bar_config = {}
         self._fp32_vae = None  # lazily made float32 copy of a half-precision VAE (NaN guard)
         self._fp32_lock = threading.Lock()
@@ -147,14 +155,15 @@ class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin):
 
     @classmethod
     def from_pipe(cls, pipe, **overrides):
-        """A pipeline of this class on the same parts as `pipe` (weights shared, not copied)."""
+        """A pipeline of this class on the same parts as `pipe` (weights shared, not copied), with its
+        recommended settings."""
         overrides, _ = loading.reference_keywords(cls.__name__, overrides, loading=False)
         names = [p.name for p in cls.parts]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
             raise TypeError(f"from_pipe got unknown parts {unknown}; {cls.__name__}'s parts are {names}.")
         shared = {n: getattr(pipe, n) for n in names if hasattr(pipe, n)}
-        new = cls(**{**shared, **overrides})
+        new = cls(recommended=getattr(pipe, "recommended", None), **{**shared, **overrides})
         new._progress_bar_config = dict(pipe._progress_bar_config)
         if not {"unet", "text_encoder"} & set(overrides):  # the same layers: the same LoRAs and embeddings
             new._network_registry = pipe._networks
@@ -171,6 +180,8 @@ class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin):
         keywords that mean something here are taken: ``use_safetensors``, ``revision``,
         ``cache_dir``, ``token``, ``low_cpu_mem_usage`` and the "no safety checker" forms
         (``safety_checker=None``, ``requires_safety_checker=False``; see ``loading.reference_keywords``).
+        The folder's recommended_settings.json, if any, becomes ``pipe.recommended`` (and its
+        scheduler, unless one is passed, ``pipe.scheduler``).
         """
         if cls is DiffusionPipeline:  # the reference's generic loader: the class model_index.json names
             from .auto import from_index
@@ -183,10 +194,17 @@ class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin):
         if unknown:
             raise TypeError(f"from_pretrained got unknown arguments {unknown}; parts that can be "
                             f"passed are {names}.")
-        parts = loading.load_components(pretrained_model_name_or_path, cls.parts, torch_dtype=torch_dtype,
-                                        variant=variant, local_files_only=local_files_only,
-                                        skip=tuple(components), hub=hub)
-        return cls(**{**parts, **components})
+        folder = loading.resolve_pipeline_folder(pretrained_model_name_or_path, cls.parts, variant,
+                                                 local_files_only, hub)
+        parts = loading.load_components(folder, cls.parts, torch_dtype=torch_dtype, variant=variant,
+                                        skip=tuple(components))
+        settings = recommended_settings.read(folder)
+        if "scheduler" in parts:
+            try:
+                parts["scheduler"] = settings.scheduler_for(parts["scheduler"])
+            except ValueError as e:
+                raise ValueError(f"{folder / recommended_settings.FILE}: {e}") from None
+        return cls(recommended=settings, **{**parts, **components})
 
     @classmethod
     def from_single_file(cls, path, prediction_type=None, torch_dtype=None, allow_pickle=False, use_ema=False,
@@ -220,7 +238,8 @@ class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin):
         save_pipeline(self.components, path, dtype)
 
     def save_pretrained(self, save_directory):
-        """Write a folder that sdkit and diffusers both load (model_index.json + one folder per part)."""
+        """Write a folder that sdkit and diffusers both load (model_index.json + one folder per part,
+        and recommended_settings.json when ``recommended`` holds any)."""
         os.makedirs(save_directory, exist_ok=True)
         for part in self.parts:
             obj, folder = getattr(self, part.name), os.path.join(save_directory, part.name)
@@ -231,6 +250,7 @@ class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin):
                 else:
                     obj.save_pretrained(folder)
         loading.write_model_index(save_directory, self.reference_class_name, self.parts, self.components)
+        recommended_settings.write(save_directory, self.recommended)
 
     def to(self, *args, **kwargs):
         """Move or cast the models, like ``nn.Module.to``: ``pipe.to("cuda")``, ``pipe.to(torch.float16)``."""
@@ -296,8 +316,10 @@ class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin):
     def __call__(self, *args, **kwargs):
         """Generate images. The options, with their meaning and defaults, are ``self.options_class``
         (``help(type(pipe).options_class)``); ``prompt`` (and ``image``, ``mask_image``) may be given
-        by position. Returns a PipelineOutput with ``.images`` and ``.interrupted``."""
-        return self._generate(self.options_class.from_call(args, kwargs))
+        by position. Options the call does not pass come from ``self.recommended`` (the model folder's
+        recommended_settings.json), else the reference's defaults. Returns a PipelineOutput with
+        ``.images`` and ``.interrupted``."""
+        return self._generate(self.options_class.from_call(args, {**self.recommended.call_defaults(), **kwargs}))
 
     def image_size(self, options):
         """(height, width) of this call's images: the options', else the pipeline's default."""

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from ..files import atomic_write, read_json_object
 from ..hub import resolve_folder, weights_choice
 from ..models.modeling import DIFFUSERS_VERSION, PICKLE_SUFFIXES, check_safetensors
+from .recommended import FILE as RECOMMENDED
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ STABLE_DIFFUSION = (UNET, VAE, TEXT_ENCODER, TOKENIZER, SCHEDULER)
 
 def _download_patterns(parts, variant):
     weights = f"*.{variant}.safetensors" if variant else "*.safetensors"
-    return [MODEL_INDEX, "*/*.json", "*/*.txt", *(f"{p.name}/{weights}" for p in parts)]
+    return [MODEL_INDEX, RECOMMENDED, "*/*.json", "*/*.txt", *(f"{p.name}/{weights}" for p in parts)]
 
 
 def _resolve(name_or_path, parts, variant, local_files_only, hub=None):
@@ -191,6 +192,11 @@ def reference_keywords(owner, keywords, loading=True):
         return rest, {}
     weights_choice(owner, rest.pop("use_safetensors", None), rest.pop("low_cpu_mem_usage", None))
     return rest, {name: rest.pop(name) for name in HUB_KEYWORDS if name in rest}
+
+
+def resolve_pipeline_folder(name_or_path, parts=STABLE_DIFFUSION, variant=None, local_files_only=False, hub=None):
+    """The local folder (a Path) of a pipeline folder or repo id, with the files ``parts`` need."""
+    return _resolve(name_or_path, parts, variant, local_files_only, hub)
 
 
 def read_model_index(folder):

@@ -6,6 +6,8 @@
     python -m sdkit.training export --vae runs/decoder --unet runs/unet --out src/sdkit/assets/tiny-shapes
     accelerate launch --multi_gpu --num_processes 2 -m sdkit.training all --work runs/tiny-shapes \
         --out src/sdkit/assets/tiny-shapes       # the bundled model (vae, decoder, unet, export)
+    python -m sdkit.training decoder --vae runs/vae --unet runs/unet --out runs/decoder-denoised
+        # experimental, not in the recipe: the decoder also learns a finished UNet's denoised latents
 
 Every field of ``VAEConfig`` / ``UNetConfig`` is a flag (``--batch-size 8``, ``--min-snr-gamma none``).
 Runs resume from ``OUT/checkpoint`` when it exists (``--no-resume`` starts over). The same
@@ -64,6 +66,9 @@ def build_parser():
     stage("vae", "stage 1: train the autoencoder into OUT/vae", VAEConfig, "run folder (checkpoint, log.jsonl, vae/)")
     stage("decoder", "stage 1b: fine-tune only the decoder of a VAE run (latents unchanged)", VAEConfig,
           "run folder (checkpoint, log.jsonl, vae/)", needs_vae=True)
+    sub.choices["decoder"].add_argument("--unet", help="experimental (not in the recipe): a finished UNet run "
+                                                       "trained on this VAE's latents; half of each batch is what "
+                                                       "it makes of noised encodings (training.denoised)")
     stage("unet", "stage 2: train UNet + text encoder on the latents of a VAE run", UNetConfig,
           "run folder (checkpoint, latents.pt, unet/, text_encoder/, tokenizer/)", needs_vae=True)
 
@@ -123,7 +128,7 @@ def _main(args) -> int:
         seconds = _run_vae(args.out, _config(VAEConfig, args), not args.no_resume)
         print(f"vae stage: {seconds / 60:.1f} min")
     elif args.command == "decoder":
-        defaults = decoder_config(os.path.join(args.vae, "vae"))
+        defaults = decoder_config(os.path.join(args.vae, "vae"), args.unet)
         seconds = _run_vae(args.out, _config(VAEConfig, args, defaults), not args.no_resume)
         print(f"decoder stage: {seconds / 60:.1f} min")
     elif args.command == "unet":

@@ -74,20 +74,33 @@ class VAEConfig(LoopConfig):
     init_from: Optional[str] = None  # start from this VAE folder (config.json + weights) instead of random
     train_encoder: bool = True  # false: only the decoder learns, so latents (and a UNet trained on them) stay valid
     num_images: Optional[int] = None  # none: an endless stream of new images; N: cycle over N (overfitting tests)
+    denoised_from: Optional[str] = None  # experimental, off (not in the recipe; untested on the bundled
+    # model's quality): a finished UNet run folder for the decoder stage. Part of every batch is what that
+    # UNet makes of noised encodings of fresh drawings (training.denoised), with the drawing as the
+    # target, so the decoder may learn to draw the UNet's slightly bent latents as clean shapes
+    denoised_images: int = 6000  # drawings denoised once when the stage starts (cached in its run folder)
+    denoised_fraction: float = 0.5  # the share of each batch taken from those pairs
     scale_samples: int = 512  # images encoded to measure the latent std -> scaling_factor
 
 
-def decoder_config(vae_folder: str) -> VAEConfig:
-    """Stage 1b of the bundled recipe: fine-tune only the decoder of the stage-1 VAE in ``vae_folder``.
+def decoder_config(vae_folder: str, unet_folder: Optional[str] = None) -> VAEConfig:
+    """Stage 1b of the bundled recipe: fine-tune only the decoder of the stage-1 VAE in ``vae_folder``
+    (the latent space stays the UNet's).
 
     Reconstructed colours are still drifting towards their neighbours when stage 1 ends; more
-    decoder steps fix that without moving the latent space, so the UNet can train on stage-1
-    latents at the same time. Shape pixels weigh 3x: colour is the error. Less latent noise than
-    stage 1: the decoder stays robust to imprecise latents but draws small shapes sharper. Batches
-    of 12: without the encoder there are no twin pairs to fill. (Measurements: MODEL_CARD.md.)
+    decoder steps fix that. Shape pixels weigh 3x. Batches of 12: without the encoder there are no
+    twin pairs to fill. Without ``unet_folder`` (the recipe): latent noise 0.3, so the decoder stays
+    robust to imprecise latents (by blurring them). Experimental, not in the recipe: with the
+    finished UNet run ``unet_folder``, half of each batch is that UNet's denoised latents with their
+    drawings as targets (``denoised_from``), the other half clean encodings, no latent noise, so
+    the decoder may learn to draw the UNet's latents as clean shapes; 2000 steps of 8 + 8 at lr
+    5e-4, the settings of the out-of-tree prototype measured in MODEL_CARD.md.
     """
-    return VAEConfig(init_from=vae_folder, train_encoder=False, steps=3000, batch_size=12, lr=1e-3,
-                     warmup_steps=20, foreground_weight=2.0, latent_noise=0.3)
+    common = dict(init_from=vae_folder, train_encoder=False, foreground_weight=2.0)
+    if unet_folder is None:
+        return VAEConfig(**common, steps=3000, batch_size=12, lr=1e-3, warmup_steps=20, latent_noise=0.3)
+    return VAEConfig(**common, steps=2000, batch_size=16, lr=5e-4, warmup_steps=50, latent_noise=0.0,
+                     denoised_from=unet_folder)
 
 
 @dataclass
@@ -120,6 +133,11 @@ class UNetConfig(LoopConfig):
     min_snr_gamma: Optional[float] = None  # Min-SNR-gamma weighting (none: plain MSE). For v it weighs
     # down the high-noise steps, where the layout is decided, so place words went unlearned
     offset_noise: float = 0.05  # per-channel shared noise: lets flat backgrounds reach their exact tone
+    guidance_agreement: float = 0.0  # experimental, off (not in the recipe; unmeasured on a finished model):
+    # weight of losses.agreement_loss: below guidance_agreement_below the empty prompt's prediction must
+    # match the prompt's (stop-gradient), so classifier-free guidance, which scales their difference, has
+    # nothing to amplify where the image is already decided
+    guidance_agreement_below: int = 500  # training timesteps t < this get the agreement term
     immiscible: bool = False  # assign noise to latents within the batch by least total distance; with
     # 32 latents per process the assigned noise carries the layout, which then ignores the prompt
     # UNet architecture (8x8 latents: levels 8 -> 4 -> 2)
@@ -135,9 +153,12 @@ class UNetConfig(LoopConfig):
     text_layers: int = 2
     text_heads: int = 4
     max_length: int = 16  # tokens incl. start/end; the longest caption needs 13
-    # export
+    # export: the scheduler class and the recommended settings written to recommended_settings.json
+    # (what a pipeline call that does not pass them uses; the measurements are in MODEL_CARD.md)
     scheduler: str = "DDIMScheduler"  # the bundled model's default sampler
-    guidance_scale: float = 3.0  # not used in training: the scale the model card recommends (with rescale 0.7)
+    guidance_scale: float = 3.0  # recommended classifier-free guidance scale (not used in training)
+    guidance_rescale: float = 0.7  # recommended guidance rescale (Lin et al. 2024)
+    num_inference_steps: int = 25  # recommended sampler steps
 
 
 def config_from_args(cls, args: dict):

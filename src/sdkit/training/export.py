@@ -1,7 +1,8 @@
 """Assemble trained parts into a Stable Diffusion pipeline folder (the diffusers layout).
 
 The folder is what diffusers' ``StableDiffusionPipeline.save_pretrained`` writes: model_index.json,
-unet/, vae/, text_encoder/, tokenizer/, scheduler/, with safetensors weights only.
+unet/, vae/, text_encoder/, tokenizer/, scheduler/, with safetensors weights only; and sdkit's
+recommended_settings.json (the guidance and steps a call uses when it passes none).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shutil
 
 from sdkit.models.modeling import DIFFUSERS_VERSION
+from sdkit.pipelines import recommended
 
 from .losses import config_noise_scheduler
 
@@ -59,7 +61,14 @@ def export_pipeline(vae_dir, unet_dir, out_dir, cfg) -> str:
         json.dump(scheduler_config(cfg, cfg.scheduler), f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
         json.dump(model_index(cfg.scheduler), f, indent=2, sort_keys=True)
+    recommended.write(out_dir, recommended_settings(cfg))
     return out_dir
+
+
+def recommended_settings(cfg) -> recommended.RecommendedSettings:
+    """The settings a ``UNetConfig`` recommends for sampling (recommended_settings.json)."""
+    return recommended.RecommendedSettings(guidance_scale=cfg.guidance_scale, guidance_rescale=cfg.guidance_rescale,
+                                           num_inference_steps=cfg.num_inference_steps)
 
 
 def folder_size(path) -> int:

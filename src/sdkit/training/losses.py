@@ -143,6 +143,21 @@ def diffusion_loss(model_output, target, weights):
     return (weights * per_sample).mean()
 
 
+def agreement_loss(uncond_prediction, cond_prediction, batch_size):
+    """How far the empty prompt's prediction is from the prompt's, summed per sample over ``batch_size``.
+
+    Classifier-free guidance (Ho & Salimans 2022) adds ``(scale - 1) * (cond - uncond)`` to the
+    conditional prediction. At low noise the image is already decided and the prompt adds nothing
+    the noisy latent does not show, so the exact predictions agree there; a trained model's do not,
+    and guidance magnifies their difference into bent edges. The conditional prediction is the
+    target (detached), so only the unconditional one moves. ``uncond_prediction`` and
+    ``cond_prediction`` (n, C, h, w) are the low-noise part of a batch of ``batch_size``: the
+    result is the per-sample mean squared difference summed and divided by ``batch_size``.
+    """
+    per_sample = (uncond_prediction.float() - cond_prediction.detach().float()).pow(2).flatten(1).mean(1)  # (n,)
+    return per_sample.sum() / batch_size
+
+
 def foreground_weights(image, foreground_weight):
     """Per-pixel loss weights (B, 1, H, W): 1 on the background, ``1 + foreground_weight`` on the shape.
 

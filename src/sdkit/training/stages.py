@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from sdkit.files import plain_modes
+from sdkit.files import atomic_write, plain_modes
 from sdkit.models import AutoencoderKL, UNet2DConditionModel
 
 from . import losses
@@ -79,10 +79,33 @@ class VAEStage:
         if cfg.colour_margin < 0:
             raise ConfigError(f"colour_margin is a distance in unit-variance latents and must be >= 0, "
                               f"got {cfg.colour_margin}")
+        if cfg.denoised_from and (cfg.train_encoder or not cfg.init_from):
+            raise ConfigError("denoised_from trains the decoder of an existing VAE on a UNet's latents: it needs "
+                              "init_from (the VAE the UNet was trained on) and train_encoder false (the decoder stage)")
+        if cfg.denoised_from and not 0 < cfg.denoised_fraction < 1:
+            raise ConfigError(f"denoised_fraction is a share of each batch, 0 < it < 1, got {cfg.denoised_fraction}")
         self.cfg = cfg
+        self.denoised = None
 
     def setup(self, out_dir, accelerator):
-        pass
+        """With ``denoised_from``: make (once per run folder) and load the UNet's denoised pairs."""
+        cfg = self.cfg
+        if not cfg.denoised_from:
+            return
+        cache = os.path.join(out_dir, "denoised.pt")
+        key = json.dumps({"vae": os.path.abspath(cfg.init_from), "unet": os.path.abspath(cfg.denoised_from),
+                          "num_images": cfg.denoised_images, "seed": cfg.seed + 20_000}, sort_keys=True)
+        saved = torch.load(cache, weights_only=True) if os.path.isfile(cache) else None
+        if saved is None or saved["key"] != key:
+            if not accelerator.is_main_process:
+                raise RuntimeError(f"denoised pairs {cache} missing after the main process built them")
+            from .denoised import denoised_pairs, unet_pipeline
+
+            pipe = unet_pipeline(cfg.init_from, cfg.denoised_from).to(accelerator.device)
+            latents, images = denoised_pairs(pipe, cfg.denoised_images, cfg.seed + 20_000)
+            saved = {"key": key, "latents": latents, "images": images}
+            atomic_write(cache, lambda tmp: torch.save(saved, tmp))
+        self.denoised = (saved["latents"], saved["images"])
 
     def build_models(self):
         cfg = self.cfg
@@ -109,6 +132,13 @@ class VAEStage:
         if self.pairs() and (B < 4 or B % 4):
             raise ConfigError(f"colour_factorization needs a batch of 4, 8, 12, ... per process, got {B}: "
                               f"make batch_size a multiple of 4 x the number of processes")
+        if self.cfg.denoised_from and not 0 < self.denoised_count(B) < B:
+            raise ConfigError(f"denoised_fraction {self.cfg.denoised_fraction} of {B} examples per process leaves "
+                              f"no room for both kinds of example; raise batch_size")
+
+    def denoised_count(self, B):
+        """How many of ``B`` examples per process are the UNet's denoised pairs."""
+        return int(round(B * self.cfg.denoised_fraction)) if self.cfg.denoised_from else 0
 
     def batch(self, step, rank, world, B, device):
         first = (step * world + rank) * B  # disjoint slices of the stream per (step, rank)
@@ -128,9 +158,15 @@ class VAEStage:
             return {"images": images.to(device), "indices": indices, "generator": generator,
                     "coverage": coverage.to(device)}
         data = ShapesDataset(STREAM_LENGTH, seed=self.cfg.seed)
-        images = torch.stack([data[int(i)]["pixel_values"] for i in indices])  # (B, 3, 64, 64)
-        return {"images": images.to(device), "indices": indices,
-                "generator": generator}
+        n = self.denoised_count(B)
+        images = torch.stack([data[int(i)]["pixel_values"] for i in indices[:B - n]])  # (B - n, 3, 64, 64)
+        batch = {"images": images.to(device), "indices": indices, "generator": generator}
+        if n:
+            latents, targets = self.denoised
+            picks = torch.randint(0, len(latents), (n,), generator=generator)
+            batch["denoised"] = latents[picks].to(device)  # (n, C, h, w), scaled as the UNet's
+            batch["denoised_images"] = to_pixel_values(targets[picks].movedim(1, -1).numpy()).to(device)
+        return batch
 
     def loss(self, models, batch):
         vae = models["vae"]
@@ -140,8 +176,12 @@ class VAEStage:
         if self.cfg.latent_noise:  # the decoder must read latents as imprecise as a UNet's samples
             noise = torch.randn(z.shape, generator=batch["generator"]).to(z.device)
             z = z + self.cfg.latent_noise * z.detach().std() * noise
+        targets = batch["images"]
+        if "denoised" in batch:  # the UNet's latents, to be drawn as the drawings they came from
+            z = torch.cat([z, batch["denoised"] / vae.config.scaling_factor])
+            targets = torch.cat([targets, batch["denoised_images"]])
         reconstruction = vae.decode(z)
-        loss, rec, kl = losses.vae_loss(reconstruction, batch["images"], posterior, self.cfg.kl_weight,
+        loss, rec, kl = losses.vae_loss(reconstruction, targets, posterior, self.cfg.kl_weight,
                                          self.cfg.foreground_weight)
         logs = {"rec": rec.detach(), "kl": kl.detach()}
         if self.cfg.train_encoder and self.cfg.channel_decorrelation:
@@ -289,7 +329,21 @@ class UNetStage:
         prediction = models["unet"](x_t, t, context)
         target = losses.diffusion_target(self.scheduler, x0, eps, t)
         weights = losses.min_snr_weights(self.scheduler, t, self.cfg.min_snr_gamma)
-        return losses.diffusion_loss(prediction, target, weights), {}
+        loss = losses.diffusion_loss(prediction, target, weights)
+        if not self.cfg.guidance_agreement:
+            return loss, {}
+        agree = self.agreement(models, x_t, t, prediction)
+        return loss + self.cfg.guidance_agreement * agree, {"agree": agree.detach()}
+
+    def agreement(self, models, x_t, t, prediction):
+        """``losses.agreement_loss`` of the empty prompt's prediction on the batch's low-noise part."""
+        low = t < self.cfg.guidance_agreement_below
+        if not low.any():
+            return prediction.sum() * 0.0
+        empty = models["text_encoder"](self.input_ids([""]).to(x_t.device)).last_hidden_state  # (1, T, D)
+        n = int(low.sum())
+        uncond = models["unet"](x_t[low], t[low], empty.expand(n, -1, -1))
+        return losses.agreement_loss(uncond, prediction[low], len(t))
 
     def finish(self, models, out_dir):
         models["unet"].save_pretrained(os.path.join(out_dir, "unet"))

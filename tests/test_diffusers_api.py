@@ -193,15 +193,38 @@ def test_output_has_no_nsfw_flags_and_the_progress_bar_follows_its_config(pipe, 
 
 # ------------------------------------------------------------------ (5) call arguments
 @pytest.fixture(scope="module")
-def pair():
+def bundled(tmp_path_factory):
+    """The bundled model without its recommended_settings.json (so a call's defaults are the reference's)."""
+    from helpers import bundled_for_the_reference
+
+    return bundled_for_the_reference(tmp_path_factory.mktemp("bundled") / "tiny-shapes")
+
+
+@pytest.fixture(scope="module")
+def pair(bundled):
     """(reference, sdkit) pipelines of the bundled model."""
     import diffusers
 
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(TINY, safety_checker=None)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(bundled, safety_checker=None)
     ref.set_progress_bar_config(disable=True)
-    mine = StableDiffusionPipeline.from_pretrained(TINY)
+    mine = StableDiffusionPipeline.from_pretrained(bundled)
     mine.set_progress_bar_config(disable=True)
     return ref, mine
+
+
+def test_the_bundled_model_s_recommended_settings_are_the_only_difference(pair):
+    """With recommended_settings.json, a call that passes no guidance is the reference's call at those settings."""
+    import json
+
+    ref, _ = pair
+    mine = StableDiffusionPipeline.from_pretrained(TINY)
+    mine.set_progress_bar_config(disable=True)
+    settings = json.loads(open(TINY + "/recommended_settings.json").read())
+    expected = ref("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np",
+                   guidance_scale=settings["guidance_scale"], guidance_rescale=settings["guidance_rescale"]).images
+    got = mine("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    close(expected, got)
 
 
 def both(pair, scheduler=None, **kw):
@@ -298,12 +321,12 @@ def test_interrupt_stops_only_its_own_call(pair):
         mine._interrupt
 
 
-def test_old_callback_every_callback_steps_as_the_reference():
+def test_old_callback_every_callback_steps_as_the_reference(bundled):
     import diffusers
 
     logs = ([], [])
     for cls, log in zip((diffusers.StableDiffusionPipeline, StableDiffusionPipeline), logs):
-        p = cls.from_pretrained(TINY, safety_checker=None)
+        p = cls.from_pretrained(bundled, safety_checker=None)
         p.set_progress_bar_config(disable=True)
         with __import__("warnings").catch_warnings():
             __import__("warnings").simplefilter("ignore", FutureWarning)

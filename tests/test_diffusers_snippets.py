@@ -5,7 +5,9 @@ Each snippet below is in a form the reference's documentation uses (written for 
 few steps and tiny sizes). It runs twice: as written, on diffusers, and with every
 ``from diffusers...`` import turned into ``from sdkit...`` (lines marked ``#sdkit:`` are the one
 line a hand-written loop adds). Both runs load the same folder: a tiny random SD 1 pipeline
-(tests/helpers.py) and the bundled model. The images (``image`` at the snippet's end) must agree
+(tests/helpers.py) and the bundled model (without recommended_settings.json, sdkit's own file,
+which fills the options a call leaves out: test_diffusers_api.py shows that it is the only
+difference). The images (``image`` at the snippet's end) must agree
 within 2/255. Inpainting with a 4-channel UNet (the bundled model) is the exception: sdkit pastes
 the original pixels back outside the mask by design, so there it must run and keep them; a
 9-channel inpainting pipeline is compared pixel for pixel.
@@ -24,7 +26,7 @@ import pytest
 import torch
 
 import sdkit
-from helpers import build_reference_pipeline, one_torch_thread, sample_image, sample_mask
+from helpers import build_reference_pipeline, bundled_for_the_reference, one_torch_thread, sample_image, sample_mask
 
 TOL = 2 / 255
 WORST = {}
@@ -46,7 +48,7 @@ def _report():
 def models(tmp_path_factory):
     return {"tiny": str(build_reference_pipeline(tmp_path_factory.mktemp("sd1"), "sd1")),
             "inpaint": str(build_reference_pipeline(tmp_path_factory.mktemp("inpaint"), "inpaint", seed=3)),
-            "bundled": sdkit.TINY_MODEL}
+            "bundled": bundled_for_the_reference(tmp_path_factory.mktemp("bundled") / "tiny-shapes")}
 
 
 S = {}  # name -> (snippet, kind): kind "txt" (tiny and bundled), "inpaint" (9-channel and bundled)

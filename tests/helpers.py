@@ -278,3 +278,14 @@ def train_tiny_vae(run, **overrides):
     cfg = VAEConfig(**{**dict(steps=2, batch_size=4, num_images=4, block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
                               scale_samples=16, save_every=1, log_every=1, warmup_steps=1), **overrides})
     return train(VAEStage(cfg), cfg, str(run))
+
+
+def bundled_for_the_reference(dest):
+    """A copy of the bundled model without recommended_settings.json, sdkit's own file (diffusers ignores it,
+    sdkit fills a call's unpassed options from it): on it both libraries' calls have the same defaults."""
+    import shutil
+
+    import sdkit
+
+    shutil.copytree(sdkit.TINY_MODEL, dest, ignore=shutil.ignore_patterns("recommended_settings.json"))
+    return str(dest)

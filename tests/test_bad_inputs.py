@@ -59,7 +59,7 @@ CLI = [
     ("init image not an image", ["--init-image", "{images}/text.png"], "--init-image {images}/text.png is not a readable image"),
     ("float image out of range", ["--init-image", "{images}/float3.tif"],
      "--init-image {images}/float3.tif: a PIL image of mode 'F' must hold values in [0, 1], found [3, 3]"),
-    ("unknown option", ["--sampler", "Euler"], "unrecognized arguments: --sampler Euler"),
+    ("unknown option", ["--sampling-method", "Euler"], "unrecognized arguments: --sampling-method Euler"),
     ("clip skip 0", ["--clip-skip", "0"], "--clip-skip 0 must be at least 1"),
     ("unknown prompt syntax", ["--prompt-syntax", "comfy"], "argument --prompt-syntax: invalid choice: 'comfy'"),
     pytest.param("too large for memory", ["--model", "{model}", "--width", "100000", "--height", "100000"],

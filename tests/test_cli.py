@@ -185,3 +185,17 @@ def test_missing_bundled_model_is_one_line(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "generate", "a circle", "-o", str(tmp_path / "x.png"))
     assert code == 2 and "bundled model is missing" in err and err.count("\n") == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a1111_script_names_are_aliases(model, tmp_path, capsys):
+    """--cfg-scale and --sampler (A1111 scripts' habits) are --guidance and --scheduler: the same image."""
+    common = ["--model", model, "--steps", "2", "--seed", "3", "-q", "--enlarge", "1"]
+    code, _, err = run(capsys, "generate", "a circle", "-o", str(tmp_path / "a.png"), "--guidance", "4",
+                       "--scheduler", "Euler a", *common)
+    assert code == 0, err
+    code, _, err = run(capsys, "generate", "a circle", "-o", str(tmp_path / "b.png"), "--cfg-scale", "4",
+                       "--sampler", "Euler a", *common)
+    assert code == 0, err
+    params = parse_parameters(Image.open(tmp_path / "b.png").info["parameters"])
+    assert (params["Sampler"], params["CFG scale"]) == ("Euler a", "4")
+    assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))

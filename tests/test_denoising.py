@@ -101,9 +101,9 @@ def test_a_model_piece_changes_the_run_exactly_as_written_by_hand(pipe, name):
     empty, red = embed(pipe, ""), embed(pipe, "a red circle")
     scaled = ScaledUNet.from_pipe(pipe, scheduler=scheduler)
     got = call(scaled)
-    assert torch.equal(got, by_hand(pipe, scheduler, [(empty, red)] * STEPS, unet_scale=0.5))
+    assert torch.equal(got, by_hand(pipe, scaled.scheduler, [(empty, red)] * STEPS, unet_scale=0.5))
     plain = StableDiffusionPipeline.from_pipe(pipe, scheduler=scheduler)
-    assert torch.equal(call(plain), by_hand(pipe, scheduler, [(empty, red)] * STEPS))
+    assert torch.equal(call(plain), by_hand(pipe, plain.scheduler, [(empty, red)] * STEPS))
     assert not torch.equal(got, call(plain))
 
 
@@ -111,9 +111,9 @@ def test_a_conditioning_that_switches_at_a_step(pipe):
     scheduler = sch.DDIMScheduler.from_config(pipe.scheduler.config)
     empty, red, blue = embed(pipe, ""), embed(pipe, "a red circle"), embed(pipe, "a blue square")
     switching = SwitchingPrompt.from_pipe(pipe, scheduler=scheduler)
-    expected = by_hand(pipe, scheduler, [(empty, red)] * 2 + [(empty, blue)] * 2)
+    expected = by_hand(pipe, switching.scheduler, [(empty, red)] * 2 + [(empty, blue)] * 2)
     assert torch.equal(call(switching), expected)
-    assert not torch.equal(expected, by_hand(pipe, scheduler, [(empty, red)] * STEPS))
+    assert not torch.equal(expected, by_hand(pipe, switching.scheduler, [(empty, red)] * STEPS))
 
 
 def test_pieces_see_each_model_call_in_order(pipe):

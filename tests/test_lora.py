@@ -493,3 +493,20 @@ def test_cli_applies_lora_tags_and_writes_a1111_s_lora_hash(folder, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "no LoRA named 'absent'" in err
     assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_cross_attention_scale_scales_the_adapters_as_the_reference(folder, pipe):
+    """cross_attention_kwargs={"scale": s}: the reference's LoRA scale, on set_adapters weights and on adapters=."""
+    state_dict = kohya_lora(pipe)[0]
+    ref = reference(folder)
+    ref.load_lora_weights(dict(state_dict), adapter_name="style")
+    pipe.load_lora_weights(dict(state_dict), adapter_name="style")
+    ref.set_adapters(["style"], [0.8])
+    pipe.set_adapters(["style"], [0.8])
+    expected = ref(**CALL, generator=gen(), cross_attention_kwargs={"scale": 0.5}).images
+    assert np.abs(expected - ref(**CALL, generator=gen()).images).max() > 0.02  # the scale changes the image
+    assert_close(expected, pipe(**CALL, generator=gen(), cross_attention_kwargs={"scale": 0.5}).images, "set_adapters")
+    assert_close(expected, pipe(**CALL, generator=gen(), adapters={"style": 0.8},
+                                cross_attention_kwargs={"scale": 0.5}).images, "adapters=")
+    assert_close(pipe(**CALL, generator=gen(), adapters={"style": 0.4}).images,
+                 pipe(**CALL, generator=gen(), cross_attention_kwargs={"scale": 0.5}).images, "0.8 * 0.5")

@@ -249,3 +249,38 @@ def test_config_is_read_only():
     with pytest.raises(TypeError, match="read-only"):
         model.config["latent_channels"] = 8
     assert json.loads(json.dumps(model.config))["block_out_channels"] == [32, 64]
+
+
+def test_reference_output_forms(tmp_path):
+    """``unet(...).sample``, ``vae.encode(x).latent_dist``, ``vae.decode(z).sample`` and ``return_dict=False``,
+    as the reference's models return them; the output is still a tensor for code that takes it so."""
+    import copy
+    import io
+
+    ref_unet = reference_unet(tmp_path / "unet", SD1_UNET)
+    torch.manual_seed(0)
+    ref_vae = perturb(diffusers.AutoencoderKL(**VAE_F8))
+    ref_vae.save_pretrained(tmp_path / "vae")
+    unet, vae = UNet2DConditionModel.from_pretrained(tmp_path / "unet"), AutoencoderKL.from_pretrained(tmp_path / "vae")
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        out = unet(x, 10, ctx)
+        assert rel_err(ref_unet(x, 10, ctx).sample, out.sample) <= 1e-5
+        assert type(out.sample) is torch.Tensor and type(out * 2) is torch.Tensor  # plain tensors from here on
+        (tup,) = unet(x, 10, ctx, return_dict=False)
+        assert type(tup) is torch.Tensor and torch.equal(tup, out.sample)
+        assert type(copy.deepcopy(out)) is torch.Tensor
+        buffer = io.BytesIO()
+        torch.save(out, buffer)
+        buffer.seek(0)
+        assert type(torch.load(buffer, weights_only=True)) is torch.Tensor
+        dist = vae.encode(image).latent_dist
+        assert rel_err(ref_vae.encode(image).latent_dist.mean, dist.mean) <= 1e-5
+        (dist2,) = vae.encode(image, return_dict=False)
+        assert torch.equal(dist2.mean, dist.mean)
+        z = dist.mode()
+        assert rel_err(ref_vae.decode(z).sample, vae.decode(z).sample) <= 1e-5
+        assert torch.equal(vae.decode(z, return_dict=False)[0], vae.decode(z).sample)
+    with pytest.raises(ValueError, match="cross_attention_kwargs"):
+        unet(x, 10, ctx, cross_attention_kwargs={"scale": 0.5})

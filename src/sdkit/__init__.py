@@ -16,6 +16,13 @@ _LAZY = {
     "StableDiffusionPipeline": "sdkit.pipelines",
     "Img2ImgPipeline": "sdkit.pipelines",
     "InpaintPipeline": "sdkit.pipelines",
+    # the reference's names: the same classes, and the classes that choose a pipeline
+    "StableDiffusionImg2ImgPipeline": "sdkit.pipelines",
+    "StableDiffusionInpaintPipeline": "sdkit.pipelines",
+    "DiffusionPipeline": "sdkit.pipelines",
+    "AutoPipelineForText2Image": "sdkit.pipelines",
+    "AutoPipelineForImage2Image": "sdkit.pipelines",
+    "AutoPipelineForInpainting": "sdkit.pipelines",
     "UNet2DConditionModel": "sdkit.models",
     "AutoencoderKL": "sdkit.models",
 }
@@ -26,4 +33,10 @@ __all__ = ["TINY_MODEL", "__version__", *_LAZY]
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in ("models", "pipelines", "schedulers"):  # sdkit.schedulers.X without importing it first
+        return importlib.import_module(f"sdkit.{name}")
+    if name.endswith("Scheduler") or name == "AysSchedules":  # every scheduler, as from sdkit.schedulers
+        schedulers = importlib.import_module("sdkit.schedulers")
+        if name in schedulers.__all__:
+            return getattr(schedulers, name)
     raise AttributeError(f"module 'sdkit' has no attribute {name!r}")

@@ -651,6 +651,9 @@ def build_parser():
     g.add_argument("--scheduler", help="A1111 sampler name (A1111's sampling), e.g. 'Euler a', 'DPM++ 2M', "
                                        "'DPM++ 2M Karras', or an sdkit class name, e.g. DDIMScheduler; default: "
                                        "the model's recommended_settings.json, else its scheduler_config.json")
+    # A1111 scripts' names for --guidance and --scheduler (errors name the main option)
+    g.add_argument("--cfg-scale", dest="guidance", type=float, help="the same as --guidance")
+    g.add_argument("--sampler", dest="scheduler", help="the same as --scheduler")
     g.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
                    help="a1111 (default): read the prompts as A1111 does: (word:1.2), [word], BREAK, more than 75 "
                         "tokens, [from:to:when], [a|b], AND; plain: as the reference pipeline does (one window of "

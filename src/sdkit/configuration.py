@@ -25,7 +25,8 @@ class Config(dict):
     def _readonly(self, *args, **kwargs):
         raise TypeError("a config is read-only; build a new part with from_config({**config, key: value})")
 
-    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = __ior__ = _readonly
+    __setattr__ = __delattr__ = _readonly  # config.key = value would change nothing the part reads
 
     def __reduce__(self):  # copy, deepcopy and pickle rebuild from a plain dict (no item setting)
         return (type(self), (dict(self),))

@@ -18,7 +18,7 @@ def is_offline(local_files_only=None):
 
 
 def resolve_folder(name_or_path, subfolder=None, *, allow_patterns=None, local_files_only=None,
-                   revision=None, cache_dir=None):
+                   revision=None, cache_dir=None, token=None):
     """Return the local folder for `name_or_path` (a folder or a repo id), plus `subfolder`."""
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
@@ -39,7 +39,7 @@ def resolve_folder(name_or_path, subfolder=None, *, allow_patterns=None, local_f
     offline = is_offline(local_files_only)
     try:
         root = snapshot_download(name, allow_patterns=allow_patterns, local_files_only=offline,
-                                 revision=revision, cache_dir=cache_dir)
+                                 revision=revision, cache_dir=cache_dir, token=token)
     except Exception as e:  # huggingface_hub raises several types for "not there"
         how = "offline (HF_HUB_OFFLINE or local_files_only)" if offline else f"download failed: {e}"
         raise FileNotFoundError(
@@ -50,3 +50,20 @@ def resolve_folder(name_or_path, subfolder=None, *, allow_patterns=None, local_f
     if not folder.is_dir():
         raise FileNotFoundError(f"Repo {name!r} (cached at {root}) has no {subfolder!r} folder.")
     return folder
+
+
+def weights_choice(owner, use_safetensors, low_cpu_mem_usage, allow_pickle=False):
+    """``allow_pickle`` after the reference's ``use_safetensors`` / ``low_cpu_mem_usage`` keywords.
+
+    ``use_safetensors=True`` (or None) is what sdkit does anyway; False asks for pickle weights,
+    which sdkit reads only with ``allow_pickle=True``. ``low_cpu_mem_usage`` changes nothing: sdkit
+    always builds models empty and fills them from the file.
+    """
+    for name, value in (("use_safetensors", use_safetensors), ("low_cpu_mem_usage", low_cpu_mem_usage)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{owner}: {name} must be True, False or None, got {value!r}.")
+    if use_safetensors is False and not allow_pickle:
+        raise ValueError(f"{owner}: use_safetensors=False asks for pickle weights, which can run code when "
+                         f"loaded; sdkit reads .safetensors (leave use_safetensors out), or pickles only with "
+                         f"allow_pickle=True.")
+    return allow_pickle and use_safetensors is not True

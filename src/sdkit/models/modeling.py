@@ -18,7 +18,7 @@ from torch import nn
 from .. import configuration
 from ..configuration import Config
 from ..files import atomic_write, read_json_object
-from ..hub import resolve_folder
+from ..hub import resolve_folder, weights_choice
 from .blocks import Attention, slice_size_for
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -27,6 +27,32 @@ CONFIG_NAME = "config.json"
 PICKLE_NAMES = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.ckpt", "model.ckpt")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 DIFFUSERS_VERSION = "0.42.1"  # the layout we read and write
+
+
+class OutputTensor(torch.Tensor):
+    """A model's output tensor that also answers the reference's ``.sample`` (``unet(...).sample``).
+
+    It is the output itself (no copy); any operation on it gives a plain ``torch.Tensor``, so
+    code that takes ``unet(...)`` as a tensor runs as fast as before. ``return_dict=False`` gives
+    the reference's one-element tuple instead.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # ops return plain tensors, no overhead
+
+    @property
+    def sample(self):
+        return self.as_subclass(torch.Tensor)
+
+    def __deepcopy__(self, memo):
+        return self.as_subclass(torch.Tensor).clone()
+
+    def __reduce_ex__(self, protocol):  # pickled (torch.save) as a plain tensor
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+def model_output(x, return_dict):
+    """``x`` as the reference returns it: an OutputTensor (``.sample``), or ``(x,)`` for ``return_dict=False``."""
+    return x.as_subclass(OutputTensor) if return_dict else (x,)
 
 
 def variant_name(name, variant):
@@ -258,20 +284,23 @@ class ModelMixin(nn.Module):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, torch_dtype=None,
                         variant=None, allow_pickle=False, local_files_only=None, revision=None,
-                        cache_dir=None, device=None):
+                        cache_dir=None, device=None, use_safetensors=None, low_cpu_mem_usage=None, token=None):
         """Load a model from a diffusers-layout folder (``config.json`` + safetensors) or repo id.
 
         ``variant="fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``; sharded checkpoints
         are read through their ``*.safetensors.index.json``. Pickle files (``.bin``, ``.ckpt``)
         load only with ``allow_pickle=True``, and then with ``torch.load(weights_only=True)``.
-        Parameters are cast to ``torch_dtype`` (float32 when not given).
+        Parameters are cast to ``torch_dtype`` (float32 when not given). The reference's
+        ``use_safetensors``, ``low_cpu_mem_usage`` and ``token`` are taken (``hub.weights_choice``).
         """
+        allow_pickle = weights_choice(cls.__name__, use_safetensors, low_cpu_mem_usage, allow_pickle)
         patterns = None
         if not os.path.exists(os.fspath(pretrained_model_name_or_path)):
             prefix = f"{subfolder}/" if subfolder else ""
             patterns = [f"{prefix}{CONFIG_NAME}", f"{prefix}*.safetensors", f"{prefix}*.json"]
         folder = resolve_folder(pretrained_model_name_or_path, subfolder, allow_patterns=patterns,
-                                local_files_only=local_files_only, revision=revision, cache_dir=cache_dir)
+                                local_files_only=local_files_only, revision=revision, cache_dir=cache_dir,
+                                token=token)
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: a {cls.__name__} folder needs a "

@@ -15,7 +15,7 @@ from torch import nn
 from .blocks import (Downsample2D, ResnetBlock2D, TextTimeEmbedding, TimestepEmbedding, Transformer2DModel,
                      Upsample2D, timestep_embedding)
 from ..configuration import choice
-from .modeling import ModelMixin
+from .modeling import ModelMixin, model_output
 
 IntOrTuple = Union[int, Tuple[int, ...]]
 
@@ -215,9 +215,19 @@ class UNet2DConditionModel(ModelMixin):
 
         return load_unet(path, torch_dtype, allow_pickle, use_ema)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def forward(self, sample, timestep, encoder_hidden_states, *, cross_attention_kwargs=None, return_dict=True):
         """sample: (B, C, h, w) latents; timestep: int, float, 0-d or (B,) tensor;
-        encoder_hidden_states: (B, T, cross_attention_dim). Returns (B, out_channels, h, w)."""
+        encoder_hidden_states: (B, T, cross_attention_dim). Returns the (B, out_channels, h, w)
+        prediction: a tensor that also has the reference's ``.sample`` (``modeling.OutputTensor``),
+        or ``(prediction,)`` with ``return_dict=False``, as the reference returns it."""
+        if cross_attention_kwargs:
+            raise ValueError(f"UNet2DConditionModel takes no cross_attention_kwargs "
+                             f"(got {sorted(cross_attention_kwargs)}): "
+                             f"sdkit has no attention processors to pass them to; leave them out.")
+        return model_output(self._predict(sample, timestep, encoder_hidden_states), return_dict)
+
+    def _predict(self, sample, timestep, encoder_hidden_states):
+        """The denoiser itself (``forward`` without the reference's output forms)."""
         return self._run(sample, *self._embed(sample, timestep, encoder_hidden_states))[0]
 
     def deep_cache_branches(self):

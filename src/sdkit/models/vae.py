@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D
-from .modeling import ModelMixin
+from .modeling import ModelMixin, model_output
 
 
 @dataclass(frozen=True)
@@ -284,13 +284,19 @@ class AutoencoderKL(ModelMixin):
     def downsample_factor(self):
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    def encode(self, x):
-        """x: (B, 3, H, W) in [-1, 1] -> DiagonalGaussian over (B, latent_channels, H/f, W/f)."""
-        return DiagonalGaussian(self._by_settings(self._encode, x, in_pixels=True))
+    def encode(self, x, return_dict=True):
+        """x: (B, 3, H, W) in [-1, 1] -> DiagonalGaussian over (B, latent_channels, H/f, W/f), which is
+        also its own ``.latent_dist`` (the reference's ``vae.encode(x).latent_dist``); ``(dist,)``
+        with ``return_dict=False``. Slicing and tiling apply as set (``enable_slicing``, ``enable_tiling``)."""
+        dist = DiagonalGaussian(self._by_settings(self._encode, x, in_pixels=True))
+        return dist if return_dict else (dist,)
 
-    def decode(self, z):
-        """z: (B, latent_channels, h, w) unscaled latents -> (B, 3, h*f, w*f), roughly in [-1, 1]."""
-        return self._by_settings(self._decode, z, in_pixels=False)
+    def decode(self, z, return_dict=True, generator=None):
+        """z: (B, latent_channels, h, w) unscaled latents -> (B, 3, h*f, w*f), roughly in [-1, 1]: a tensor
+        that also has the reference's ``.sample``, or ``(images,)`` with ``return_dict=False``.
+        ``generator`` is taken for the reference's signature; decoding draws no noise. Slicing and
+        tiling apply as set."""
+        return model_output(self._by_settings(self._decode, z, in_pixels=False), return_dict)
 
     def _encode(self, x):
         h = self.encoder(x)

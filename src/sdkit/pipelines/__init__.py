@@ -5,6 +5,7 @@
     img2img = Img2ImgPipeline(**pipe.components)   # same weights, no copy
 """
 
+from .auto import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 from .base import DiffusionPipeline, PipelineOutput, Run, Start
 from .denoising import (ClassifierFreeGuidance, ConditionalOnly, ModelCall, PromptEmbeds,
                         classifier_free_guidance, unet_model, with_extra_channels)
@@ -15,7 +16,11 @@ from .options import CallOptions, ImageToImageOptions, InpaintOptions, TextToIma
 from .prompting import ComposableGuidance, PromptSchedule, ScheduledPromptEmbeds
 from .txt2img import StableDiffusionPipeline
 
-__all__ = ["CallOptions", "ClassifierFreeGuidance", "ComposableGuidance", "PromptSchedule", "ScheduledPromptEmbeds", "ConditionalOnly", "DiffusionPipeline", "ImageToImageOptions",
+StableDiffusionImg2ImgPipeline = Img2ImgPipeline  # the reference's names for the same classes
+StableDiffusionInpaintPipeline = InpaintPipeline
+
+__all__ = ["AutoPipelineForImage2Image", "AutoPipelineForInpainting", "AutoPipelineForText2Image",
+           "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "CallOptions", "ClassifierFreeGuidance", "ComposableGuidance", "PromptSchedule", "ScheduledPromptEmbeds", "ConditionalOnly", "DiffusionPipeline", "ImageToImageOptions",
            "Img2ImgPipeline", "InpaintOptions", "InpaintPipeline", "ModelCall", "Part", "PipelineOutput",
            "PromptEmbeds", "Run", "Start", "StableDiffusionPipeline", "TextToImageOptions",
            "classifier_free_guidance", "unet_model", "with_extra_channels"]

@@ -29,7 +29,7 @@ from ..files import plain_modes
 from ..noise import SeedNoise
 from ..schedulers import Scheduler
 from ..schedulers.schedules import randn
-from . import loading, memory, prompting
+from . import compat, loading, memory, prompting
 from . import recommended as recommended_settings
 from .adapters import NO_NETWORKS, AdapterLoaderMixin, with_adapters
 from .denoising import DeepCache, ModelCall, classifier_free_guidance, compose, truncate_guidance, unet_model
@@ -42,6 +42,7 @@ from .performance import PerformanceSettings
 class PipelineOutput:
     images: Any  # list of PIL images | (B, H, W, 3) float array | (B, 3, H, W) tensor | latents
     interrupted: bool = False  # True when the callback stopped the run before its last step
+    nsfw_content_detected: Any = None  # the reference's safety-checker flags: None, sdkit has no checker
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,13 @@ def repeat_to_batch(x, batch_size, what):
     return x.repeat_interleave(batch_size // b, dim=0)
 
 
-class DiffusionPipeline(AdapterLoaderMixin, PerformanceSettings):
+class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin, PerformanceSettings):
     """Base of the Stable Diffusion pipelines. Build from parts, or with ``from_pretrained``.
 
     ``recommended`` (a ``recommended.RecommendedSettings``, read from the folder's
     recommended_settings.json by ``from_pretrained``) fills in the call options a call does not pass.
+    The reference's per-call attributes (``pipe._interrupt``, ``pipe.guidance_scale``, ...) answer
+    from the call running in this thread, inside its callbacks only (compat.py).
     """
 
     reference_class_name = "StableDiffusionPipeline"  # written to model_index.json
@@ -123,6 +126,7 @@ class DiffusionPipeline(AdapterLoaderMixin, PerformanceSettings):
     options_class = CallOptions  # the options of a call
 
     def __init__(self, recommended=None, **parts):
+        parts, _ = loading.reference_keywords(type(self).__name__, parts, loading=False)  # safety_checker=None, ...
         names = [p.name for p in self.parts]
         missing = [n for n in names if n not in parts]
         unknown = sorted(set(parts) - set(names))
@@ -134,6 +138,8 @@ class DiffusionPipeline(AdapterLoaderMixin, PerformanceSettings):
             if part.check is not None:
                 part.check(parts[part.name])
             setattr(self, part.name, parts[part.name])
+        if "scheduler" in parts:
+            self.scheduler = loading.reference_scheduler(self.scheduler, type(self).__name__)
         if recommended is not None and not isinstance(recommended, recommended_settings.RecommendedSettings):
             raise TypeError(f"recommended must be a RecommendedSettings (sdkit.pipelines.recommended), "
                             f"got {type(recommended).__name__}.")
@@ -153,6 +159,7 @@ class DiffusionPipeline(AdapterLoaderMixin, PerformanceSettings):
     def from_pipe(cls, pipe, **overrides):
         """A pipeline of this class on the same parts as `pipe` (weights shared, not copied), with its
         recommended settings."""
+        overrides, _ = loading.reference_keywords(cls.__name__, overrides, loading=False)
         names = [p.name for p in cls.parts]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
@@ -169,18 +176,28 @@ class DiffusionPipeline(AdapterLoaderMixin, PerformanceSettings):
                         local_files_only=False, **components):
         """Load a diffusers-layout pipeline folder or Hub repo id (model_index.json + part folders).
 
-        Parts given as keywords (``scheduler=...``, ``vae=...``) replace the folder's. Parts sdkit
-        does not use (safety_checker, feature_extractor) are skipped. The folder's
-        recommended_settings.json, if any, becomes ``pipe.recommended`` (and its scheduler, unless
-        one is passed, ``pipe.scheduler``).
+        ``DiffusionPipeline.from_pretrained`` loads the class that the folder's model_index.json
+        names. Parts given as keywords (``scheduler=...``, ``vae=...``) replace the folder's. Parts sdkit
+        does not use (safety_checker, feature_extractor) are skipped. The reference's loading
+        keywords that mean something here are taken: ``use_safetensors``, ``revision``,
+        ``cache_dir``, ``token``, ``low_cpu_mem_usage`` and the "no safety checker" forms
+        (``safety_checker=None``, ``requires_safety_checker=False``; see ``loading.reference_keywords``).
+        The folder's recommended_settings.json, if any, becomes ``pipe.recommended`` (and its
+        scheduler, unless one is passed, ``pipe.scheduler``).
         """
+        if cls is DiffusionPipeline:  # the reference's generic loader: the class model_index.json names
+            from .auto import from_index
+
+            return from_index(pretrained_model_name_or_path, torch_dtype=torch_dtype, variant=variant,
+                              local_files_only=local_files_only, **components)
+        components, hub = loading.reference_keywords(cls.__name__, components)
         names = [p.name for p in cls.parts]
         unknown = sorted(set(components) - set(names))
         if unknown:
             raise TypeError(f"from_pretrained got unknown arguments {unknown}; parts that can be "
                             f"passed are {names}.")
         folder = loading.resolve_pipeline_folder(pretrained_model_name_or_path, cls.parts, variant,
-                                                 local_files_only)
+                                                 local_files_only, hub)
         parts = loading.load_components(folder, cls.parts, torch_dtype=torch_dtype, variant=variant,
                                         skip=tuple(components))
         settings = recommended_settings.read(folder)
@@ -204,6 +221,7 @@ class DiffusionPipeline(AdapterLoaderMixin, PerformanceSettings):
         """
         from ..models.single_file import load_parts
 
+        components, _ = loading.reference_keywords(cls.__name__, components, loading=False)
         names = [p.name for p in cls.parts]
         unknown = sorted(set(components) - set(names))
         if unknown:
@@ -257,6 +275,21 @@ class DiffusionPipeline(AdapterLoaderMixin, PerformanceSettings):
     @property
     def vae_scale_factor(self):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_processor(self):
+        """The reference's ``pipe.image_processor`` (``preprocess`` / ``postprocess``) for this VAE's factor."""
+        from .image_processor import VaeImageProcessor
+
+        return VaeImageProcessor(self.vae_scale_factor)
+
+    def progress_bar(self, iterable=None, total=None):
+        """A tqdm bar with ``set_progress_bar_config``'s options, as the reference's ``pipe.progress_bar``."""
+        from tqdm.auto import tqdm
+
+        if iterable is None and total is None:
+            raise ValueError("progress_bar needs an iterable or a total.")
+        return tqdm(iterable, total=total, **self._progress_bar_config)
 
     def default_size(self):
         """(height, width) of images when a call gives none: the UNet's sample size times the VAE factor."""
@@ -361,12 +394,12 @@ class DiffusionPipeline(AdapterLoaderMixin, PerformanceSettings):
 
         with torch.inference_mode():
             device, dtype = self.device, self.dtype
-            state = scheduler.set_timesteps(options.num_inference_steps, device=device,
-                                            strength=options.denoising_strength, **run_options)
+            state = compat.set_timesteps(scheduler, options, device, run_options)  # steps, or custom timesteps / sigmas
             guidance = truncate_guidance(prompting.guidance_for_call(options), options.guidance_end,
                                          len(state.timesteps))
+            adapters = compat.lora_adapters(self, options)  # adapters=, scaled by cross_attention_kwargs["scale"]
             networks = self.networks_for_call(options.prompts if options.prompt is not None else None,
-                                              options.prompt_syntax, options.adapters, options.lora_dirs,
+                                              options.prompt_syntax, adapters, options.lora_dirs,
                                               options.embedding_dirs, options.allow_pickle)
             self._check_memory(options, height, width, guidance)
             seed_noise = options.seed_noise(device, self.vae_scale_factor)
@@ -376,15 +409,18 @@ class DiffusionPipeline(AdapterLoaderMixin, PerformanceSettings):
             conditioning = self.prepare_conditioning(run, options)
             start = self.prepare_start(run, options)
             start = dataclasses.replace(start, latents=scheduler.begin(start.latents, state, generator))
+            callbacks = compat.StepCallbacks(self, options, run, conditioning)  # the reference's callbacks
+            start, run = callbacks.wrap(start, run)
             model = self.prepare_model(run, start)
-            latents, interrupted = self._denoise(model, conditioning, start, run, options.callback)
+            with callbacks.active():
+                latents, interrupted = self._denoise(model, conditioning, start, run, callbacks.callback)
             check_finite(latents, "denoised latents", options)
             if options.output_type == "latent":
-                return PipelineOutput(latents, interrupted)
+                return compat.returned(PipelineOutput(latents, interrupted), options)
             images = (self._decode(latents, options) * 0.5 + 0.5).clamp(0, 1)
             if start.finish is not None:
                 images = start.finish(images)
-            return PipelineOutput(to_output(images, options.output_type), interrupted)
+            return compat.returned(PipelineOutput(to_output(images, options.output_type), interrupted), options)
 
     def _denoise(self, model, conditioning, start, run, callback):
         """The denoising loop every pipeline shares: ``model(x, call)``, then the scheduler's step.

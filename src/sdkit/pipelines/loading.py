@@ -8,12 +8,13 @@ A pipeline class declares its parts as a tuple of :class:`Part`; loading, ``comp
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..files import atomic_write, read_json_object
-from ..hub import resolve_folder
+from ..hub import resolve_folder, weights_choice
 from ..models.modeling import DIFFUSERS_VERSION, PICKLE_SUFFIXES, check_safetensors
 from .recommended import FILE as RECOMMENDED
 
@@ -116,6 +117,23 @@ def _load_scheduler(folder, class_name, torch_dtype, variant):
     return scheduler_class.from_config(folder)
 
 
+def reference_scheduler(scheduler, owner):
+    """The scheduler as the reference's SD pipelines take it: their constructors set steps_offset to 1 and
+    clip_sample to False (with a deprecation note), so sdkit's do too, for the reference's pixels."""
+    config, fixes = scheduler.config, {}
+    if config.get("steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    if config.get("clip_sample", False) is True:
+        fixes["clip_sample"] = False
+    if not fixes:
+        return scheduler
+    changes = ", ".join(f"{k}={config[k]!r} -> {v!r}" for k, v in fixes.items())
+    warnings.warn(f"{owner}: the scheduler's {changes}, as the reference's Stable Diffusion pipelines set them "
+                  f"(an outdated config); set pipe.scheduler afterwards, or pass scheduler= in the call, to sample with "
+                  f"it unchanged.", stacklevel=4)
+    return type(scheduler).from_config(config, **fixes)
+
+
 def check_scheduler(scheduler):
     from ..schedulers import Scheduler
 
@@ -140,20 +158,45 @@ def _download_patterns(parts, variant):
     return [MODEL_INDEX, RECOMMENDED, "*/*.json", "*/*.txt", *(f"{p.name}/{weights}" for p in parts)]
 
 
-def _resolve(name_or_path, parts, variant, local_files_only):
-    """A local folder, else the Hub cache, else (online and allowed) a download."""
-    patterns = _download_patterns(parts, variant)
+def _resolve(name_or_path, parts, variant, local_files_only, hub=None):
+    """A local folder, else the Hub cache, else (online and allowed) a download; ``hub``: revision, cache_dir, token."""
+    patterns, hub = _download_patterns(parts, variant), hub or {}
     if local_files_only or os.path.exists(os.fspath(name_or_path)):
-        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=local_files_only)
+        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=local_files_only, **hub)
     try:
-        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=True)
+        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=True, **hub)
     except FileNotFoundError:
-        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=False)
+        return resolve_folder(name_or_path, allow_patterns=patterns, local_files_only=False, **hub)
 
 
-def resolve_pipeline_folder(name_or_path, parts=STABLE_DIFFUSION, variant=None, local_files_only=False):
+# the reference's "no safety checker" keywords, at the values that mean it: sdkit has no checker
+NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "image_encoder": None,
+                     "requires_safety_checker": False}
+HUB_KEYWORDS = ("revision", "cache_dir", "token")  # the reference's download keywords, passed to the hub
+
+
+def reference_keywords(owner, keywords, loading=True):
+    """(the rest, hub keywords) of a pipeline's keyword arguments, after the reference's that sdkit takes.
+
+    The "no safety checker" forms (``safety_checker=None``, ``requires_safety_checker=False``, ...)
+    change nothing, since sdkit has no checker; any other value of them is an error. When
+    ``loading``, ``use_safetensors`` / ``low_cpu_mem_usage`` are checked (``hub.weights_choice``) and
+    ``revision`` / ``cache_dir`` / ``token`` go to the download.
+    """
+    rest = dict(keywords)
+    for name, value in NO_SAFETY_CHECKER.items():
+        if name in rest and rest.pop(name) is not value:
+            raise ValueError(f"{owner}: sdkit has no safety checker (nor feature extractor or image encoder), so "
+                             f"it cannot take {name}={keywords[name]!r}; pass {name}={value!r} or leave it out.")
+    if not loading:
+        return rest, {}
+    weights_choice(owner, rest.pop("use_safetensors", None), rest.pop("low_cpu_mem_usage", None))
+    return rest, {name: rest.pop(name) for name in HUB_KEYWORDS if name in rest}
+
+
+def resolve_pipeline_folder(name_or_path, parts=STABLE_DIFFUSION, variant=None, local_files_only=False, hub=None):
     """The local folder (a Path) of a pipeline folder or repo id, with the files ``parts`` need."""
-    return _resolve(name_or_path, parts, variant, local_files_only)
+    return _resolve(name_or_path, parts, variant, local_files_only, hub)
 
 
 def read_model_index(folder):
@@ -182,9 +225,9 @@ def component_classes(index, parts, source):
 
 
 def load_components(name_or_path, parts=STABLE_DIFFUSION, torch_dtype=None, variant=None,
-                    local_files_only=False, skip=()):
+                    local_files_only=False, skip=(), hub=None):
     """Load the declared ``parts`` of a pipeline folder or repo id (those in ``skip`` are left out)."""
-    folder = _resolve(name_or_path, parts, variant, local_files_only)
+    folder = _resolve(name_or_path, parts, variant, local_files_only, hub)
     index = read_model_index(folder)
     classes = component_classes(index, parts, folder / MODEL_INDEX)
     missing = [p.name for p in parts if p.name not in classes and p.name not in skip]

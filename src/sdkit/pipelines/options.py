@@ -14,6 +14,7 @@ import torch
 
 from ..text_chunks import DEFAULT_COMMA_PADDING_BACKTRACK
 from .adapters import check_network_options
+from .compat import check_call_options
 from .prompting import check_prompt_options, embeds_count
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -98,6 +99,16 @@ class CallOptions:
     rng: the random number source: "cpu" (default; the same numbers on any device), "gpu" (the
         device's generator, A1111's default) or "nv" (Philox: an NVIDIA card's numbers anywhere).
     eta_noise_seed_delta: A1111's ENSD: draws after the initial noise use seed + k + ENSD.
+    callback_on_step_end: the reference's ``callback(pipe, step, timestep, callback_kwargs)`` after
+        every step; ``callback_kwargs`` holds the tensors named in ``callback_on_step_end_tensor_inputs``
+        ("latents", "prompt_embeds", "negative_prompt_embeds"), and the dict it returns may replace
+        "latents" and "prompt_embeds". Setting ``pipe._interrupt = True`` in it stops this call only.
+    callback_steps: call ``callback`` every this many steps (the reference's older form).
+    return_dict: False returns the reference's tuple (images, nsfw_content_detected).
+    timesteps, sigmas: a custom schedule instead of ``num_inference_steps`` (e.g. ``AysSchedules``),
+        for the schedulers whose ``custom_schedules`` list it (as in the reference).
+    cross_attention_kwargs: only ``{"scale": s}``, the reference's LoRA scale: the call's adapters at their
+        weights times s (compat.lora_adapters).
     """
 
     positional: ClassVar[tuple] = ("prompt",)  # the arguments a call may give by position
@@ -137,6 +148,13 @@ class CallOptions:
     seed_resize_from_h: int = 0
     rng: str = "cpu"
     eta_noise_seed_delta: int = 0
+    callback_on_step_end: Optional[Callable] = None
+    callback_on_step_end_tensor_inputs: Any = ("latents",)
+    callback_steps: Optional[int] = None
+    return_dict: bool = True
+    timesteps: Any = None
+    sigmas: Any = None
+    cross_attention_kwargs: Optional[dict] = None
 
     @classmethod
     def from_call(cls, args, kwargs):
@@ -220,6 +238,7 @@ class CallOptions:
         check_fraction("guidance_end", self.guidance_end, " (1: guidance at every step)")
         self._check_generator()
         self._check_seeds()
+        check_call_options(self)
 
     def _check_seeds(self):
         from ..noise import RNG_SOURCES, check_seed

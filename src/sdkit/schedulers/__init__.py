@@ -9,6 +9,9 @@ The reference's classes (DDIMScheduler, ...) sample as the reference does; A1111
         eps = unet(scheduler.scale_model_input(x, t, state), t, context)
         out = scheduler.step(eps, t, x, state, generator=g)
         x, state = out.prev_sample, out.state
+
+Loops written for the reference's stateful schedulers run on ``scheduler.stateful()``, a per-run
+object with the reference's ``set_timesteps(n)``, ``.timesteps``, ``step(...).prev_sample``.
 """
 
 from .a1111_timesteps import A1111DDIMScheduler, A1111PLMSScheduler
@@ -33,7 +36,8 @@ from .registry import (
     A1111_CLASSES, A1111_SAMPLERS, SAMPLER_NAMES, SCHEDULER_CLASSES, a1111_name, a1111_schedule, from_name,
     get_scheduler_class, split_sampler_name,
 )
-from .sigma_schedules import SCHEDULE_LABELS, SCHEDULE_TYPES
+from .sigma_schedules import SCHEDULE_LABELS, SCHEDULE_TYPES, AysSchedules
+from .stateful import StatefulScheduler
 
 __all__ = [
     "Scheduler", "SchedulerOutput", "SchedulerState", "SigmaScheduler", "PNDMState",
@@ -46,4 +50,5 @@ __all__ = [
     "A1111DDIMScheduler", "A1111PLMSScheduler", "A1111UniPCScheduler", "A1111_CLASSES", "A1111_SAMPLERS",
     "SCHEDULE_LABELS",
     "SCHEDULE_TYPES", "a1111_schedule", "split_sampler_name",
+    "AysSchedules", "StatefulScheduler",
 ]

@@ -38,14 +38,14 @@ MODEL_SCHEDULE_KEYS = {
 }
 """Reference config keys that describe the noise schedule a model was trained on: key -> (the value
 that changes nothing, what a non-neutral value means). ``from_config`` warns once per class and key
-when a config sets one to another value and the class has no such setting, since dropping it
-samples another schedule than the model's."""
+when a config sets one to another value and the class has no such setting, since the class then
+samples another schedule than the model's (the key stays in its config, as in the reference)."""
 _warned_dropped = set()
 _warned_lock = threading.Lock()
 
 
 def warn_dropped_keys(cls, unused):
-    """Warn (once per class and key) about the ``MODEL_SCHEDULE_KEYS`` that ``cls.from_config`` drops."""
+    """Warn (once per class and key) about the ``MODEL_SCHEDULE_KEYS`` that ``cls.from_config`` cannot use."""
     for key, value in unused.items():
         if key not in MODEL_SCHEDULE_KEYS or value == MODEL_SCHEDULE_KEYS[key][0]:
             continue
@@ -56,9 +56,43 @@ def warn_dropped_keys(cls, unused):
         from .registry import SCHEDULER_CLASSES
 
         having = sorted(name for name, c in SCHEDULER_CLASSES.items() if key in c.config_keys())
-        warnings.warn(f"{cls.__name__} has no {key!r} setting, so the config's {key}={value!r} is dropped: "
+        warnings.warn(f"{cls.__name__} has no {key!r} setting, so the config's {key}={value!r} is not used: "
                       f"{MODEL_SCHEDULE_KEYS[key][1]}, and {cls.__name__} samples another schedule, which "
-                      f"can give broken images. Use one of {', '.join(having)} for this model.", stacklevel=3)
+                      f"can give broken images (the reference does the same). Use one of {', '.join(having)} "
+                      f"for this model.", stacklevel=3)
+
+
+def carried_config(cls, values):
+    """(carried keys, given fields) of a config read by ``cls``, the reference's way (ConfigMixin.from_config).
+
+    Keys the config's own class filled with its defaults (``_use_default_values``) are left out, so
+    ``cls`` uses its own defaults for them; keys ``cls`` has no setting for are kept ("carried") in
+    its config, so a later swap sees them again (``PNDMScheduler.from_config(ddim.config)`` keeps the
+    file's ``skip_prk_steps``).
+    """
+    defaults = _left_at_defaults(values)
+    values = {k: v for k, v in values.items() if k not in defaults and k != "_use_default_values"}
+    fields = set(cls.config_keys())
+    carried = {k: configuration.plain(v) for k, v in values.items() if not k.startswith("_") and k not in fields}
+    return values, carried, frozenset(k for k in values if k in fields)
+
+
+def _left_at_defaults(values):
+    """The keys of a config that its ``_use_default_values`` lists and that still hold its class's default.
+
+    A listed key given another value since (``{**sch.config, "timestep_spacing": "trailing"}``) is
+    kept, where the reference would drop it; for a class sdkit lacks, every listed key is dropped.
+    """
+    from .registry import get_scheduler_class
+
+    listed = set(values.get("_use_default_values") or ())
+    try:
+        source = get_scheduler_class(values.get("_class_name"))
+    except ValueError:
+        return listed
+    defaults = {f.name: configuration.plain(f.default) for f in dataclasses.fields(source.config_class)
+                if f.default is not dataclasses.MISSING}
+    return {k for k in listed if k not in defaults or defaults[k] == configuration.plain(values.get(k))}
 
 
 @dataclass(frozen=True)
@@ -138,6 +172,8 @@ class Scheduler:
     options_class = NoOptions
     _fixed: dict = {}
     _config_class_name = None  # the reference class name to save under, if not the class's own
+    _always_given = ()  # settings never listed as defaults (``_use_default_values``): the class's own choice
+    custom_schedules = ()  # "timesteps" and/or "sigmas": the custom schedules set_timesteps takes (as the reference's)
 
     # ---------------------------------------------------------------- construction and config
     def __init__(self, **settings):
@@ -145,6 +181,8 @@ class Scheduler:
         configuration.check_number(type(self).__name__, "num_train_timesteps", cfg.num_train_timesteps, low=1,
                                    integer=True)
         object.__setattr__(self, "_cfg", cfg)
+        object.__setattr__(self, "_given", frozenset(settings))  # settings passed, not defaulted
+        object.__setattr__(self, "_carried", {})  # config keys of other classes (from_config)
         self._setup(cfg)
         object.__setattr__(self, "_frozen", True)
 
@@ -162,11 +200,24 @@ class Scheduler:
 
     @property
     def config(self):
-        """The settings as a read-only dict with ``_class_name`` (also ``config.key``); every from_config takes it."""
+        """The settings as a read-only dict with ``_class_name`` (also ``config.key``); every from_config takes it.
+
+        As the reference's: the keys of other classes this one was built from are kept, and
+        ``_use_default_values`` lists the settings left at this class's defaults.
+        """
         class_name = self._config_class_name or type(self).__name__
         settings = {f.name: configuration.plain(getattr(self._cfg, f.name))
                     for f in dataclasses.fields(self._cfg)}
-        return configuration.Config({"_class_name": class_name, **settings})
+        defaults = sorted(set(settings) - self._given - set(self._always_given))
+        marks = {"_use_default_values": defaults} if defaults else {}
+        return configuration.Config({"_class_name": class_name, **self._carried, **settings, **marks})
+
+    @property
+    def compatibles(self):
+        """The sdkit classes with the reference's names that take this config (``X.from_config(s.config)``)."""
+        from .registry import SCHEDULER_CLASSES
+
+        return list(SCHEDULER_CLASSES.values())
 
     @classmethod
     def config_keys(cls):
@@ -174,13 +225,19 @@ class Scheduler:
 
     @classmethod
     def from_config(cls, config, **overrides):
-        """Build from reference config keys (dict, json file or folder); unused keys are ignored, with a
-        warning for those that change the model's noise schedule (``MODEL_SCHEDULE_KEYS``)."""
-        values = {**_load_config_dict(config), **overrides}
+        """Build from reference config keys (dict, json file or folder); keys this class does not use are
+        kept in its config (the reference's carry-over), with a warning for those that change the model's
+        noise schedule (``MODEL_SCHEDULE_KEYS``)."""
+        values, carried, given = carried_config(cls, _load_config_dict(config))
+        values = {**values, **overrides}
         try:
             cfg, unused = configuration.read_config(cls.__name__, cls.config_class, values, cls._fixed,
                                                     none_is_unset=True)
+            warn_dropped_keys(cls, unused)
             scheduler = cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+            object.__setattr__(scheduler, "_given", given | (set(overrides) & set(cls.config_keys())))
+            object.__setattr__(scheduler, "_carried", carried)
+            return scheduler
         except ValueError as e:
             if isinstance(config, (str, os.PathLike)):  # a bad value in a file: name the file
                 folder = os.fspath(config)
@@ -193,18 +250,20 @@ class Scheduler:
     def save_pretrained(self, save_directory):
         """Write scheduler_config.json (loadable by sdkit and by the reference) into a folder."""
         os.makedirs(save_directory, exist_ok=True)
-        text = json.dumps(dict(self.config), indent=2, sort_keys=True)
+        config = {k: v for k, v in self.config.items() if k != "_use_default_values"}  # as the reference saves
+        text = json.dumps(config, indent=2, sort_keys=True)
         return atomic_write(os.path.join(save_directory, CONFIG_NAME),
                             lambda p: Path(p).write_text(text, encoding="utf-8"))
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, subfolder=None, local_files_only=None):
+    def from_pretrained(cls, path_or_repo_id, subfolder=None, local_files_only=None, revision=None, cache_dir=None,
+                        token=None):
         """Load scheduler_config.json from a folder or hub repo id (cache first), optionally in ``subfolder``."""
         from ..hub import resolve_folder
 
         pattern = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
-        folder = resolve_folder(path_or_repo_id, subfolder, allow_patterns=[pattern],
-                                local_files_only=local_files_only)
+        folder = resolve_folder(path_or_repo_id, subfolder, allow_patterns=[pattern], local_files_only=local_files_only,
+                                revision=revision, cache_dir=cache_dir, token=token)
         return cls.from_config(str(folder))
 
     def __repr__(self):
@@ -231,17 +290,61 @@ class Scheduler:
             raise ValueError(f"{cls.__name__} has no run option {', '.join(map(repr, unknown))}; {has}.")
         return cls.options_class(**options)
 
-    def set_timesteps(self, num_inference_steps, device=None, strength=1.0, **options):
+    def set_timesteps(self, num_inference_steps=None, device=None, strength=1.0, *, timesteps=None, sigmas=None,
+                      **options):
         """The state of a run of ``num_inference_steps`` (fewer when ``strength`` < 1).
 
         ``options`` are the run options (``option_names()``: DDIM ``eta``, LMS ``order``); they
-        are checked here and carried in the state. The scheduler itself is not changed.
+        are checked here and carried in the state. ``timesteps`` or ``sigmas`` give a custom
+        schedule instead of ``num_inference_steps`` (the classes whose ``custom_schedules`` list
+        them, as in the reference; e.g. ``AysSchedules``). The scheduler itself is not changed.
         """
-        S.check_num_steps(num_inference_steps, self._cfg.num_train_timesteps, type(self).__name__)
+        custom = timesteps is not None or sigmas is not None
+        if not custom:
+            S.check_num_steps(num_inference_steps, self._cfg.num_train_timesteps, type(self).__name__)
         run_options = self.make_options(**options)
-        plan = self._plan(num_inference_steps)
+        plan = self._custom_plan(num_inference_steps, timesteps, sigmas) if custom else self._plan(num_inference_steps)
         n = plan.pop("num_inference_steps", num_inference_steps)
         return self._make_state(n, device, strength, run_options, **plan)
+
+    @classmethod
+    def check_custom_schedule(cls, kind):
+        """Raise unless this class takes a custom ``kind`` ("timesteps" or "sigmas") schedule."""
+        if kind in cls.custom_schedules:
+            return
+        from .registry import SCHEDULER_CLASSES
+
+        takers = [name for name, c in SCHEDULER_CLASSES.items() if kind in c.custom_schedules]
+        raise ValueError(f"{cls.__name__} takes no custom {kind} (nor does the reference's); "
+                         f"{', '.join(takers)} do: swap the scheduler, or pass num_inference_steps.")
+
+    def _custom_plan(self, num_inference_steps, timesteps, sigmas):
+        """The plan of a custom schedule, after the reference's checks (``_timesteps_plan`` / ``_sigmas_plan``)."""
+        name = type(self).__name__
+        if timesteps is not None and sigmas is not None:
+            raise ValueError(f"{name}.set_timesteps: pass timesteps or sigmas, not both.")
+        kind, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+        self.check_custom_schedule(kind)
+        if num_inference_steps is not None:
+            raise ValueError(f"{name}.set_timesteps: pass num_inference_steps or {kind}, not both.")
+        values = np.asarray(torch.as_tensor(values).cpu(), dtype=np.float64).reshape(-1)
+        if len(values) < (2 if kind == "sigmas" else 1) or not np.isfinite(values).all() or (values < 0).any():
+            raise ValueError(f"{name}: custom {kind} must be a list of numbers >= 0 (sigmas: at least 2, the last "
+                             f"ending the run), got {values.tolist()}.")
+        if kind == "sigmas":
+            return {**self._sigmas_plan(values), "num_inference_steps": len(values) - 1}
+        last = self._cfg.num_train_timesteps - 1
+        if (np.diff(values) >= 0).any() or values[0] > last:
+            raise ValueError(f"{name}: custom timesteps must be strictly descending training steps in [0, {last}], "
+                             f"got {values.tolist()}.")
+        if getattr(self._cfg, "use_karras_sigmas", False):
+            raise ValueError(f"{name}: custom timesteps cannot be used with use_karras_sigmas=True (as in the "
+                             f"reference); pass sigmas=, or swap in a config without Karras sigmas.")
+        return {**self._timesteps_plan(values), "num_inference_steps": len(values)}
+
+    def _timesteps_plan(self, timesteps):
+        """The plan of custom (descending) training timesteps: int64, as DDPM's (the reference's DDPMScheduler)."""
+        return {"schedule": torch.from_numpy(timesteps.astype(np.int64))}
 
     def _checked_run(self, num_inference_steps, strength, options):
         """The run options of a ``set_timesteps`` call, after checking its step count and strength."""
@@ -338,6 +441,14 @@ class Scheduler:
         """The UNet input for ``sample``; unchanged for samplers that work on x_t itself."""
         return sample
 
+    def stateful(self):
+        """A per-run object with the reference's stateful interface over this scheduler
+        (``set_timesteps(n)``, ``.timesteps``, ``.init_noise_sigma``, ``scale_model_input(x, t)``,
+        ``step(...).prev_sample``), for loops written against the reference; see stateful.py."""
+        from .stateful import StatefulScheduler
+
+        return StatefulScheduler(self)
+
     def begin(self, sample, state, generator=None):
         """The sample the run's first model call sees: ``sample`` itself, except where a sampler adds
         noise before its first step (A1111's Euler, Heun and DPM2 with churn)."""
@@ -402,9 +513,22 @@ class SigmaScheduler(Scheduler):
         )
         return self._sigma_plan(timesteps, sigmas)
 
-    def _sigma_plan(self, timesteps, sigmas):
-        """Plan fields for a sigma schedule: sigmas float32 with the final 0, init_noise_sigma."""
-        sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+    def _timesteps_plan(self, timesteps):
+        """Custom timesteps: their sigmas, interpolated in t, then 0 (the reference's Euler)."""
+        train_sigmas = np.array(S.vp_to_ve_sigmas(self.alphas_cumprod))
+        timesteps = timesteps.astype(np.float32)
+        return self._sigma_plan(torch.from_numpy(timesteps), S.interp_sigmas(timesteps, train_sigmas))
+
+    def _sigmas_plan(self, sigmas):
+        """Custom sigmas, the last one ending the run; timesteps from them, linear in log sigma (the reference's Euler)."""
+        log_sigmas = np.log(np.array(S.vp_to_ve_sigmas(self.alphas_cumprod)))
+        sigmas = sigmas.astype(np.float32)
+        timesteps = S.sigma_to_t(sigmas[:-1], log_sigmas).astype(np.float32)
+        return self._sigma_plan(torch.from_numpy(timesteps), sigmas[:-1], final=sigmas[-1])
+
+    def _sigma_plan(self, timesteps, sigmas, final=0.0):
+        """Plan fields for a sigma schedule: sigmas float32 with the final one (0 by default), init_noise_sigma."""
+        sigmas = torch.from_numpy(np.concatenate([sigmas, [final]]).astype(np.float32))
         sigma_max = sigmas.max()
         trailing_or_linspace = self._cfg.timestep_spacing in ("linspace", "trailing")
         init_noise_sigma = sigma_max if trailing_or_linspace else (sigma_max**2 + 1) ** 0.5

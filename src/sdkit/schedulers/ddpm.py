@@ -29,6 +29,7 @@ class DDPMScheduler(Scheduler):
     """Ancestral sampler of the posterior q(x_{t-1} | x_t, x0); noise at every step but the last."""
 
     config_class = DDPMConfig
+    custom_schedules = ("timesteps",)
     _fixed = {"thresholding": (False,)}
 
     def _setup(self, c):

@@ -38,6 +38,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     """Multistep exponential integrator on the data prediction; deterministic."""
 
     config_class = DPMSolverConfig
+    custom_schedules = ("timesteps",)
     _fixed = {
         "thresholding": (False,), "algorithm_type": ("dpmsolver++", "deis"),
         "solver_type": ("midpoint", "logrho", "bh1", "bh2"), "euler_at_final": (False,),
@@ -64,6 +65,16 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
                 timesteps = timesteps.round()
         else:
             sigmas = S.interp_sigmas(timesteps, train_sigmas)
+        return self._solver_plan(timesteps, sigmas)
+
+    def _timesteps_plan(self, timesteps):
+        """Custom int64 timesteps and their interpolated sigmas (the reference's ``set_timesteps(timesteps=...)``)."""
+        timesteps = timesteps.astype(np.int64)
+        return self._solver_plan(timesteps, S.interp_sigmas(timesteps, np.array(S.vp_to_ve_sigmas(self.alphas_cumprod))))
+
+    @staticmethod
+    def _solver_plan(timesteps, sigmas):
+        """Plan fields: int64 timesteps, float32 sigmas with a final 0, the step count."""
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         schedule = torch.from_numpy(np.asarray(timesteps)).to(torch.int64)
         return {"schedule": schedule, "sigmas": sigmas, "num_inference_steps": len(schedule)}

@@ -30,6 +30,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
     """First-order deterministic ODE sampler; float timesteps, inputs scaled by 1/sqrt(sigma^2 + 1)."""
 
     config_class = EulerConfig
+    custom_schedules = ("timesteps", "sigmas")
     _fixed = {
         "interpolation_type": ("linear",), "timestep_type": ("discrete",),
         "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "final_sigmas_type": ("zero",),

@@ -160,3 +160,4 @@ class PLMSScheduler(PNDMScheduler):
 
     config_class = PLMSConfig
     _config_class_name = "PNDMScheduler"
+    _always_given = ("skip_prk_steps",)  # PLMS's True must survive a swap back to PNDMScheduler

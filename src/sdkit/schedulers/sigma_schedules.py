@@ -32,6 +32,15 @@ SCHEDULE_TYPES = tuple(SCHEDULE_LABELS)
 SCHEDULE_ALIASES = {"SGMUniform": "sgm_uniform"}
 DEFAULT_RHO = {"karras": 7.0, "polyexponential": 1.0}
 AYS_SD15 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+# Align Your Steps' 10-step schedules (Sabour et al. 2024, arXiv 2404.14507) under the reference's
+# names, for ``pipe(timesteps=AysSchedules["StableDiffusionTimesteps"])`` or ``sigmas=``; the SD
+# sigmas end at 0, as the reference's do
+AysSchedules = {
+    "StableDiffusionTimesteps": [999, 850, 736, 645, 545, 455, 343, 233, 124, 24],
+    "StableDiffusionSigmas": AYS_SD15[:-1] + [0.0],
+    "StableDiffusionXLTimesteps": [999, 845, 730, 587, 443, 310, 193, 116, 53, 13],
+    "StableDiffusionXLSigmas": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.0],
+}
 
 
 def schedule_type(name):

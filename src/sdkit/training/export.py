@@ -20,7 +20,7 @@ from .losses import config_noise_scheduler
 def scheduler_config(cfg, scheduler_class: str) -> dict:
     """The scheduler_config.json of the training noise schedule, for ``scheduler_class``."""
     ddpm = config_noise_scheduler(cfg)
-    config = {k: v for k, v in ddpm.config.items() if k != "_class_name"}
+    config = {k: v for k, v in ddpm.config.items() if k not in ("_class_name", "_use_default_values")}
     config.update(_class_name=scheduler_class, _diffusers_version=DIFFUSERS_VERSION,
                   clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                   # zero terminal SNR: sampling must start at t = T, which "trailing" spacing includes

@@ -428,9 +428,11 @@ def _from_png(args, given):
         model = info.get("Model")
         if model != "tiny-shapes":
             raise CLIError(f"{args.from_png} was made with the model {model!r}: pass --model PATH_OR_REPO_ID")
-    elif info.get("Model hash") and os.path.isfile(args.model) and model_hash(args.model) != info.get("Model hash"):
-        print(f"sdkit: warning: {args.model} has the hash {model_hash(args.model)}, the PNG's model "
-              f"{info.get('Model hash')}", file=sys.stderr)
+    elif info.get("Model hash") and os.path.isfile(args.model):
+        file_hash = model_hash(args.model)  # reads the whole checkpoint: once
+        if file_hash != info.get("Model hash"):
+            print(f"sdkit: warning: {args.model} has the hash {file_hash}, the PNG's model "
+                  f"{info.get('Model hash')}", file=sys.stderr)
 
 
 def _class_names():

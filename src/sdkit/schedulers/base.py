@@ -244,8 +244,6 @@ class Scheduler:
                 path = os.path.join(folder, CONFIG_NAME) if os.path.isdir(folder) else folder
                 raise ValueError(f"{path}: {e} Fix the file or download the model again.") from None
             raise
-        warn_dropped_keys(cls, unused)
-        return scheduler
 
     def save_pretrained(self, save_directory):
         """Write scheduler_config.json (loadable by sdkit and by the reference) into a folder."""

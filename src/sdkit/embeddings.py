@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from .files import cached_read
 from .text import token_ids
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -86,18 +87,8 @@ def read_embedding(source, token=None, allow_pickle=False):
 
 def read_cached(path, allow_pickle=False):
     """read_embedding of a file, kept while the file is unchanged (the embeddings folders of calls)."""
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
-    embedding = read_embedding(path, allow_pickle=allow_pickle)
-    with _CACHE_LOCK:
-        _CACHE[key] = embedding
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return embedding
+    return cached_read(_CACHE, _CACHE_LOCK, _CACHE_SIZE, path,
+                       lambda p: read_embedding(p, allow_pickle=allow_pickle))
 
 
 @dataclass(frozen=True, eq=False)

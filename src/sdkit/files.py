@@ -143,3 +143,21 @@ def read_json_object(path, what="config"):
         raise ValueError(f"{path} should hold a JSON object ({{...}}), found a {type(value).__name__}: "
                          f"repair or download the {what} again.")
     return value
+
+
+def cached_read(cache, lock, size, path, read):
+    """``read(path)``, kept in ``cache`` (an OrderedDict, least recently used first, at most ``size``
+    entries, guarded by ``lock``) while the file's path, mtime and size are unchanged; the read itself
+    runs outside the lock."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    with lock:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+    value = read(path)
+    with lock:
+        cache[key] = value
+        while len(cache) > size:
+            cache.popitem(last=False)
+    return value

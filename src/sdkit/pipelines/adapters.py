@@ -29,6 +29,7 @@ import torch
 
 from .. import prompts as syntax
 from ..embeddings import Triggers, folder_embeddings, read_embedding
+from ..files import cached_read
 from ..lora import TEXT_ENCODER, Layers, make_changeable, place_lora, read_lora_file
 from ..models.modeling import PICKLE_SUFFIXES, few
 from ..per_call import using
@@ -377,21 +378,11 @@ class AdapterLoaderMixin:
                     f"{few(lora_stems(dirs)) or 'none'})" if dirs else "no lora_dirs given (--lora-dir in the CLI)"
             raise ValueError(f"{tag.text}: no LoRA named {tag.name!r}: loaded adapters: "
                              f"{', '.join(map(repr, adapters)) or 'none'}; {where}.")
-        stat = os.stat(path)
-        key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
-        with registry.lock:
-            if key in registry.files:
-                registry.files.move_to_end(key)
-                return registry.files[key]
         try:
-            adapter = self._read_adapter(path, tag.name, allow_pickle)
+            return cached_read(registry.files, registry.lock, FILE_CACHE_SIZE, path,
+                               lambda p: self._read_adapter(p, tag.name, allow_pickle))
         except ValueError as e:
             raise ValueError(f"{tag.text}: {e}") from None
-        with registry.lock:
-            registry.files[key] = adapter
-            while len(registry.files) > FILE_CACHE_SIZE:
-                registry.files.popitem(last=False)
-        return adapter
 
     def networks_for_call(self, prompts=None, prompt_syntax="plain", adapters=None, lora_dirs=None,
                           embedding_dirs=None, allow_pickle=False):

@@ -154,8 +154,10 @@ def test_tiled_decode_of_a_smooth_latent_has_no_seam_at_tile_borders(bundled_vae
     """The latents of a smooth 320 x 320 image (40 x 40) decoded by the bundled VAE in tiles of 16 latents
     overlapping by 4 (tiles start at 0, 12, 24): across every tile edge the image steps less than twice
     the most the untiled image steps anywhere inside, and no more than diffusers' own tiling does;
-    near the edges it is no further from the untiled image than elsewhere. Butting tiles without
-    blending steps at least ten times more, so the check sees a real seam."""
+    near the edges it is little further from the untiled image than elsewhere (the whole image's
+    GroupNorm statistics are estimated, so the tiled image differs everywhere a little), and in all
+    less than half as far as diffusers' tiling, which normalises each tile on its own. Butting
+    tiles without blending steps at least ten times more, so the check sees a real seam."""
     ref, vae = copy.deepcopy(bundled_vaes)
     image = torch.nn.functional.interpolate(smooth_latent(40)[:, :3], scale_factor=8, mode="bilinear") * 0.8
     with torch.no_grad():
@@ -175,8 +177,9 @@ def test_tiled_decode_of_a_smooth_latent_has_no_seam_at_tile_borders(bundled_vae
         assert max(seams) < 2 * natural, (axis, seams, natural)
         assert all(s <= r + 0.01 for s, r in zip(seams, reference_seams)), (seams, reference_seams)
         assert edge_jumps(cut, [160], axis)[0] > 10 * natural
-        assert band_error(tiled, whole, edges, axis) <= float((tiled - whole).abs().mean())
+        assert band_error(tiled, whole, edges, axis) <= 1.25 * float((tiled - whole).abs().mean())
         assert band_error(tiled, whole, edges, axis) <= band_error(reference_tiled, whole, edges, axis) + 0.02
+    assert float((tiled - whole).abs().mean()) < 0.5 * float((reference_tiled - whole).abs().mean())
 
 
 def reference_tiling(ref, tile, overlap=0.25):
@@ -200,7 +203,8 @@ def test_tiled_encode_is_as_close_to_the_whole_encode_as_the_reference_tiling(bu
 
 def test_tiling_settings_are_checked(vaes):
     _, vae = copy.deepcopy(vaes)
-    for bad in (dict(tile_sample_min_size=12), dict(tile_sample_min_size=8), dict(tile_overlap_factor=1.0)):
+    for bad in (dict(tile_sample_min_size=12), dict(tile_sample_min_size=8), dict(tile_overlap_factor=1.0),
+                dict(tile_norm="global")):
         with pytest.raises(ValueError):
             vae.enable_tiling(**bad)
     assert not vae.use_tiling
@@ -210,8 +214,12 @@ def test_tiling_settings_are_checked(vaes):
 
 
 def test_pipeline_tiling_is_as_close_to_the_untiled_images_as_the_reference_tiling(pipe, folder):
-    """128 x 96 images decoded in tiles of 64 pixels: as close to the untiled images as diffusers' tiled
-    decode of the same latents is; img2img then encodes such an image in tiles."""
+    """128 x 96 images decoded in tiles of 64 pixels, each normalised by its own statistics
+    (``tile_norm="tile"``): as close to the untiled images as diffusers' tiled decode of the same
+    latents is; with the default (the whole image's statistics, estimated) they come out different
+    and no further from the untiled images than a few times that (this random VAE is the estimate's
+    hard case: on the bundled trained VAE it is far closer than per-tile statistics, see
+    test_bundled_model.py). img2img then encodes such an image in tiles."""
     p = fresh(pipe)
 
     def run(output_type):
@@ -220,6 +228,8 @@ def test_pipeline_tiling_is_as_close_to_the_untiled_images_as_the_reference_tili
 
     latents, plain = run("latent"), run("np")
     p.enable_vae_tiling(tile_sample_min_size=64)
+    estimated = run("np")
+    p.enable_vae_tiling(tile_norm="tile")
     tiled = run("np")
     ref = diffusers.AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).eval()
     with torch.no_grad():
@@ -232,6 +242,9 @@ def test_pipeline_tiling_is_as_close_to_the_untiled_images_as_the_reference_tili
     assert np.abs(as_np(whole) - plain).max() < 1e-4  # the same latents and decoder
     error, reference_error = np.abs(tiled - plain).mean(), np.abs(as_np(reference) - plain).mean()
     assert tiled.shape == plain.shape and 0 < error <= 1.2 * reference_error, (error, reference_error)
+    estimated_error = np.abs(estimated - plain).mean()
+    assert estimated.shape == plain.shape and np.abs(estimated - tiled).max() > 1e-3
+    assert estimated_error < 8 * reference_error, (estimated_error, reference_error)
     image = (tiled[0] * 255).round().astype(np.uint8)
     out = Img2ImgPipeline.from_pipe(p)("a blue square", image=image, num_inference_steps=2, strength=0.5,
                                        generator=gen(5), output_type="np").images

@@ -91,13 +91,34 @@ def test_openvino_unet_gives_the_eager_images_compiles_once_and_serves_threads(p
     results = concurrently(lambda i: run(p, *jobs[i]), len(jobs))  # the first compiles; the others wait
     for a, b in zip(results, expected):
         assert rel(a, b) < 1e-4 and np.abs(a - b).max() < 1e-3
-    assert len(conversions) == 1  # one shape (batch 2, 8x8 latents, 16 tokens), converted once
+    # one UNet shape (batch 2, 8x8 latents, 16 tokens) and one decoder shape (1 x 4 x 8 x 8), converted once
+    assert len(conversions) == 2
     files = os.listdir(p._compiled_unet.cache_dir)
     assert any(f.endswith(".xml") for f in files) and any(f.endswith(".bin") for f in files)
-    # a new process (here: a new pipeline) with the same weights loads the saved model, converting nothing
+    # a new process (here: a new pipeline) with the same weights loads the saved models, converting nothing
     again = StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path), threads=1)
     assert rel(run(again), expected[0]) < 1e-4
-    assert len(conversions) == 1
+    assert len(conversions) == 2
+
+
+@pytest.mark.slow
+def test_the_openvino_vae_decoder_gives_the_eager_decode_and_steps_aside_for_tiling(pipe, tmp_path):
+    pytest.importorskip("openvino")
+    p = StableDiffusionPipeline.from_pipe(pipe, vae=copy.deepcopy(pipe.vae))
+    p.compile(backend="openvino", cache_dir=str(tmp_path), threads=1)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = p.vae.decode(z)
+        compiled = p._decoder_for(z)
+        assert compiled is not None and rel(compiled(z).numpy(), eager.numpy()) < 1e-4
+        p.enable_vae_slicing()
+        assert rel(p._decode(z * p.vae.config.scaling_factor).numpy(), eager.numpy()) < 1e-4
+        big = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+        assert p._decoder_for(big) is not None
+        p.enable_vae_tiling()  # tiles share the whole image's statistics: the eager VAE decodes them
+        assert p._decoder_for(big) is None and p._decoder_for(z) is not None
+        p.vae = copy.deepcopy(pipe.vae)  # new weights: the stale compiled decoder is not used
+        assert p._decoder_for(z) is None
 
 
 def test_the_openvino_disk_cache_is_keyed_by_the_weights(pipe):

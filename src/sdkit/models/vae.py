@@ -4,6 +4,7 @@
 to the UNet are ``z * config.scaling_factor``.
 """
 
+import contextvars
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..per_call import holding
 from .blocks import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D
 from .modeling import ModelMixin, model_output
 
@@ -150,6 +152,56 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
+_TILE_NORM = contextvars.ContextVar("sdkit_vae_tile_norm", default=None)
+"""While a tiled encode or decode runs: the whole image's statistics of each GroupNorm (``image_norm``)."""
+
+
+class _ImageNorm(dict):
+    """{GroupNorm: (mean, var) per (image, group)}; filled by the pass that ``recording`` marks."""
+
+    recording = True
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and outputs) that, inside a tiled encode or decode, normalises
+    every tile by the statistics of the whole image rather than by the tile's own."""
+
+    def forward(self, x):
+        norm = _TILE_NORM.get()
+        if norm is None:
+            return super().forward(x)
+        groups = x.reshape(x.shape[0], self.num_groups, -1)
+        if norm.recording:
+            var, mean = torch.var_mean(groups.float(), dim=2, keepdim=True, unbiased=False)
+            norm[self] = (mean, var)
+        mean, var = norm[self]
+        y = ((groups - mean.to(x.dtype)) * torch.rsqrt(var + self.eps).to(x.dtype)).reshape(x.shape)
+        return y * self.weight[:, None, None] + self.bias[:, None, None] if self.affine else y
+
+
+def image_norm(fn, x, tile, multiple):
+    """Each GroupNorm's statistics over the whole of ``x``, estimated as the fast mode of A1111's
+    Tiled VAE extension does: from one pass of ``fn`` over ``x`` shrunk to fit one tile (nearest
+    pixels, sides rounded to ``multiple``; each channel then given the whole image's mean and
+    spread, and clamped to its range). The memory of one tile, the time of one more.
+
+    Normalising each tile by its own statistics instead (the reference's tiling) stretches a
+    tile's contrast: a tile of flat background comes out blotched, and colours shift from tile
+    to tile (benchmarks/RESULTS.md; tests/test_bundled_model.py)."""
+    H, W = x.shape[2:]
+    k = max(H, W) / tile
+    size = [max(multiple, round(side / k / multiple) * multiple) for side in (H, W)]
+    small = F.interpolate(x, size=size, mode="nearest-exact")
+    std, mean = torch.std_mean(x, dim=(2, 3), keepdim=True)
+    small_std, small_mean = torch.std_mean(small, dim=(2, 3), keepdim=True)
+    small = ((small - small_mean) / small_std.clamp_min(1e-6) * std + mean).clamp(x.min(), x.max())
+    norm = _ImageNorm()
+    with holding(_TILE_NORM, norm):
+        fn(small)
+    norm.recording = False
+    return norm
+
+
 def tile_starts(size, tile, stride):
     """Origins of tiles of length ``tile`` that cover [0, size) every ``stride``; the last one ends at ``size``."""
     if size <= tile:
@@ -207,6 +259,9 @@ class AutoencoderKL(ModelMixin):
                                  f"sdkit expects one {known!r} per entry of block_out_channels.")
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        for module in self.modules():
+            if type(module) is nn.GroupNorm:  # tiles share the whole image's statistics (GroupNorm above)
+                module.__class__ = GroupNorm
         c = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
@@ -216,6 +271,7 @@ class AutoencoderKL(ModelMixin):
         sample = cfg.sample_size if isinstance(cfg.sample_size, int) else min(cfg.sample_size)
         self.tile_sample_min_size = self._sample_pixels = sample  # tile side in pixels; the configured image side
         self.tile_overlap_factor = 0.25  # fraction of a tile shared with its neighbour
+        self.tile_norm = "image"  # tiles normalised by the whole image's statistics ("tile": each by its own)
 
     def enable_slicing(self):
         """Decode (and encode) a batch one image at a time: the same images, the memory of one."""
@@ -224,13 +280,16 @@ class AutoencoderKL(ModelMixin):
     def disable_slicing(self):
         self.use_slicing = False
 
-    def enable_tiling(self, tile_sample_min_size=None, tile_overlap_factor=None):
+    def enable_tiling(self, tile_sample_min_size=None, tile_overlap_factor=None, tile_norm=None):
         """Decode (and encode) images larger than a tile (default: the VAE's sample_size, in pixels) in
         overlapping tiles blended together, so memory stays that of one tile at any size.
 
-        Tiles are normalised on their own, so a tiled image differs slightly from an untiled one;
-        the linear cross-fade over the overlap leaves no visible seam. Tiles smaller than the
-        sample_size change the images more (a warning says so)."""
+        With ``tile_norm="image"`` (the default) every tile is normalised by the whole image's
+        GroupNorm statistics, estimated from one more pass over the image shrunk to a tile
+        (``image_norm``, as the fast mode of A1111's Tiled VAE extension); ``"tile"`` normalises
+        each tile by its own, as the reference's tiling does. The linear cross-fade over the overlap
+        leaves no visible seam either way. Tiles smaller than the sample_size change the images
+        more (a warning says so)."""
         f = self.downsample_factor
         size = self.tile_sample_min_size if tile_sample_min_size is None else tile_sample_min_size
         overlap = self.tile_overlap_factor if tile_overlap_factor is None else tile_overlap_factor
@@ -242,9 +301,13 @@ class AutoencoderKL(ModelMixin):
         trained = self._sample_pixels
         if size < trained:
             warnings.warn(f"VAE tiles of {size} pixels are smaller than the VAE's sample_size ({trained}): each tile "
-                          f"is normalised on its own, and tiles this small change colours and shapes. Keep the "
+                          f"sees less of the image around it, and tiles this small change colours and shapes. Keep the "
                           f"default tile size unless memory forces smaller tiles.", stacklevel=2)
-        self.tile_sample_min_size, self.tile_overlap_factor = size, overlap
+        norm = self.tile_norm if tile_norm is None else tile_norm
+        if norm not in ("image", "tile"):
+            raise ValueError(f'tile_norm must be "image" (the whole image\'s statistics) or "tile" (each tile\'s '
+                             f'own, as the reference), got {norm!r}.')
+        self.tile_sample_min_size, self.tile_overlap_factor, self.tile_norm = size, overlap, norm
         self.use_tiling = True
 
     def disable_tiling(self):
@@ -252,7 +315,7 @@ class AutoencoderKL(ModelMixin):
 
     def memory_settings(self):
         """The slicing and tiling settings, to give a copy of this VAE (``vars(copy).update(...)``)."""
-        names = ("use_slicing", "use_tiling", "tile_sample_min_size", "tile_overlap_factor")
+        names = ("use_slicing", "use_tiling", "tile_sample_min_size", "tile_overlap_factor", "tile_norm")
         return {name: getattr(self, name) for name in names}
 
     def _tile(self, in_pixels):
@@ -263,13 +326,30 @@ class AutoencoderKL(ModelMixin):
         overlap = int(size * self.tile_overlap_factor) // unit * unit
         return size, overlap
 
+    def _tiles(self, x, in_pixels):
+        """Whether x (pixels to encode, or latents to decode) goes in tiles: tiling on and x larger than a tile."""
+        return self.use_tiling and max(x.shape[2:]) > self._tile(in_pixels)[0]
+
+    def tiles(self, z):
+        """Whether ``decode`` decodes latents ``z`` in tiles."""
+        return self._tiles(z, in_pixels=False)
+
+    def decode_with(self, decode, z):
+        """``decode`` (a stand-in for this VAE's decode of one batch, such as a compiled one) over unscaled
+        latents ``z``, sliced and tiled as set."""
+        return self._by_settings(decode, z, in_pixels=False)
+
     def _by_settings(self, fn, x, in_pixels):
         """``fn`` on x as the settings say: per image (slicing), in tiles (tiling), or whole."""
         if self.use_slicing and x.shape[0] > 1:
             return torch.cat([self._by_settings(fn, x[i:i + 1], in_pixels) for i in range(x.shape[0])])
-        size, overlap = self._tile(in_pixels)
-        if self.use_tiling and max(x.shape[2:]) > size:
-            return tiled(fn, x, size, overlap)
+        if self._tiles(x, in_pixels):
+            size, overlap = self._tile(in_pixels)
+            if self.tile_norm == "tile":
+                return tiled(fn, x, size, overlap)
+            norm = image_norm(fn, x, size, self.downsample_factor if in_pixels else 1)
+            with holding(_TILE_NORM, norm):
+                return tiled(fn, x, size, overlap)
         return fn(x)
 
     @classmethod

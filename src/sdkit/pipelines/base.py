@@ -460,7 +460,8 @@ class DiffusionPipeline(AdapterLoaderMixin, compat.CallStateMixin, PerformanceSe
         NaN or inf left after that is an error (they would be written as black pixels)."""
         vae = self.vae
         z = latents / vae.config.scaling_factor
-        images = vae.decode(z.to(vae.dtype))
+        compiled = self._decoder_for(z)  # None unless compiled, and never for a tiled decode
+        images = vae.decode(z.to(vae.dtype)) if compiled is None else vae.decode_with(compiled, z)
         if torch.isfinite(images).all():
             return images.float()
         if vae.dtype != torch.float32:

@@ -1,9 +1,10 @@
-"""The UNet compiled by OpenVINO for CPU inference (``pipe.compile(backend="openvino")``).
+"""The UNet and the VAE decoder compiled by OpenVINO for CPU inference (``pipe.compile(backend="openvino")``).
 
 OpenVINO (``pip install "sdkit[openvino]"``) compiles one static shape at a time: each (batch,
 latent size, prompt length) is converted and compiled on its first use (about two minutes for
-the SD 1.5 UNet here) and kept on disk, so a later process loads it in seconds. The disk cache is
-keyed by the weights' hash, the config, the shape and the OpenVINO version. Compilation keeps
+the SD 1.5 UNet here, one and a half for its VAE decoder) and kept on disk, so a later process
+loads it in seconds. The disk cache is keyed by the weights' hash, the config, the shape and the
+OpenVINO version. Compilation keeps
 float32 (``INFERENCE_PRECISION_HINT``: OpenVINO would otherwise pick bfloat16 on CPUs that have
 it) and the saved model is not compressed to float16, so outputs equal the eager UNet's to about
 1e-5 relative. One compiled model serves concurrent calls: each call has its own infer request.
@@ -57,6 +58,70 @@ class _UNetInputs(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states)
 
 
+class _VAEDecode(torch.nn.Module):
+    """The VAE's decode of one batch of latents (no slicing or tiling), as the converter traces it."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return self.vae._decode(z)
+
+
+class _Shapes:
+    """One module's OpenVINO models, one per static input shape: compiled on first use (from the disk
+    cache when there), each run with its own infer request, so concurrent calls share them."""
+
+    def __init__(self, ov, module, traced, name, cache_dir, threads):
+        self.ov, self.traced, self.name = ov, traced, name
+        self.cache_dir = os.path.join(cache_dir or default_cache_dir(), weights_hash(module))
+        self.core = ov.Core()
+        self.config = {"INFERENCE_PRECISION_HINT": "f32", "CACHE_DIR": os.path.join(self.cache_dir, "blobs")}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._compiled = {}  # input shapes -> compiled model
+        self._lock = threading.Lock()  # one compilation at a time; calls on compiled shapes do not wait
+
+    def compiled(self, example):
+        """The compiled model of the shapes of ``example`` (input tensors): from memory, from the disk
+        cache, or converted now."""
+        key = tuple(tuple(t.shape) for t in example)
+        model = self._compiled.get(key)
+        if model is not None:
+            return model
+        with self._lock:
+            if key not in self._compiled:
+                self._compiled[key] = self._compile(key, example)
+            return self._compiled[key]
+
+    def _compile(self, key, example):
+        shapes = "_".join("x".join(map(str, shape)) for shape in key)
+        xml = os.path.join(self.cache_dir, f"{self.name}_{shapes}_ov{self.ov.get_version().split('-')[0]}.xml")
+        if not os.path.exists(xml):
+            os.makedirs(self.cache_dir, exist_ok=True)
+            with torch.no_grad():
+                model = self.ov.convert_model(self.traced.eval(), example_input=example)
+            # saved aside, then the .bin and last the .xml moved in: a half-written pair is never taken as cached
+            with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
+                self.ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
+                os.replace(os.path.join(tmp, "model.bin"), xml[:-4] + ".bin")
+                os.replace(os.path.join(tmp, "model.xml"), xml)
+        return self.core.compile_model(xml, "CPU", self.config)
+
+    def __call__(self, *inputs):
+        model = self.compiled(inputs)
+        arrays = [np.ascontiguousarray(v.detach().cpu().float().numpy()) for v in inputs]
+        result = model.create_infer_request().infer(arrays)  # per call: concurrent calls share the model
+        return torch.from_numpy(np.array(result[model.output(0)]))
+
+
+def _check_cpu_float32(module, what):
+    if module.device.type != "cpu" or module.dtype != torch.float32:
+        raise ValueError(f'pipe.compile(backend="openvino") runs float32 on the CPU; this {what} is '
+                         f'{module.dtype} on {module.device}: call pipe.to("cpu", torch.float32) first.')
+
+
 class OpenVINOUNet(CompiledModel):
     """Calls like the UNet (``(sample, timestep, context) -> prediction``), run by OpenVINO on the CPU.
 
@@ -64,51 +129,33 @@ class OpenVINOUNet(CompiledModel):
     """
 
     def __init__(self, unet, cache_dir=None, threads=None):
-        self.ov = _openvino()
-        if unet.device.type != "cpu" or unet.dtype != torch.float32:
-            raise ValueError(f'pipe.compile(backend="openvino") runs float32 on the CPU; this UNet is '
-                             f'{unet.dtype} on {unet.device}: call pipe.to("cpu", torch.float32) first.')
+        ov = _openvino()
+        _check_cpu_float32(unet, "UNet")
         super().__init__(unet)
-        self.cache_dir = os.path.join(cache_dir or default_cache_dir(), weights_hash(unet))
-        self.core = self.ov.Core()
-        self.config = {"INFERENCE_PRECISION_HINT": "f32", "CACHE_DIR": os.path.join(self.cache_dir, "blobs")}
-        if threads:
-            self.config["INFERENCE_NUM_THREADS"] = int(threads)
-        self._compiled = {}  # (sample shape, context shape) -> CompiledModel
-        self._lock = threading.Lock()  # one compilation at a time; calls on compiled shapes do not wait
+        self.shapes = _Shapes(ov, unet, _UNetInputs(unet), "unet", cache_dir, threads)
+        self.cache_dir = self.shapes.cache_dir
 
     def compiled(self, sample_shape, context_shape):
-        """The compiled model of one shape: from memory, from the disk cache, or converted now."""
-        key = (tuple(sample_shape), tuple(context_shape))
-        model = self._compiled.get(key)
-        if model is not None:
-            return model
-        with self._lock:
-            if key not in self._compiled:
-                self._compiled[key] = self._compile(*key)
-            return self._compiled[key]
-
-    def _compile(self, sample_shape, context_shape):
-        name = "unet_" + "x".join(map(str, sample_shape)) + "_" + "x".join(map(str, context_shape))
-        xml = os.path.join(self.cache_dir, f"{name}_ov{self.ov.get_version().split('-')[0]}.xml")
-        if not os.path.exists(xml):
-            os.makedirs(self.cache_dir, exist_ok=True)
-            example = (torch.zeros(sample_shape), torch.full((sample_shape[0],), 500.0), torch.zeros(context_shape))
-            with torch.no_grad():
-                model = self.ov.convert_model(_UNetInputs(self.unet).eval(), example_input=example)
-            # saved aside, then the .bin and last the .xml moved in: a half-written pair is never taken as cached
-            with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
-                self.ov.save_model(model, os.path.join(tmp, "unet.xml"), compress_to_fp16=False)
-                os.replace(os.path.join(tmp, "unet.bin"), xml[:-4] + ".bin")
-                os.replace(os.path.join(tmp, "unet.xml"), xml)
-        return self.core.compile_model(xml, "CPU", self.config)
+        """The compiled model of one (sample, context) shape: from memory, from the disk cache, or converted now."""
+        example = (torch.zeros(sample_shape), torch.full((sample_shape[0],), 500.0), torch.zeros(context_shape))
+        return self.shapes.compiled(example)
 
     def __call__(self, sample, timestep, encoder_hidden_states):
         B = sample.shape[0]
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
         t = t.reshape(-1).float().expand(B) if t.numel() == 1 else t.reshape(-1).float()
-        model = self.compiled(sample.shape, encoder_hidden_states.shape)
-        request = model.create_infer_request()  # per call: concurrent calls share the compiled model
-        inputs = [np.ascontiguousarray(v.detach().cpu().float().numpy()) for v in (sample, t, encoder_hidden_states)]
-        result = request.infer(inputs)
-        return torch.from_numpy(np.array(result[model.output(0)])).to(sample.dtype)
+        return self.shapes(sample, t, encoder_hidden_states).to(sample.dtype)
+
+
+class OpenVINODecoder:
+    """The VAE's decode of unscaled latents (``(B, C, h, w) -> (B, 3, 8h, 8w)``), run by OpenVINO on
+    the CPU, one compiled model per latent shape. ``vae`` is the VAE it was compiled from."""
+
+    def __init__(self, vae, cache_dir=None, threads=None):
+        ov = _openvino()
+        _check_cpu_float32(vae, "VAE")
+        self.vae = vae
+        self.shapes = _Shapes(ov, vae, _VAEDecode(vae), "vae_decode", cache_dir, threads)
+
+    def __call__(self, z):
+        return self.shapes(z).to(z.dtype)

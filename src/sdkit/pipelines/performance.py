@@ -8,7 +8,7 @@ none is per-call state, so concurrent calls stay correct with them on:
     pipe.enable_vae_tiling()                # decode large images in blended tiles (close, no seams)
     pipe.enable_model_cpu_offload()         # accelerators: one model at a time on the device
     pipe.enable_sequential_cpu_offload()    # accelerators: one layer's weights at a time
-    pipe.compile(backend="openvino")        # CPU: the UNet compiled by OpenVINO (to ~1e-5)
+    pipe.compile(backend="openvino")        # CPU: the UNet and VAE decoder compiled by OpenVINO (to ~1e-5)
     pipe.compile(backend="inductor")        # torch.compile of the UNet (GPU or CPU)
 
 The offload methods and torch.compile's CUDA graphs are for accelerators and are not tested on
@@ -120,6 +120,7 @@ class PerformanceSettings:
     _execution_device = None  # the accelerator while offloading (the models' own device is then the CPU)
     _offload_lock = None  # offloaded calls run one at a time: the hooks move shared models
     _compiled_unet = None  # OpenVINOUNet or CompiledUNet of this pipeline's UNet, or None
+    _compiled_decoder = None  # OpenVINODecoder of this pipeline's VAE, or None
 
     def _models(self):
         return [part for part in self.components.values() if isinstance(part, torch.nn.Module)]
@@ -143,10 +144,10 @@ class PerformanceSettings:
     def disable_vae_slicing(self):
         self.vae.disable_slicing()
 
-    def enable_vae_tiling(self, tile_sample_min_size=None, tile_overlap_factor=None):
+    def enable_vae_tiling(self, tile_sample_min_size=None, tile_overlap_factor=None, tile_norm=None):
         """Decode and encode large images in overlapping tiles blended together (``AutoencoderKL.enable_tiling``):
         the VAE's memory stays that of one tile, and the memory check counts it so."""
-        self.vae.enable_tiling(tile_sample_min_size, tile_overlap_factor)
+        self.vae.enable_tiling(tile_sample_min_size, tile_overlap_factor, tile_norm)
 
     def disable_vae_tiling(self):
         self.vae.disable_tiling()
@@ -182,23 +183,34 @@ class PerformanceSettings:
         return self._offload_lock if self._offload_lock is not None else contextlib.nullcontext()
 
     def compile(self, backend, cache_dir=None, **options):
-        """Run the UNet compiled: ``backend="openvino"`` (CPU, float32, each static shape compiled on
-        first use and cached on disk under ``cache_dir``; ``threads=`` sets OpenVINO's), any
-        ``torch.compile`` backend ("inductor", with ``mode=``: "max-autotune", "reduce-overhead" for
-        CUDA graphs), or None to go back to eager. Compile after loading or changing the weights.
-        Returns the pipeline."""
+        """Run the UNet compiled: ``backend="openvino"`` (CPU, float32, the UNet and the VAE decoder,
+        each static shape compiled on first use and cached on disk under ``cache_dir``; ``threads=``
+        sets OpenVINO's), any ``torch.compile`` backend ("inductor", with ``mode=``: "max-autotune",
+        "reduce-overhead" for CUDA graphs; the UNet only), or None to go back to eager. Compile after
+        loading or changing the weights. Returns the pipeline."""
+        self._compiled_decoder = None
         if backend is None:
             self._compiled_unet = None
         elif backend == "openvino":
-            from .openvino import OpenVINOUNet
+            from .openvino import OpenVINODecoder, OpenVINOUNet
 
             self._compiled_unet = OpenVINOUNet(self.unet, cache_dir, **options)
+            self._compiled_decoder = OpenVINODecoder(self.vae, cache_dir, **options)
         else:
             if cache_dir is not None:
                 raise ValueError("cache_dir is for backend='openvino'; torch.compile keeps its own cache "
                                  "(TORCHINDUCTOR_CACHE_DIR).")
             self._compiled_unet = CompiledUNet(self.unet, backend, **options)
         return self
+
+    def _decoder_for(self, z):
+        """The compiled VAE decoder for latents ``z`` when it was compiled from the pipeline's current VAE
+        and the VAE would not tile them (tiles share the whole image's statistics, which a compiled
+        graph cannot), else None."""
+        compiled = self._compiled_decoder
+        if compiled is None or compiled.vae is not self.vae or self.vae.tiles(z):
+            return None
+        return compiled
 
     def _unet_for_run(self, run):
         """The compiled UNet when it was compiled from the pipeline's current UNet, else the UNet; the

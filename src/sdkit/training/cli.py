@@ -3,11 +3,11 @@
     python -m sdkit.training vae --out runs/vae
     python -m sdkit.training decoder --vae runs/vae --out runs/decoder      # optional: sharper colours
     python -m sdkit.training unet --vae runs/vae --out runs/unet
-    python -m sdkit.training export --vae runs/decoder --unet runs/unet --out src/sdkit/assets/tiny-shapes
+    python -m sdkit.training decoder --vae runs/decoder --unet runs/unet --out runs/decoder-denoised
+        # optional: the decoder also learns to draw the finished UNet's denoised latents as clean shapes
+    python -m sdkit.training export --vae runs/decoder-denoised --unet runs/unet --out src/sdkit/assets/tiny-shapes
     accelerate launch --multi_gpu --num_processes 2 -m sdkit.training all --work runs/tiny-shapes \
-        --out src/sdkit/assets/tiny-shapes       # the bundled model (vae, decoder, unet, export)
-    python -m sdkit.training decoder --vae runs/vae --unet runs/unet --out runs/decoder-denoised
-        # experimental, not in the recipe: the decoder also learns a finished UNet's denoised latents
+        --out src/sdkit/assets/tiny-shapes       # the bundled model (vae, decoder, unet, decoder --unet, export)
 
 Every field of ``VAEConfig`` / ``UNetConfig`` is a flag (``--batch-size 8``, ``--min-snr-gamma none``).
 Runs resume from ``OUT/checkpoint`` when it exists (``--no-resume`` starts over). The same
@@ -66,9 +66,9 @@ def build_parser():
     stage("vae", "stage 1: train the autoencoder into OUT/vae", VAEConfig, "run folder (checkpoint, log.jsonl, vae/)")
     stage("decoder", "stage 1b: fine-tune only the decoder of a VAE run (latents unchanged)", VAEConfig,
           "run folder (checkpoint, log.jsonl, vae/)", needs_vae=True)
-    sub.choices["decoder"].add_argument("--unet", help="experimental (not in the recipe): a finished UNet run "
-                                                       "trained on this VAE's latents; half of each batch is what "
-                                                       "it makes of noised encodings (training.denoised)")
+    sub.choices["decoder"].add_argument("--unet", help="a finished UNet run trained on this VAE's latents (the "
+                                                       "recipe's last stage): half of each batch is what it makes "
+                                                       "of noised encodings (training.denoised)")
     stage("unet", "stage 2: train UNet + text encoder on the latents of a VAE run", UNetConfig,
           "run folder (checkpoint, latents.pt, unet/, text_encoder/, tokenizer/)", needs_vae=True)
 
@@ -77,8 +77,9 @@ def build_parser():
     p.add_argument("--unet", required=True)
     p.add_argument("--out", required=True, help="pipeline folder to write (diffusers layout)")
 
-    p = sub.add_parser("all", help="the whole bundled model from scratch: vae, decoder, unet, export")
-    p.add_argument("--work", required=True, help="folder for the three run folders (work/vae, work/decoder, work/unet)")
+    p = sub.add_parser("all", help="the whole bundled model from scratch: vae, decoder, unet, decoder --unet, export")
+    p.add_argument("--work", required=True, help="folder for the four run folders (work/vae, work/decoder, work/unet, "
+                                                 "work/decoder-denoised)")
     p.add_argument("--out", required=True, help="pipeline folder to write")
     return parser
 
@@ -137,15 +138,18 @@ def _main(args) -> int:
     elif args.command == "export":
         _export(args.vae, args.unet, args.out)
     elif args.command == "all":
-        vae_dir, decoder_dir, unet_dir = (os.path.join(args.work, n) for n in ("vae", "decoder", "unet"))
+        vae_dir, decoder_dir, unet_dir, denoised_dir = (os.path.join(args.work, n)
+                                                        for n in ("vae", "decoder", "unet", "decoder-denoised"))
         t_vae = _run_vae(vae_dir, VAEConfig(), True)
         t_decoder = _run_vae(decoder_dir, decoder_config(os.path.join(vae_dir, "vae")), True)
         t_unet = _run_unet(vae_dir, unet_dir, UNetConfig(), True)
+        t_denoised = _run_vae(denoised_dir, decoder_config(os.path.join(decoder_dir, "vae"), unet_dir), True)
         from accelerate import PartialState
 
         if PartialState().is_main_process:
-            _export(decoder_dir, unet_dir, args.out)
-        print(f"vae {t_vae / 60:.1f} min, decoder {t_decoder / 60:.1f} min, unet {t_unet / 60:.1f} min")
+            _export(denoised_dir, unet_dir, args.out)
+        print(f"vae {t_vae / 60:.1f} min, decoder {t_decoder / 60:.1f} min, unet {t_unet / 60:.1f} min, "
+              f"decoder --unet {t_denoised / 60:.1f} min")
     return 0
 
 

@@ -74,10 +74,10 @@ class VAEConfig(LoopConfig):
     init_from: Optional[str] = None  # start from this VAE folder (config.json + weights) instead of random
     train_encoder: bool = True  # false: only the decoder learns, so latents (and a UNet trained on them) stay valid
     num_images: Optional[int] = None  # none: an endless stream of new images; N: cycle over N (overfitting tests)
-    denoised_from: Optional[str] = None  # experimental, off (not in the recipe; untested on the bundled
-    # model's quality): a finished UNet run folder for the decoder stage. Part of every batch is what that
-    # UNet makes of noised encodings of fresh drawings (training.denoised), with the drawing as the
-    # target, so the decoder may learn to draw the UNet's slightly bent latents as clean shapes
+    denoised_from: Optional[str] = None  # a finished UNet run folder for a decoder stage (the recipe's last,
+    # ``decoder_config(vae, unet)``). Part of every batch is what that UNet makes of noised encodings of
+    # fresh drawings (training.denoised), with the drawing as the target, so the decoder learns to draw
+    # the UNet's slightly bent latents as clean shapes (MODEL_CARD.md: fill shape 0.82 -> 0.95)
     denoised_images: int = 6000  # drawings denoised once when the stage starts (cached in its run folder)
     denoised_fraction: float = 0.5  # the share of each batch taken from those pairs
     scale_samples: int = 512  # images encoded to measure the latent std -> scaling_factor
@@ -90,11 +90,11 @@ def decoder_config(vae_folder: str, unet_folder: Optional[str] = None) -> VAECon
     Reconstructed colours are still drifting towards their neighbours when stage 1 ends; more
     decoder steps fix that. Shape pixels weigh 3x. Batches of 12: without the encoder there are no
     twin pairs to fill. Without ``unet_folder`` (the recipe): latent noise 0.3, so the decoder stays
-    robust to imprecise latents (by blurring them). Experimental, not in the recipe: with the
-    finished UNet run ``unet_folder``, half of each batch is that UNet's denoised latents with their
-    drawings as targets (``denoised_from``), the other half clean encodings, no latent noise, so
-    the decoder may learn to draw the UNet's latents as clean shapes; 2000 steps of 8 + 8 at lr
-    5e-4, the settings of the out-of-tree prototype measured in MODEL_CARD.md.
+    robust to imprecise latents (by blurring them). With the finished UNet run ``unet_folder`` (the
+    recipe's last stage, on the first decoder stage's VAE): half of each batch is that UNet's
+    denoised latents with their drawings as targets (``denoised_from``), the other half clean
+    encodings, no latent noise, so the decoder learns to draw the UNet's latents as clean shapes;
+    2000 steps of 8 + 8 at lr 5e-4 (16 min here, MODEL_CARD.md).
     """
     common = dict(init_from=vae_folder, train_encoder=False, foreground_weight=2.0)
     if unet_folder is None:

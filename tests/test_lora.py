@@ -160,6 +160,29 @@ def test_fused_weights_equal_w_plus_scale_up_down_and_unfuse_restores_them(pipe)
     pipe.unfuse_lora()
 
 
+def test_lora_factors_follow_the_pipeline_to_its_dtype_once(pipe):
+    """After pipe.to(float64) a call's changes are float64 copies made once and reused by later calls
+    (not moved by every forward), and the images equal the fused LoRA's in float64."""
+    state_dict, _ = kohya_lora(pipe, rank=4)
+    pipe.load_lora_weights(state_dict, adapter_name="style")
+    pipe.to(dtype=torch.float64)
+    first, second = (pipe.networks_for_call(adapters={"style": 1.0}) for _ in range(2))
+    for plan_a, plan_b in ((first.unet, second.unet), (first.text_encoder, second.text_encoder)):
+        assert plan_a and plan_a.keys() == plan_b.keys()
+        for layer, changes in plan_a.items():
+            (delta, _), = changes
+            assert delta.up.dtype == delta.down.dtype == layer.weight.dtype == torch.float64
+            assert delta is plan_b[layer][0][0]  # placed once
+    unfused = pipe(**CALL, generator=gen(), adapters={"style": 1.0}).images
+    pipe.fuse_lora()
+    fused = pipe(**CALL, generator=gen()).images
+    np.testing.assert_allclose(unfused, fused, atol=1e-6)  # float32 images of float64 runs
+    pipe.unfuse_lora()
+    pipe.to(dtype=torch.float32)
+    (delta, _), = next(iter(pipe.networks_for_call(adapters={"style": 1.0}).unet.values()))
+    assert delta.up.dtype == torch.float32
+
+
 def test_img2img_applies_the_call_s_adapters_as_the_reference(folder, pipe):
     from helpers import sample_image
 

@@ -203,6 +203,16 @@ class Kronecker:
         return self
 
 
+def placed(delta, weight):
+    """``delta`` with its factors on ``weight``'s device and in its dtype; ``delta`` itself when they
+    already are (the factors stay as the file gave them until a call runs the layer elsewhere)."""
+    moved = {f.name: t.to(weight.device, weight.dtype) for f in dataclasses.fields(delta)
+             if torch.is_tensor(t := getattr(delta, f.name))}
+    if all(t is getattr(delta, name) for name, t in moved.items()):
+        return delta
+    return dataclasses.replace(delta, **moved)
+
+
 # -- layers that a call may change ------------------------------------------------------------------
 
 def changed_forward(layer, x, changes):

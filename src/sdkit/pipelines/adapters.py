@@ -21,6 +21,7 @@ batch together); other prompts' differing tags are cut and a warning names them.
 import os
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
@@ -30,7 +31,7 @@ import torch
 from .. import prompts as syntax
 from ..embeddings import Triggers, folder_embeddings, read_embedding
 from ..files import cached_read
-from ..lora import TEXT_ENCODER, Layers, make_changeable, place_lora, read_lora_file
+from ..lora import TEXT_ENCODER, Layers, make_changeable, place_lora, placed, read_lora_file
 from ..models.modeling import PICKLE_SUFFIXES, few
 from ..per_call import using
 
@@ -419,6 +420,23 @@ class AdapterLoaderMixin:
         return CallNetworks(te_plan or None, unet_plan or None, embeddings + tuple(files))
 
 
+_PLACED = weakref.WeakKeyDictionary()  # a loaded change's delta -> {(device, dtype): it placed there}
+_PLACED_LOCK = threading.Lock()
+
+
+def _placed(delta, layer):
+    """The delta on its layer's device and dtype, copied there once (after pipe.to() or a half-precision
+    load) and kept while the adapter is loaded, instead of moved by every forward."""
+    weight = layer.weight
+    key = (weight.device, weight.dtype)
+    with _PLACED_LOCK:
+        copies = _PLACED.setdefault(delta, {})
+        if key not in copies:
+            copies.clear()  # the layer has moved: the copy for its old place is no longer needed
+            copies[key] = placed(delta, weight)
+        return copies[key]
+
+
 def _plans(entries):
     """({layer: ((delta, m * s), ...)} of the text encoder, of the UNet) for (Adapter, te_m, unet_m, dyn) entries."""
     te, unet = {}, {}
@@ -427,7 +445,7 @@ def _plans(entries):
             on_text = change.part == TEXT_ENCODER
             m = te_weight if on_text else unet_weight
             if m:
-                delta = change.delta.first_ranks(dyn)
+                delta = _placed(change.delta, change.layer).first_ranks(dyn)
                 (te if on_text else unet).setdefault(change.layer, []).append((delta, m * delta.scale))
     return ({k: tuple(v) for k, v in te.items()}, {k: tuple(v) for k, v in unet.items()})
 

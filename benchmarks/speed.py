@@ -9,11 +9,17 @@ float32 on the CPU; sdkit's models hold copies of the reference's weights. Cases
 * ``unet``: one UNet step, batch 2 (classifier-free guidance), 64x64 latents (512x512 images);
 * ``vae512``, ``vae768``: a VAE decode of 64x64 and 96x96 latents;
 * ``text``: encoding a prompt and the empty negative prompt (77 tokens each);
-* ``txt2img``: a whole 512x512 (``--size``) txt2img call, ``--steps`` PNDM steps, guidance 7.5.
+* ``txt2img``: a whole 512x512 (``--size``) txt2img call, ``--steps`` PNDM steps, guidance 7.5;
+* ``lora``: the UNet step with a rank-16 LoRA on its 160 attention and feed-forward layers, unfused
+  (the reference's through peft, ``load_lora_weights``; sdkit's per call).
 
-The two sides run alternately (who goes first alternates too) after one warm-up each (the whole
+With OpenVINO installed (``pip install "sdkit[openvino]"``; ``--no-openvino`` leaves it out) the
+``unet``, VAE and ``txt2img`` cases have a third side, sdkit with ``pipe.compile(backend="openvino")``
+(its one-off conversion and compilation, or its load from the disk cache, is timed apart).
+
+The sides run in rotation (who goes first rotates too) after one warm-up round each (the whole
 calls after none: the component cases warmed the models), so load
-from other processes falls on both; the ratio is the median over the pairs of reference time /
+from other processes falls on all; the ratio is the median over the rounds of reference time /
 sdkit time (above 1: sdkit is faster); the CPU ratio is the same over the process's CPU time,
 which other processes on a shared machine disturb far less (with one thread, ``--threads 1``, it
 is the work done; with more, idle threads' spinning counts too). Outputs are compared (the
@@ -22,8 +28,8 @@ largest resident memory seen (sampled every 5 ms) while a side ran, above the pr
 the case.
 
 ``--fewer-unet-calls`` adds sdkit-only rows: the whole txt2img with ``deep_cache_interval`` 2, 3, 5
-and ``guidance_end`` 0.5, each against sdkit's plain run (alternating likewise). A bare run takes
-about 15 minutes on an idle 2-core CPU; the whole txt2img pair is most of it. Needs the test extra.
+(``--deep-cache-intervals``) and ``guidance_end`` 0.5, each against sdkit's plain run (alternating
+likewise). Needs the test extra (diffusers, peft).
 """
 
 import argparse
@@ -38,7 +44,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
-CASES = ("unet", "vae512", "vae768", "text", "txt2img")
+CASES = ("unet", "vae512", "vae768", "text", "txt2img", "lora")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -72,18 +78,18 @@ class PeakRSS:
         self.peak = max(self.peak, rss())
 
 
-def alternate(reference, ours, pairs, warm_up=True):
-    """Time ``reference()`` and ``ours()`` alternately (one warm-up each, unless ``warm_up`` is False);
-    returns a dict with their median times, the median of the pairs' time ratios, their last outputs
-    and peak RSS above the start."""
+def alternate(reference, ours, pairs, warm_up=True, **others):
+    """Time ``reference()``, ``ours()`` and any ``others`` (name -> function) in rotation (one warm-up
+    round, unless ``warm_up`` is False; the order rotates each round); returns a dict per side other
+    than the reference (``ours`` as "sdkit") with the median times, the median of the rounds' time
+    ratios reference / side, the outputs and peak RSS above the start, under the side's name."""
     base = rss()
-    out = {}
-    peaks = {"reference": 0, "sdkit": 0}
-    times = {"reference": [], "sdkit": []}
-    cpu = {"reference": [], "sdkit": []}
-    fns = {"reference": reference, "sdkit": ours}
-    for i in range(0 if warm_up else 1, pairs + 1):  # pair 0 is the warm-up
-        order = ("reference", "sdkit") if i % 2 == 0 else ("sdkit", "reference")
+    fns = {"reference": reference, "sdkit": ours, **others}
+    names = list(fns)
+    out, peaks = {}, dict.fromkeys(names, 0)
+    times, cpu = {n: [] for n in names}, {n: [] for n in names}
+    for i in range(0 if warm_up else 1, pairs + 1):  # round 0 is the warm-up
+        order = names[i % len(names):] + names[:i % len(names)]
         elapsed, used = {}, {}
         for side in order:
             with PeakRSS() as peak, torch.inference_mode():
@@ -95,16 +101,17 @@ def alternate(reference, ours, pairs, warm_up=True):
             if i:
                 times[side].append(elapsed[side])
                 cpu[side].append(used[side])
-        print(f"    pair {i}{'' if i else ' (warm-up)'}: reference {elapsed['reference']:.2f} s "
-              f"({used['reference']:.2f} CPU s), sdkit {elapsed['sdkit']:.2f} s ({used['sdkit']:.2f} CPU s)",
-              flush=True)
-    ratios = [r / s for r, s in zip(times["reference"], times["sdkit"])]
-    cpu_ratios = [r / s for r, s in zip(cpu["reference"], cpu["sdkit"])]
-    return dict(reference=statistics.median(times["reference"]), sdkit=statistics.median(times["sdkit"]),
-                ratio=statistics.median(ratios), cpu_ratio=statistics.median(cpu_ratios),
-                cpu=(statistics.median(cpu["reference"]), statistics.median(cpu["sdkit"])),
-                outputs=(out["reference"], out["sdkit"]),
-                rss=(peaks["reference"], peaks["sdkit"]))
+        print(f"    round {i}{'' if i else ' (warm-up)'}: " + ", ".join(
+            f"{n} {elapsed[n]:.2f} s ({used[n]:.2f} CPU s)" for n in names), flush=True)
+    results = {}
+    for side in names[1:]:
+        ratios = [r / s for r, s in zip(times["reference"], times[side])]
+        cpu_ratios = [r / s for r, s in zip(cpu["reference"], cpu[side])]
+        results[side] = dict(reference=statistics.median(times["reference"]), sdkit=statistics.median(times[side]),
+                             ratio=statistics.median(ratios), cpu_ratio=statistics.median(cpu_ratios),
+                             cpu=(statistics.median(cpu["reference"]), statistics.median(cpu[side])),
+                             outputs=(out["reference"], out[side]), rss=(peaks["reference"], peaks[side]))
+    return results if others else results["sdkit"]
 
 
 def rel_err(a, b):
@@ -164,24 +171,65 @@ def row(name, result, error, error_kind="rel err"):
     return dict(name=name, error=f"{error:.1e} {error_kind}", **result)
 
 
+def openvino_available():
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def run_cases(args, models, rows):
     ref_unet, unet, ref_vae, vae, text_encoder = models
     ref, ours = pipelines(*models)
     del models
     prompt = "a photograph of an astronaut riding a horse"
+    threads = torch.get_num_threads()
+    openvino = args.openvino and ref is not None
     if "unet" in args.cases:
         print("UNet step", flush=True)
         g = torch.Generator().manual_seed(1)
         x, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
         t = torch.tensor(500)
-        r = alternate(lambda: ref_unet(x, t, ctx).sample, lambda: unet(x, t, ctx), args.repeats)
-        rows.append(row("UNet step, batch 2, 64x64 latents", r, rel_err(r["outputs"][1], r["outputs"][0])))
+        others = {}
+        if openvino:
+            from sdkit.pipelines.openvino import OpenVINOUNet
+
+            start = time.perf_counter()
+            ov_unet = OpenVINOUNet(unet, threads=threads)
+            ov_unet.compiled(x.shape, ctx.shape)
+            print(f"    OpenVINO: converted and compiled (or loaded from its disk cache) in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+            others["openvino"] = lambda: ov_unet(x, t, ctx)
+        r = alternate(lambda: ref_unet(x, t, ctx).sample, lambda: unet(x, t, ctx), args.repeats, **others)
+        for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
+            res = r if not others else r.get(side)
+            if res is not None:
+                rows.append(row(f"UNet step, batch 2, 64x64 latents{label}", res,
+                                rel_err(res["outputs"][1], res["outputs"][0])))
+        others = ov_unet = None  # the compiled model (gigabytes for SD 1.5): the txt2img case compiles its own
     for size in (512, 768):
         if f"vae{size}" in args.cases:
             print(f"VAE decode {size}", flush=True)
             z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(2))
-            r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), args.repeats)
-            rows.append(row(f"VAE decode, {size}x{size}", r, rel_err(r["outputs"][1], r["outputs"][0])))
+            pairs = args.repeats if size == 512 else max(1, args.repeats - 1)
+            others = {}
+            if openvino:
+                from sdkit.pipelines.openvino import OpenVINODecoder
+
+                start = time.perf_counter()
+                ov_decoder = OpenVINODecoder(vae, threads=threads)
+                ov_decoder.shapes.compiled((z,))
+                print(f"    OpenVINO: converted and compiled (or loaded from its disk cache) in "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
+                others["openvino"] = lambda: ov_decoder(z)
+            r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), pairs, **others)
+            for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
+                res = r if not others else r.get(side)
+                if res is not None:
+                    rows.append(row(f"VAE decode, {size}x{size}{label}", res,
+                                    rel_err(res["outputs"][1], res["outputs"][0])))
+            others = ov_decoder = None
     if "text" in args.cases:
         print("text encoding", flush=True)
         from sdkit.text import encode_prompts
@@ -203,15 +251,50 @@ def run_cases(args, models, rows):
 
     if "txt2img" in args.cases:
         print(f"txt2img, {args.steps} steps", flush=True)
-        r = alternate(txt2img(ref), txt2img(ours), args.txt2img_pairs, args.txt2img_warm_up)
-        a, b = r["outputs"]
-        rows.append(row(f"whole txt2img {args.size}x{args.size}, {args.steps} steps", r, float(abs(a - b).max()),
-                        "max abs diff"))
+        others = {}
+        if openvino:
+            from sdkit import StableDiffusionPipeline
+
+            ov_pipe = StableDiffusionPipeline(**ours.components).compile(backend="openvino", threads=threads)
+            ov_pipe.set_progress_bar_config(disable=True)
+            start = time.perf_counter()
+            ov_pipe(prompt, num_inference_steps=1, output_type="latent", height=args.size, width=args.size)
+            print(f"    OpenVINO pipeline: first (1-step) call {time.perf_counter() - start:.0f} s", flush=True)
+            others["openvino"] = txt2img(ov_pipe)
+        r = alternate(txt2img(ref), txt2img(ours), args.txt2img_pairs, args.txt2img_warm_up, **others)
+        for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
+            res = r if not others else r.get(side)
+            if res is not None:
+                a, b = res["outputs"]
+                rows.append(row(f"whole txt2img {args.size}x{args.size}, {args.steps} steps{label}", res,
+                                float(abs(a - b).max()), "max abs diff"))
+    if "lora" in args.cases:
+        print("UNet step with a LoRA", flush=True)
+        from lora_speed import kohya_lora
+
+        from sdkit.per_call import using
+
+        g = torch.Generator().manual_seed(1)
+        x, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
+        t = torch.tensor(500)
+        lora = kohya_lora(unet, 16)
+        ref.load_lora_weights(dict(lora), adapter_name="lora")  # peft layers, unfused
+        ours.load_lora_weights(dict(lora), adapter_name="lora")
+        plan = ours.networks_for_call(adapters={"lora": 1.0}).unet
+
+        def sdkit_side():
+            with using(plan):
+                return unet(x, t, ctx)
+
+        r = alternate(lambda: ref_unet(x, t, ctx).sample, sdkit_side, args.repeats)
+        ref.unload_lora_weights()
+        ours.unload_lora_weights()
+        rows.append(row(f"UNet step with a rank-16 LoRA on {len(plan)} layers (unfused; the reference's through peft)",
+                        r, rel_err(r["outputs"][1], r["outputs"][0])))
     if args.fewer_unet_calls:
         if "txt2img" not in args.cases:
             ours(prompt, num_inference_steps=1, output_type="np", height=args.size, width=args.size)  # warm-up
-        for extra in (dict(deep_cache_interval=2), dict(deep_cache_interval=3), dict(deep_cache_interval=5),
-                      dict(guidance_end=0.5)):
+        for extra in [dict(deep_cache_interval=k) for k in args.deep_cache_intervals] + [dict(guidance_end=0.5)]:
             name = ", ".join(f"{k}={v}" for k, v in extra.items())
             print(f"txt2img, {name}", flush=True)
             r = alternate(txt2img(ours), txt2img(ours, **extra), args.txt2img_pairs, args.txt2img_warm_up)
@@ -231,8 +314,13 @@ def main():
     parser.add_argument("--cases", default=",".join(CASES),
                         help=f"comma-separated subset of {', '.join(CASES)} (empty: only --fewer-unet-calls)")
     parser.add_argument("--fewer-unet-calls", action="store_true", help="add the DeepCache and guidance_end rows")
+    parser.add_argument("--deep-cache-intervals", default="2,3,5", type=lambda v: [int(k) for k in v.split(",") if k],
+                        help="the DeepCache intervals of --fewer-unet-calls")
+    parser.add_argument("--no-openvino", dest="openvino", action="store_false",
+                        help="leave out the OpenVINO side of the UNet and txt2img cases (left out anyway without openvino)")
     args = parser.parse_args()
     args.cases = set(args.cases.split(",")) - {""}
+    args.openvino = args.openvino and openvino_available()
     unknown = args.cases - set(CASES)
     if unknown:
         parser.error(f"unknown cases {sorted(unknown)}; choose from {', '.join(CASES)}")

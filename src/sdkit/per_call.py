@@ -35,16 +35,23 @@ def changes_for(layer):
 
 
 @contextlib.contextmanager
+def holding(var, value):
+    """Within (in this thread or task only): the ContextVar ``var`` holds ``value``."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+@contextlib.contextmanager
 def using(plan):
     """Within: the layers of ``plan`` ({layer: ((delta, weight), ...)}) add their changes; nothing when empty."""
     if not plan:
         yield
         return
-    token = _LORA.set(plan)
-    try:
+    with holding(_LORA, plan):
         yield
-    finally:
-        _LORA.reset(token)
 
 
 def token_vectors_hook(embedding, args, kwargs, output):
@@ -68,8 +75,5 @@ def token_vectors(token_embedding, fixes):
         yield
         return
     ensure_hook(token_embedding, token_vectors_hook)
-    token = _VECTORS.set((token_embedding, fixes))
-    try:
+    with holding(_VECTORS, (token_embedding, fixes)):
         yield
-    finally:
-        _VECTORS.reset(token)

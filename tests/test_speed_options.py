@@ -111,6 +111,11 @@ def test_the_openvino_vae_decoder_gives_the_eager_decode_and_steps_aside_for_til
         eager = p.vae.decode(z)
         compiled = p._decoder_for(z)
         assert compiled is not None and rel(compiled(z).numpy(), eager.numpy()) < 1e-4
+        first = compiled(z)
+        kept = first.clone()
+        compiled(-z)  # the pooled request runs again on other latents: the first output is a copy, unchanged
+        assert torch.equal(first, kept)
+        assert len(compiled.shapes._idle[((2, 4, 8, 8),)]) == 1  # sequential calls reuse one infer request
         p.enable_vae_slicing()
         assert rel(p._decode(z * p.vae.config.scaling_factor).numpy(), eager.numpy()) < 1e-4
         big = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -7,7 +7,9 @@ loads it in seconds. The disk cache is keyed by the weights' hash, the config, t
 OpenVINO version. Compilation keeps
 float32 (``INFERENCE_PRECISION_HINT``: OpenVINO would otherwise pick bfloat16 on CPUs that have
 it) and the saved model is not compressed to float16, so outputs equal the eager UNet's to about
-1e-5 relative. One compiled model serves concurrent calls: each call has its own infer request.
+1e-5 relative. One compiled model serves concurrent calls: each call takes an idle infer request
+from the model's pool (or makes one), so no two calls share one and a request, with the buffers it
+has allocated, is reused by later calls rather than made anew each step.
 """
 
 import hashlib
@@ -82,6 +84,8 @@ class _Shapes:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self._compiled = {}  # input shapes -> compiled model
         self._lock = threading.Lock()  # one compilation at a time; calls on compiled shapes do not wait
+        self._idle = {}  # input shapes -> infer requests no call is using
+        self._idle_lock = threading.Lock()
 
     def compiled(self, example):
         """The compiled model of the shapes of ``example`` (input tensors): from memory, from the disk
@@ -111,9 +115,19 @@ class _Shapes:
 
     def __call__(self, *inputs):
         model = self.compiled(inputs)
+        key = tuple(tuple(t.shape) for t in inputs)
+        with self._idle_lock:
+            idle = self._idle.setdefault(key, [])
+            request = idle.pop() if idle else None
+        if request is None:
+            request = model.create_infer_request()
         arrays = [np.ascontiguousarray(v.detach().cpu().float().numpy()) for v in inputs]
-        result = model.create_infer_request().infer(arrays)  # per call: concurrent calls share the model
-        return torch.from_numpy(np.array(result[model.output(0)]))
+        try:
+            # copied out before the request goes back to the pool, whose next user overwrites its buffers
+            return torch.from_numpy(np.array(request.infer(arrays)[model.output(0)]))
+        finally:
+            with self._idle_lock:
+                idle.append(request)
 
 
 def _check_cpu_float32(module, what):

@@ -73,7 +73,7 @@ class _VAEDecode(torch.nn.Module):
 
 class _Shapes:
     """One module's OpenVINO models, one per static input shape: compiled on first use (from the disk
-    cache when there), each run with its own infer request, so concurrent calls share them."""
+    cache when there), each run on a pooled infer request no other run holds, so concurrent calls share them."""
 
     def __init__(self, ov, module, traced, name, cache_dir, threads):
         self.ov, self.traced, self.name = ov, traced, name

@@ -533,3 +533,31 @@ def test_cross_attention_scale_scales_the_adapters_as_the_reference(folder, pipe
                                 cross_attention_kwargs={"scale": 0.5}).images, "adapters=")
     assert_close(pipe(**CALL, generator=gen(), adapters={"style": 0.4}).images,
                  pipe(**CALL, generator=gen(), cross_attention_kwargs={"scale": 0.5}).images, "0.8 * 0.5")
+
+
+def test_placed_copies_of_lora_factors_go_with_the_adapter():
+    """The cache of placed factors holds its deltas weakly: one already in place (the cache's value is
+    then the delta itself) and one copied to another dtype are both freed once nothing else holds them."""
+    import dataclasses
+    import gc
+
+    from sdkit.pipelines import adapters
+
+    @dataclasses.dataclass(eq=False)
+    class Delta:
+        up: torch.Tensor
+
+    class Layer:
+        weight = torch.zeros(2)
+
+    class Double:
+        weight = torch.zeros(2, dtype=torch.float64)
+
+    before = len(adapters._PLACED)
+    here, there = Delta(torch.ones(2)), Delta(torch.ones(2))
+    assert adapters._placed(here, Layer) is here
+    moved = adapters._placed(there, Double)
+    assert moved.up.dtype == torch.float64 and adapters._placed(there, Double) is moved
+    del here, there, moved
+    gc.collect()
+    assert len(adapters._PLACED) == before

@@ -433,8 +433,11 @@ def _placed(delta, layer):
         copies = _PLACED.setdefault(delta, {})
         if key not in copies:
             copies.clear()  # the layer has moved: the copy for its old place is no longer needed
-            copies[key] = placed(delta, weight)
-        return copies[key]
+            moved = placed(delta, weight)
+            # None for the delta itself: a value holding its own weak key would keep the entry forever
+            copies[key] = None if moved is delta else moved
+        moved = copies[key]
+        return delta if moved is None else moved
 
 
 def _plans(entries):

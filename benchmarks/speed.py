@@ -15,7 +15,13 @@ float32 on the CPU; sdkit's models hold copies of the reference's weights. Cases
 
 With OpenVINO installed (``pip install "sdkit[openvino]"``; ``--no-openvino`` leaves it out) the
 ``unet``, VAE and ``txt2img`` cases have a third side, sdkit with ``pipe.compile(backend="openvino")``
-(its one-off conversion and compilation, or its load from the disk cache, is timed apart).
+(its one-off conversion and compilation, or its load from the disk cache, is timed apart, and the
+whole call's side is warmed by a one-step call that decodes too).
+
+So that a bare run finishes within 20 minutes on a 2-core CPU, it leaves two sides out, which
+``--all-sides`` adds: the OpenVINO side of the 768x768 decode, and the eager sdkit side of the whole
+txt2img when the OpenVINO side is there (without OpenVINO the eager side is always run). The VAE
+and LoRA cases time one round fewer than ``--repeats`` (the 768 decode two fewer, at least one).
 
 The sides run in rotation (who goes first rotates too) after one warm-up round each (the whole
 calls after none: the component cases warmed the models), so load
@@ -78,13 +84,13 @@ class PeakRSS:
         self.peak = max(self.peak, rss())
 
 
-def alternate(reference, ours, pairs, warm_up=True, **others):
+def alternate(reference, ours, pairs, warm_up=True, name="sdkit", **others):
     """Time ``reference()``, ``ours()`` and any ``others`` (name -> function) in rotation (one warm-up
     round, unless ``warm_up`` is False; the order rotates each round); returns a dict per side other
-    than the reference (``ours`` as "sdkit") with the median times, the median of the rounds' time
+    than the reference (``ours`` under ``name``) with the median times, the median of the rounds' time
     ratios reference / side, the outputs and peak RSS above the start, under the side's name."""
     base = rss()
-    fns = {"reference": reference, "sdkit": ours, **others}
+    fns = {"reference": reference, name: ours, **others}
     names = list(fns)
     out, peaks = {}, dict.fromkeys(names, 0)
     times, cpu = {n: [] for n in names}, {n: [] for n in names}
@@ -111,7 +117,7 @@ def alternate(reference, ours, pairs, warm_up=True, **others):
                              ratio=statistics.median(ratios), cpu_ratio=statistics.median(cpu_ratios),
                              cpu=(statistics.median(cpu["reference"]), statistics.median(cpu[side])),
                              outputs=(out["reference"], out[side]), rss=(peaks["reference"], peaks[side]))
-    return results if others else results["sdkit"]
+    return results if others else results[name]
 
 
 def rel_err(a, b):
@@ -212,9 +218,9 @@ def run_cases(args, models, rows):
         if f"vae{size}" in args.cases:
             print(f"VAE decode {size}", flush=True)
             z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(2))
-            pairs = args.repeats if size == 512 else max(1, args.repeats - 1)
+            pairs = max(1, args.repeats - (1 if size == 512 else 2))
             others = {}
-            if openvino:
+            if openvino and (size == 512 or args.all_sides):
                 from sdkit.pipelines.openvino import OpenVINODecoder
 
                 start = time.perf_counter()
@@ -251,19 +257,22 @@ def run_cases(args, models, rows):
 
     if "txt2img" in args.cases:
         print(f"txt2img, {args.steps} steps", flush=True)
-        others = {}
+        sides = {"sdkit": txt2img(ours)}
         if openvino:
             from sdkit import StableDiffusionPipeline
 
             ov_pipe = StableDiffusionPipeline(**ours.components).compile(backend="openvino", threads=threads)
             ov_pipe.set_progress_bar_config(disable=True)
-            start = time.perf_counter()
-            ov_pipe(prompt, num_inference_steps=1, output_type="latent", height=args.size, width=args.size)
+            start = time.perf_counter()  # a one-step call compiles (or loads) the UNet and VAE decoder for this size
+            ov_pipe(prompt, num_inference_steps=1, output_type="np", height=args.size, width=args.size)
             print(f"    OpenVINO pipeline: first (1-step) call {time.perf_counter() - start:.0f} s", flush=True)
-            others["openvino"] = txt2img(ov_pipe)
-        r = alternate(txt2img(ref), txt2img(ours), args.txt2img_pairs, args.txt2img_warm_up, **others)
+            sides = {"openvino": txt2img(ov_pipe), **(sides if args.all_sides else {})}
+        first, *others = sides
+        r = alternate(txt2img(ref), sides[first], args.txt2img_pairs, args.txt2img_warm_up, first,
+                      **{side: sides[side] for side in others})
+        r = r if others else {first: r}
         for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
-            res = r if not others else r.get(side)
+            res = r.get(side)
             if res is not None:
                 a, b = res["outputs"]
                 rows.append(row(f"whole txt2img {args.size}x{args.size}, {args.steps} steps{label}", res,
@@ -286,7 +295,7 @@ def run_cases(args, models, rows):
             with using(plan):
                 return unet(x, t, ctx)
 
-        r = alternate(lambda: ref_unet(x, t, ctx).sample, sdkit_side, args.repeats)
+        r = alternate(lambda: ref_unet(x, t, ctx).sample, sdkit_side, max(1, args.repeats - 1))
         ref.unload_lora_weights()
         ours.unload_lora_weights()
         rows.append(row(f"UNet step with a rank-16 LoRA on {len(plan)} layers (unfused; the reference's through peft)",
@@ -316,6 +325,8 @@ def main():
     parser.add_argument("--fewer-unet-calls", action="store_true", help="add the DeepCache and guidance_end rows")
     parser.add_argument("--deep-cache-intervals", default="2,3,5", type=lambda v: [int(k) for k in v.split(",") if k],
                         help="the DeepCache intervals of --fewer-unet-calls")
+    parser.add_argument("--all-sides", action="store_true",
+                        help="add the sides a bare run leaves out: OpenVINO at 768x768, eager sdkit in the whole txt2img")
     parser.add_argument("--no-openvino", dest="openvino", action="store_false",
                         help="leave out the OpenVINO side of the UNet and txt2img cases (left out anyway without openvino)")
     args = parser.parse_args()
@@ -338,8 +349,9 @@ def main():
     run_cases(args, models, rows)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"\n{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"diffusers {diffusers.__version__}, float32; ratio: median of {args.repeats} alternating pairs "
-          f"({args.txt2img_pairs} for txt2img); {time.perf_counter() - start:.0f} s in all")
+          f"diffusers {diffusers.__version__}, float32; ratio: median of alternating pairs ({args.repeats} for the UNet, "
+          f"fewer for the VAE and LoRA: see --help; {args.txt2img_pairs} for the whole txt2img); "
+          f"{time.perf_counter() - start:.0f} s in all")
     print("| case | reference s | sdkit s | ratio | CPU s reference / sdkit | CPU ratio | outputs | "
           "peak RSS reference / sdkit (MB) |")
     print("|---|---:|---:|---:|---:|---:|---|---:|")

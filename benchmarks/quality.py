@@ -9,8 +9,11 @@ prompts), then the targets and whether each row meets them. Rows:
 * clean renders of the prompts (the judges themselves must be right), and the same renders
   encoded and decoded by the model's VAE (what the VAE alone loses);
 * generated images with DDIM, Euler a and DPM++ at the model's recommended settings (its
-  recommended_settings.json), at guidance 7.5 with the recommended rescale (what a call passing
-  only ``guidance_scale=7.5`` gets), and at the reference's defaults (7.5, no rescale).
+  recommended_settings.json), at guidance 7.5 with the recommended rescale and guidance end (what
+  a call passing only ``guidance_scale=7.5`` gets), at the reference's defaults (7.5, no rescale;
+  the model's guidance end still applies), and, when the model recommends a guidance end below 1,
+  at 7.5 with no rescale and guidance at every step (``guidance_end=1``: what diffusers, which
+  does not read the file, draws from the folder; reported, with no target).
 
 Columns: colour, shape, background, place and size as the shapes judge (``judge.py``, moments)
 reads them; **shape (fill)**, the shape class an independent judge reads from how much of its
@@ -154,13 +157,19 @@ def print_table(title, rows):
         print(f"| {name} | {n} | " + " | ".join(cells) + " |")
 
 
-def settings_of(guidance, rescale, steps):
-    """(label, call options, accuracy target) of the three guidance settings."""
-    recommended = dict(guidance_scale=guidance, guidance_rescale=rescale, num_inference_steps=steps)
-    return [(f"guidance {guidance:g}, rescale {rescale:g} (recommended)", recommended, TARGET_RECOMMENDED),
-            (f"guidance 7.5, rescale {rescale:g}", {**recommended, "guidance_scale": 7.5}, TARGET_HIGH),
-            ("guidance 7.5, rescale 0 (reference defaults)", {**recommended, "guidance_scale": 7.5,
-                                                              "guidance_rescale": 0.0}, TARGET_HIGH)]
+def settings_of(guidance, rescale, steps, end=1.0):
+    """(label, call options, accuracy target) of the guidance settings (the last with no target)."""
+    recommended = dict(guidance_scale=guidance, guidance_rescale=rescale, guidance_end=end, num_inference_steps=steps)
+    until = f", guidance end {end:g}" if end < 1 else ""
+    settings = [
+        (f"guidance {guidance:g}, rescale {rescale:g}{until} (recommended)", recommended, TARGET_RECOMMENDED),
+        (f"guidance 7.5, rescale {rescale:g}{until}", {**recommended, "guidance_scale": 7.5}, TARGET_HIGH),
+        (f"guidance 7.5, rescale 0{until} (reference defaults)",
+         {**recommended, "guidance_scale": 7.5, "guidance_rescale": 0.0}, TARGET_HIGH)]
+    if end < 1:
+        settings.append(("guidance 7.5, rescale 0, every step (as diffusers draws the folder; no target)",
+                         {**recommended, "guidance_scale": 7.5, "guidance_rescale": 0.0, "guidance_end": 1.0}, None))
+    return settings
 
 
 def main(argv=None):
@@ -168,6 +177,7 @@ def main(argv=None):
     parser.add_argument("--model", default=sdkit.TINY_MODEL)
     parser.add_argument("--guidance-scale", type=float, help="default: the model's recommended scale")
     parser.add_argument("--guidance-rescale", type=float, help="default: the model's recommended rescale")
+    parser.add_argument("--guidance-end", type=float, help="default: the model's recommended guidance end, else 1")
     parser.add_argument("--steps", type=int, help="default: the model's recommended steps")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -181,7 +191,8 @@ def main(argv=None):
     guidance = args.guidance_scale if args.guidance_scale is not None else recommended.get("guidance_scale", 7.5)
     rescale = args.guidance_rescale if args.guidance_rescale is not None else recommended.get("guidance_rescale", 0.0)
     steps = args.steps or recommended.get("num_inference_steps", 50)
-    settings = settings_of(guidance, rescale, steps)
+    end = args.guidance_end if args.guidance_end is not None else recommended.get("guidance_end", 1.0)
+    settings = settings_of(guidance, rescale, steps, end)
     started, failures = time.time(), []
     print(f"model: {os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT) else args.model}; "
           f"recommended settings {recommended.as_dict() or 'none (reference defaults)'}")

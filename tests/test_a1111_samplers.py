@@ -117,8 +117,8 @@ def oracle(pipe, name, steps, seeds, schedule="Automatic", ensd=0, guide_outputs
 def ours_latents(pipe, name, steps, seed, batch, schedule=None, **call):
     scheduler = ours.from_name(name, pipe.scheduler.config, schedule=schedule)
     return pipe(PROMPT, negative_prompt=NEGATIVE, scheduler=scheduler, seed=seed, num_images_per_prompt=batch,
-                num_inference_steps=steps, guidance_scale=SCALE, guidance_rescale=0.0, output_type="latent",
-                **call).images
+                num_inference_steps=steps, guidance_scale=SCALE, guidance_rescale=0.0, guidance_end=1.0,
+                output_type="latent", **call).images
 
 
 # -- parity ---------------------------------------------------------------------------------------
@@ -438,7 +438,8 @@ def test_unipc_matches_a1111s_uni_pc(request, model, settings):
     pipe = request.getfixturevalue(model)
     scheduler = ours.from_name("UniPC", {**pipe.scheduler.config, **settings})
     latents = pipe(PROMPT, negative_prompt=NEGATIVE, scheduler=scheduler, seed=SEED, num_images_per_prompt=2,
-                   num_inference_steps=7, guidance_scale=SCALE, guidance_rescale=0.0, output_type="latent").images
+                   num_inference_steps=7, guidance_scale=SCALE, guidance_rescale=0.0, guidance_end=1.0,
+                   output_type="latent").images
     alphas_cumprod = ldm_alphas_cumprod(pipe.scheduler.config)
     eps = guided_eps(pipe, 2, alphas_cumprod)
 

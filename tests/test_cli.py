@@ -143,26 +143,27 @@ def test_console_script(model, tmp_path):
 
 
 def test_bundled_model_is_the_default(tmp_path, capsys):
-    """No --model: the bundled tiny-shapes model, at its recommended_settings.json guidance scale and rescale."""
+    """No --model: the bundled tiny-shapes model, at its recommended_settings.json guidance scale, rescale and end."""
     out = tmp_path / "default.png"
     code, _, err = run(capsys, "generate", "a large blue square on the left on a white background",
                        "-o", str(out), "--steps", "5", "--seed", "0", "-q")
     assert code == 0, err
     params = parse_parameters(Image.open(out).info["parameters"])
-    assert (params["Model"], params["CFG scale"], params["CFG Rescale phi"], params["Size"],
-            params["Sampler"]) == ("tiny-shapes", "3", "0.7", "64x64", "DDIMScheduler")
+    assert (params["Model"], params["CFG scale"], params["CFG Rescale phi"], params["Guidance end"], params["Size"],
+            params["Sampler"]) == ("tiny-shapes", "5", "0.7", "0.6", "64x64", "DDIMScheduler")
 
 
 def test_the_model_folder_s_recommended_settings_are_the_defaults(model, tmp_path, capsys):
-    """A folder's recommended_settings.json sets the defaults of --steps, --guidance and
-    --guidance-rescale and the sampler; flags win; without the file the defaults are 25, 7.5, 0."""
+    """A folder's recommended_settings.json sets the defaults of --steps, --guidance, --guidance-rescale,
+    --guidance-end and the sampler; flags win; without the file the defaults are 25, 7.5, 0, 1."""
     import shutil
 
     folder = tmp_path / "model"
     shutil.copytree(model, folder)
     (folder / "recommended_settings.json").write_text(
-        '{"guidance_scale": 4, "guidance_rescale": 0.5, "num_inference_steps": 3, "scheduler": "Euler a"}')
-    fields = ("Steps", "Sampler", "CFG scale", "CFG Rescale phi")
+        '{"guidance_scale": 4, "guidance_rescale": 0.5, "guidance_end": 0.5, "num_inference_steps": 3, '
+        '"scheduler": "Euler a"}')
+    fields = ("Steps", "Sampler", "CFG scale", "CFG Rescale phi", "Guidance end")
 
     def settings(folder, *flags):
         out = tmp_path / "x.png"
@@ -172,10 +173,10 @@ def test_the_model_folder_s_recommended_settings_are_the_defaults(model, tmp_pat
         params = parse_parameters(Image.open(out).info["parameters"])
         return tuple(params.get(name) for name in fields)
 
-    assert settings(folder) == ("3", "Euler a", "4", "0.5")
-    assert settings(folder, "--guidance", "6", "--steps", "2", "--guidance-rescale", "0",
-                    "--scheduler", "DDIM") == ("2", "DDIM", "6", None)
-    assert settings(model, "--steps", "2") == ("2", "PNDMScheduler", "7.5", None)
+    assert settings(folder) == ("3", "Euler a", "4", "0.5", "0.5")
+    assert settings(folder, "--guidance", "6", "--steps", "2", "--guidance-rescale", "0", "--guidance-end", "1",
+                    "--scheduler", "DDIM") == ("2", "DDIM", "6", None, None)
+    assert settings(model, "--steps", "2") == ("2", "PNDMScheduler", "7.5", None, None)
 
 
 def test_missing_bundled_model_is_one_line(tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@ as users write them are in test_diffusers_snippets.py.
 """
 
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
 
@@ -213,18 +214,35 @@ def pair(bundled):
 
 
 def test_the_bundled_model_s_recommended_settings_are_the_only_difference(pair):
-    """With recommended_settings.json, a call that passes no guidance is the reference's call at those settings."""
+    """With recommended_settings.json, a call that passes no guidance is the reference's call at those
+    settings, its guidance end done by diffusers' documented dynamic-guidance callback."""
     import json
+    import math
 
     ref, _ = pair
     mine = StableDiffusionPipeline.from_pretrained(TINY)
     mine.set_progress_bar_config(disable=True)
     settings = json.loads(open(TINY + "/recommended_settings.json").read())
-    expected = ref("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np",
-                   guidance_scale=settings["guidance_scale"], guidance_rescale=settings["guidance_rescale"]).images
-    got = mine("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+    steps = 5
+    guided = math.ceil(settings["guidance_end"] * steps)
+    assert 0 < guided < steps
+
+    def drop_guidance(p, i, t, kwargs):  # after the last guided step: no guidance, the prompt's embeddings alone
+        if i == guided - 1:
+            p._guidance_scale = 0.0
+            return {"prompt_embeds": kwargs["prompt_embeds"].chunk(2)[-1]}
+        return {}
+
+    expected = ref("a red circle", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                   output_type="np", guidance_scale=settings["guidance_scale"],
+                   guidance_rescale=settings["guidance_rescale"], callback_on_step_end=drop_guidance,
+                   callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+    got = mine("a red circle", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                output_type="np").images
     close(expected, got)
+    every_step = mine("a red circle", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                      output_type="np", guidance_end=1.0).images
+    assert np.abs(every_step - got).max() > 1e-2  # the guidance end made a difference
 
 
 def both(pair, scheduler=None, **kw):

@@ -109,6 +109,7 @@ def model(tmp_path_factory):
     ["--scheduler", "Euler", "--seed-resize-from", "48x40", "--negative", "blurry, dark", "--clip-skip", "2"],
     ["--scheduler", "DDIMScheduler", "--eta", "0.5"],
     ["--scheduler", "Heun", "--schedule-type", "Beta", "--ensd", "3"],
+    ["--scheduler", "Euler a", "--guidance-end", "0.5", "--guidance-rescale", "0.7"],  # sdkit's Guidance end field
 ])
 def test_cli_png_regenerates_identically_from_png(model, tmp_path, capsys, flags):
     out = tmp_path / "out.png"

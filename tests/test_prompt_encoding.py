@@ -268,7 +268,7 @@ def test_prompt_editing_switches_at_a1111_s_step(bundled):
     contexts = [e["a red circle"] if i <= 5 else e["a blue square"] for i in range(steps)]
     expected = manual_run(bundled, contexts, steps)
     got = bundled("[a red circle:a blue square:0.5]", prompt_syntax="a1111", num_inference_steps=steps,
-                  guidance_scale=3.0, guidance_rescale=0.7, generator=gen(), output_type="pt").images
+                  guidance_scale=3.0, guidance_rescale=0.7, guidance_end=1.0, generator=gen(), output_type="pt").images
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     for other in (6, 4):  # a switch one call later or earlier gives another image
         moved = [e["a red circle"] if i <= other else e["a blue square"] for i in range(steps)]
@@ -283,12 +283,12 @@ def test_alternation_changes_the_prompt_every_step(bundled):
     by_hand = ["red", "red", "blue", "red", "blue", "red"]
     expected = manual_run(bundled, [e[f"a {c} circle"] for c in by_hand], steps)
     got = bundled("a [red|blue] circle", prompt_syntax="a1111", num_inference_steps=steps, guidance_scale=3.0,
-                  guidance_rescale=0.7, generator=gen(), output_type="pt").images
+                  guidance_rescale=0.7, guidance_end=1.0, generator=gen(), output_type="pt").images
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert (manual_run(bundled, [e["a red circle"]] * steps, steps) - got).abs().max() > 1e-3
     pe, ne = bundled.encode_prompt("a [red|blue] circle", prompt_syntax="a1111", num_inference_steps=steps)
     again = bundled(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=steps, guidance_scale=3.0,
-                    guidance_rescale=0.7, generator=gen(), output_type="pt").images
+                    guidance_rescale=0.7, guidance_end=1.0, generator=gen(), output_type="pt").images
     assert torch.equal(got, again)
 
 

@@ -84,6 +84,19 @@ def test_a_call_uses_the_folder_s_settings_and_a_passed_value_wins(with_file):
                                   num_inference_steps=4)).max() <= 1e-4
 
 
+def test_a_recommended_guidance_end_is_the_call_default_and_a_passed_one_wins(folder, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(folder, target)
+    (target / recommended.FILE).write_text(json.dumps({"guidance_end": 0.5, "num_inference_steps": 6}))
+    pipe, plain = load(target), load(folder)
+    assert pipe.recommended.guidance_end == 0.5
+    image = ours(pipe)
+    assert np.array_equal(image, ours(plain, guidance_end=0.5, num_inference_steps=6))
+    assert np.abs(image - ours(plain, num_inference_steps=6)).max() > 1e-2  # guidance did stop half-way
+    every_step = ours(pipe, guidance_end=1.0)  # the passed value wins: the reference's call
+    assert np.abs(every_step - reference(folder, num_inference_steps=6)).max() <= 1e-4
+
+
 def test_an_a1111_sampler_name_gives_a1111_sampling(folder, tmp_path):
     target = tmp_path / "model"
     shutil.copytree(folder, target)
@@ -137,6 +150,7 @@ def test_concurrent_calls_with_and_without_settings_equal_their_serial_runs(with
     ('{"guidance_scale": "high"}', "guidance_scale must be a finite number"),
     ('{"guidance_rescale": 1.5}', r"guidance_rescale must be a number in \[0, 1\]"),
     ('{"num_inference_steps": 0}', "num_inference_steps must be an integer >= 1"),
+    ('{"guidance_end": 1.5}', r"guidance_end must be a number in \[0, 1\]"),
     ('{"scheduler": "Heun++"}', "Unknown sampler name 'Heun\\+\\+'"),
 ])
 def test_a_bad_file_is_one_clear_error_naming_it(folder, tmp_path, content, match):

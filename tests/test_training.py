@@ -636,7 +636,7 @@ def test_export_writes_a_diffusers_pipeline_folder(tiny_vae, tmp_path):
     # the recommended settings: the run's --guidance-scale, the recipe's rescale and steps
     settings = json.loads((out / "recommended_settings.json").read_text())
     assert settings == {"guidance_scale": 4.5, "guidance_rescale": cfg.guidance_rescale,
-                        "num_inference_steps": cfg.num_inference_steps}
+                        "guidance_end": cfg.guidance_end, "num_inference_steps": cfg.num_inference_steps}
     from sdkit import StableDiffusionPipeline
 
     assert StableDiffusionPipeline.from_pretrained(str(out)).recommended.guidance_scale == 4.5

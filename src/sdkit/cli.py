@@ -154,6 +154,7 @@ def _check_args(args):
         raise CLIError(f"--strength {args.strength} must be between 0 and 1")
     _check_number("--guidance", args.guidance, 0, note=" (0 to 1: no guidance; 7.5 is usual)")
     _check_number("--guidance-rescale", args.guidance_rescale, 0, 1)
+    _check_number("--guidance-end", args.guidance_end, 0, 1)
     if args.enlarge is not None and args.enlarge < 1:
         raise CLIError(f"--enlarge {args.enlarge} must be at least 1 (1: no enlarged copy)")
     if args.mask and not args.init_image:
@@ -271,13 +272,15 @@ def _clip_skip_option(args):
 
 
 def _recommended_defaults(args, recommended):
-    """Fill in --steps, --guidance and --guidance-rescale from the model's recommended settings."""
+    """Fill in --steps, --guidance, --guidance-rescale and --guidance-end from the model's recommended settings."""
     if args.steps is None:
         args.steps = recommended.get("num_inference_steps", DEFAULT_STEPS)
     if args.guidance is None:
         args.guidance = recommended.get("guidance_scale", DEFAULT_GUIDANCE)
     if args.guidance_rescale is None:
         args.guidance_rescale = recommended.get("guidance_rescale", 0.0)
+    if args.guidance_end is None:
+        args.guidance_end = recommended.get("guidance_end", 1.0)
 
 
 def _sha256(path, skip_header=False):
@@ -381,6 +384,7 @@ def _infotext(args, scheduler, run_options, seed, subseed, image, model, strengt
     from sdkit import infotext
 
     extra = [("CFG Rescale phi", args.guidance_rescale)] if args.guidance_rescale else []
+    extra += [("Guidance end", args.guidance_end)] if args.guidance_end < 1 and args.guidance > 1 else []
     extra += list(network_fields)
     return infotext.create(
         args.prompt, args.negative, steps=args.steps, scheduler=scheduler, run_options=run_options,
@@ -408,7 +412,7 @@ def _from_png(args, given):
         "scheduler": sampler, "schedule_type": schedule if sampler not in _class_names() else None,
         "rng": call["rng"], "subseed": call.get("subseed"), "subseed_strength": call.get("subseed_strength", 0.0),
         "ensd": call["eta_noise_seed_delta"], "eta": call.get("eta"),
-        "guidance_rescale": call.get("guidance_rescale", 0.0),
+        "guidance_rescale": call.get("guidance_rescale", 0.0), "guidance_end": call.get("guidance_end", 1.0),
         "seed_resize_from": (call["seed_resize_from_w"], call["seed_resize_from_h"]) if call["seed_resize_from_w"]
         else None,
         "scheduler_options": call.get("scheduler_options"), "strength": call.get("strength", args.strength),
@@ -503,6 +507,7 @@ def generate(args):
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative or None, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, num_images_per_prompt=args.batch, height=args.height,
                   width=args.width, scheduler=scheduler, guidance_rescale=args.guidance_rescale,
+                  guidance_end=args.guidance_end,
                   prompt_syntax=args.prompt_syntax, lora_dirs=args.lora_dir, embedding_dirs=args.embeddings_dir,
                   allow_pickle=args.allow_pickle, **_clip_skip_option(args), **_seed_options(args, seed),
                   allow_large=True)  # _check_sizes has checked, or --allow-large was given
@@ -648,6 +653,9 @@ def build_parser():
     g.add_argument("--guidance-rescale", type=float,
                    help="guidance rescale phi in [0, 1] (Lin et al. 2024); default: the model's "
                         "recommended_settings.json, else 0")
+    g.add_argument("--guidance-end", type=float,
+                   help="the fraction of the steps, from the first, that run guidance, in [0, 1] (the rest run "
+                        "the prompt alone, and faster); default: the model's recommended_settings.json, else 1")
     g.add_argument("--seed", type=int, help="random seed, 0 to 2**64-1 (-1 or not given: random, printed and "
                                             "written as the seed used; image k of a batch uses seed + k)")
     g.add_argument("--scheduler", help="A1111 sampler name (A1111's sampling), e.g. 'Euler a', 'DPM++ 2M', "

@@ -24,7 +24,7 @@ INTEGER = re.compile(r"^-?\d+$")
 INT_FIELDS = ("Steps", "Seed", "Clip skip", "ENSD", "Variation seed", "UniPC order")
 NUMBER_FIELDS = ("CFG scale", "Denoising strength", "Variation seed strength", "Eta", "Eta DDIM", "Sigma churn",
                  "Sigma tmin", "Sigma tmax", "Sigma noise", "Schedule rho", "Schedule min sigma", "Schedule max sigma",
-                 "Beta schedule alpha", "Beta schedule beta", "CFG Rescale phi")
+                 "Beta schedule alpha", "Beta schedule beta", "CFG Rescale phi", "Guidance end")
 SIZE_FIELDS = ("Size", "Seed resize from")
 HASH_FIELDS = ("Lora hashes", "TI hashes")
 FLAG_FIELDS = ("Discard penultimate sigma", "SGM noise multiplier", "Downcast alphas_cumprod",
@@ -37,7 +37,7 @@ HONOURED = ("Steps", "Sampler", "Clip skip", "Schedule type", "CFG scale", "Seed
             "Sigma tmin", "Sigma tmax", "Sigma noise", "Schedule rho", "Schedule min sigma", "Schedule max sigma",
             "Beta schedule alpha", "Beta schedule beta", "Discard penultimate sigma", "SGM noise multiplier",
             "Noise Schedule", "Downcast alphas_cumprod", "CFG Rescale phi", "UniPC variant", "UniPC skip type",
-            "UniPC order", "UniPC lower order final")
+            "UniPC order", "UniPC lower order final", "Guidance end")
 ZERO_SNR = "Zero Terminal SNR"
 V170_TSNR = (1, 7, 0, 225)  # A1111 versions before v1.7.0-225 sampled with float16 alpha_bar
 
@@ -288,6 +288,8 @@ def generation_settings(info):
         call["clip_stop_at_last_layers"] = info.get("Clip skip")
     if "CFG Rescale phi" in info:
         call["guidance_rescale"] = info.get("CFG Rescale phi")
+    if "Guidance end" in info:  # sdkit's field: guidance ran on this fraction of the steps
+        call["guidance_end"] = info.get("Guidance end")
     eta = info.get("Eta DDIM") if "Eta DDIM" in info else info.get("Eta")
     if eta is not None:
         call["eta"] = eta

@@ -2,15 +2,20 @@
 
 The file is sdkit's own (diffusers ignores it); every key is optional:
 
-    {"guidance_scale": 3.0, "guidance_rescale": 0.7, "num_inference_steps": 25, "scheduler": "DDIM"}
+    {"guidance_scale": 3.0, "guidance_rescale": 0.7, "guidance_end": 0.6, "num_inference_steps": 25,
+     "scheduler": "DDIM"}
 
-* ``guidance_scale``, ``guidance_rescale``, ``num_inference_steps``: what a call that does not
-  pass them uses (a value passed to the call always wins);
+* ``guidance_scale``, ``guidance_rescale``, ``guidance_end``, ``num_inference_steps``: what a call
+  that does not pass them uses (a value passed to the call always wins). ``guidance_end`` is the
+  fraction of the model calls, from the first, that run classifier-free guidance (a guidance
+  interval, Kynkaanniemi et al. 2024): a model whose low-noise steps bend shapes under strong
+  guidance recommends one, and then applies it at any ``guidance_scale`` the call passes;
 * ``scheduler``: the sampler ``from_pretrained`` sets as ``pipe.scheduler``, a class name
   ("DDIMScheduler") or an A1111 name ("Euler a"), built from the folder's scheduler config
   (``from_pretrained(..., scheduler=...)`` wins).
 
-A folder without the file keeps the reference's defaults (guidance 7.5, 50 steps, no rescale).
+A folder without the file keeps the reference's defaults (guidance 7.5, 50 steps, no rescale,
+guidance at every step).
 The settings are read once, at load, into a frozen ``RecommendedSettings``; calls never change it.
 """
 
@@ -26,7 +31,7 @@ from typing import Optional
 from ..files import atomic_write, read_json_object
 
 FILE = "recommended_settings.json"
-CALL_OPTIONS = ("guidance_scale", "guidance_rescale", "num_inference_steps")
+CALL_OPTIONS = ("guidance_scale", "guidance_rescale", "guidance_end", "num_inference_steps")
 """The keys that are call options (the rest apply at load)."""
 
 
@@ -36,6 +41,7 @@ class RecommendedSettings:
 
     guidance_scale: Optional[float] = None
     guidance_rescale: Optional[float] = None
+    guidance_end: Optional[float] = None  # fraction of the model calls that run guidance (1: all)
     num_inference_steps: Optional[int] = None
     scheduler: Optional[str] = None  # class name or A1111 sampler name
 
@@ -74,6 +80,9 @@ def _problem(settings):
     if rescale is not None and (isinstance(rescale, bool) or not isinstance(rescale, (int, float))
                                 or not 0 <= rescale <= 1):
         return f"guidance_rescale must be a number in [0, 1], got {rescale!r}"
+    end = settings.guidance_end
+    if end is not None and (isinstance(end, bool) or not isinstance(end, (int, float)) or not 0 <= end <= 1):
+        return f"guidance_end must be a number in [0, 1], got {end!r}"
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         return f"num_inference_steps must be an integer >= 1, got {steps!r}"
     if settings.scheduler is not None and not isinstance(settings.scheduler, str):

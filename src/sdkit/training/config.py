@@ -156,8 +156,9 @@ class UNetConfig(LoopConfig):
     # export: the scheduler class and the recommended settings written to recommended_settings.json
     # (what a pipeline call that does not pass them uses; the measurements are in MODEL_CARD.md)
     scheduler: str = "DDIMScheduler"  # the bundled model's default sampler
-    guidance_scale: float = 3.0  # recommended classifier-free guidance scale (not used in training)
+    guidance_scale: float = 5.0  # recommended classifier-free guidance scale (not used in training)
     guidance_rescale: float = 0.7  # recommended guidance rescale (Lin et al. 2024)
+    guidance_end: float = 0.6  # recommended guidance interval: the first 60% of the steps are guided
     num_inference_steps: int = 25  # recommended sampler steps
 
 

@@ -68,7 +68,7 @@ def export_pipeline(vae_dir, unet_dir, out_dir, cfg) -> str:
 def recommended_settings(cfg) -> recommended.RecommendedSettings:
     """The settings a ``UNetConfig`` recommends for sampling (recommended_settings.json)."""
     return recommended.RecommendedSettings(guidance_scale=cfg.guidance_scale, guidance_rescale=cfg.guidance_rescale,
-                                           num_inference_steps=cfg.num_inference_steps)
+                                           guidance_end=cfg.guidance_end, num_inference_steps=cfg.num_inference_steps)
 
 
 def folder_size(path) -> int:

@@ -4,8 +4,9 @@
 
 The 60 fully specified prompts of ``quality.py`` (colour, shape, place, size, background) with the
 model's default scheduler, and its 36 short "a COLOR SHAPE" prompts with DDIM 20 steps, at the
-model's recommended settings, image i from seed 1000 + i, once per setting: plain; ``deep_cache_interval``
-2, 3, 5 (branch 0); ``guidance_end`` 0.7 and 0.5; and VAE tiling with tiles of 32 pixels, so
+model's recommended settings, image i from seed 1000 + i, once per setting: plain (the recommended
+settings, the model's own guidance end included); ``deep_cache_interval`` 2, 3, 5 (branch 0);
+``guidance_end`` 1 (every step), 0.7 and 0.5; and VAE tiling with tiles of 32 pixels, so
 every 64 x 64 decode is tiled (the judge's result should not change). Per setting: the judged
 accuracy of each attribute the prompts name, their mean in points (100 = every named attribute
 of every image right; "fill shape" is the geometry's reading of the shape) and its change from
@@ -36,7 +37,7 @@ from sdkit.schedulers import DDIMScheduler  # noqa: E402
 TILE = 32  # the bundled model's images are 64 x 64: tiles of 32 pixels (4 latents) overlapping by 8
 SETTINGS = (("plain", {}), ("deep_cache_interval=2", dict(deep_cache_interval=2)),
             ("deep_cache_interval=3", dict(deep_cache_interval=3)), ("deep_cache_interval=5", dict(deep_cache_interval=5)),
-            ("guidance_end=0.7", dict(guidance_end=0.7)), ("guidance_end=0.5", dict(guidance_end=0.5)),
+            ("guidance_end=1.0", dict(guidance_end=1.0)), ("guidance_end=0.7", dict(guidance_end=0.7)), ("guidance_end=0.5", dict(guidance_end=0.5)),
             (f"VAE tiling, {TILE}-pixel tiles", "tiled"))
 
 
@@ -90,7 +91,7 @@ def main(argv=None):
             points = 100 * float(np.mean([acc[a] for a in named]))
             if plain is None:
                 plain = (points, images)
-            whole, shallow = calls(steps, **options)
+            whole, shallow = calls(steps, **{"guidance_end": pipe.recommended.get("guidance_end", 1.0), **options})
             cells = [f"{acc[a]:.2f}" if a in named else "" for a in ATTRIBUTES]
             roundness = "" if acc.get("roundness") is None else f"{acc['roundness']:.3f}"
             print(f"| {label} | {name} | " + " | ".join(cells) + f" | {points:.1f} | {points - plain[0]:+.1f} | "

@@ -24,7 +24,7 @@ txt2img when the OpenVINO side is there (without OpenVINO the eager side is alwa
 and LoRA cases time one round fewer than ``--repeats`` (the 768 decode two fewer, at least one).
 
 The sides run in rotation (who goes first rotates too) after one warm-up round each (the whole
-calls after none: the component cases warmed the models), so load
+calls after none when the UNet and 512 decode cases have warmed the models at 512x512), so load
 from other processes falls on all; the ratio is the median over the rounds of reference time /
 sdkit time (above 1: sdkit is faster); the CPU ratio is the same over the process's CPU time,
 which other processes on a shared machine disturb far less (with one thread, ``--threads 1``, it
@@ -268,7 +268,7 @@ def run_cases(args, models, rows):
             print(f"    OpenVINO pipeline: first (1-step) call {time.perf_counter() - start:.0f} s", flush=True)
             sides = {"openvino": txt2img(ov_pipe), **(sides if args.all_sides else {})}
         first, *others = sides
-        r = alternate(txt2img(ref), sides[first], args.txt2img_pairs, args.txt2img_warm_up, first,
+        r = alternate(txt2img(ref), sides[first], args.txt2img_pairs, args.warm_txt2img, first,
                       **{side: sides[side] for side in others})
         r = r if others else {first: r}
         for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
@@ -318,7 +318,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=512, help="txt2img image side in pixels")
     parser.add_argument("--txt2img-warm-up", action="store_true",
-                        help="a warm-up pair before the whole calls too (by default none: the models are warm by then)")
+                        help="a warm-up pair before the whole calls too (by default only when the unet and vae512 "
+                             "cases did not warm the models at 512x512 first)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", default=",".join(CASES),
                         help=f"comma-separated subset of {', '.join(CASES)} (empty: only --fewer-unet-calls)")
@@ -331,6 +332,8 @@ def main():
                         help="leave out the OpenVINO side of the UNet and txt2img cases (left out anyway without openvino)")
     args = parser.parse_args()
     args.cases = set(args.cases.split(",")) - {""}
+    # whoever first runs a new shape pays for oneDNN's kernel set-up: warm up unless the cases before did
+    args.warm_txt2img = args.txt2img_warm_up or not ({"unet", "vae512"} <= args.cases and args.size == 512)
     args.openvino = args.openvino and openvino_available()
     unknown = args.cases - set(CASES)
     if unknown:

@@ -136,6 +136,20 @@ def sample_mask(size=64, box=(16, 16, 48, 40)):
     return mask
 
 
+def drop_guidance_after(guided_calls):
+    """A diffusers ``callback_on_step_end`` (its documented dynamic-guidance recipe) that stops
+    classifier-free guidance after the first ``guided_calls`` steps: scale 0, the prompt's
+    embeddings alone (pass ``callback_on_step_end_tensor_inputs=["prompt_embeds"]``)."""
+
+    def drop(pipe, i, t, kwargs):
+        if i == guided_calls - 1:
+            pipe._guidance_scale = 0.0
+            return {"prompt_embeds": kwargs["prompt_embeds"].chunk(2)[-1]}
+        return {}
+
+    return drop
+
+
 def quiet(pipe):
     """The pipeline with its progress bar off (test output stays readable)."""
     pipe.set_progress_bar_config(disable=True)

@@ -219,6 +219,8 @@ def test_the_bundled_model_s_recommended_settings_are_the_only_difference(pair):
     import json
     import math
 
+    from helpers import drop_guidance_after
+
     ref, _ = pair
     mine = StableDiffusionPipeline.from_pretrained(TINY)
     mine.set_progress_bar_config(disable=True)
@@ -227,15 +229,9 @@ def test_the_bundled_model_s_recommended_settings_are_the_only_difference(pair):
     guided = math.ceil(settings["guidance_end"] * steps)
     assert 0 < guided < steps
 
-    def drop_guidance(p, i, t, kwargs):  # after the last guided step: no guidance, the prompt's embeddings alone
-        if i == guided - 1:
-            p._guidance_scale = 0.0
-            return {"prompt_embeds": kwargs["prompt_embeds"].chunk(2)[-1]}
-        return {}
-
     expected = ref("a red circle", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                    output_type="np", guidance_scale=settings["guidance_scale"],
-                   guidance_rescale=settings["guidance_rescale"], callback_on_step_end=drop_guidance,
+                   guidance_rescale=settings["guidance_rescale"], callback_on_step_end=drop_guidance_after(guided),
                    callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
     got = mine("a red circle", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                output_type="np").images

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import sdkit.schedulers
-from helpers import SD1_UNET, build_reference_pipeline, concurrently, one_torch_thread, perturb, quiet
+from helpers import (SD1_UNET, build_reference_pipeline, concurrently, drop_guidance_after, one_torch_thread,
+                     perturb, quiet)
 from sdkit import StableDiffusionPipeline
 from sdkit.models import UNet2DConditionModel
 
@@ -131,14 +132,8 @@ def test_guidance_end_matches_the_reference_with_guidance_dropped_by_callback(fo
     ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
     steps, end = 6, 0.5
 
-    def drop_guidance(p, i, t, kwargs):
-        if i == int(steps * end) - 1:
-            p._guidance_scale = 0.0
-            return {"prompt_embeds": kwargs["prompt_embeds"].chunk(2)[-1]}
-        return {}
-
     kw = dict(num_inference_steps=steps, guidance_scale=7.5, output_type="np")
-    expected = ref("a red circle", generator=gen(2), callback_on_step_end=drop_guidance,
+    expected = ref("a red circle", generator=gen(2), callback_on_step_end=drop_guidance_after(int(steps * end)),
                    callback_on_step_end_tensor_inputs=["prompt_embeds"], **kw).images
     ours = pipe("a red circle", generator=gen(2), guidance_end=end, **kw).images
     plain = pipe("a red circle", generator=gen(2), **kw).images

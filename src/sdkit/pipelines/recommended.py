@@ -73,16 +73,15 @@ class RecommendedSettings:
 
 def _problem(settings):
     """Why ``settings`` cannot be used (None if they can)."""
-    scale, rescale, steps = settings.guidance_scale, settings.guidance_rescale, settings.num_inference_steps
+    scale, steps = settings.guidance_scale, settings.num_inference_steps
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         return f"guidance_scale must be a finite number, got {scale!r}"
-    if rescale is not None and (isinstance(rescale, bool) or not isinstance(rescale, (int, float))
-                                or not 0 <= rescale <= 1):
-        return f"guidance_rescale must be a number in [0, 1], got {rescale!r}"
-    end = settings.guidance_end
-    if end is not None and (isinstance(end, bool) or not isinstance(end, (int, float)) or not 0 <= end <= 1):
-        return f"guidance_end must be a number in [0, 1], got {end!r}"
+    for name in ("guidance_rescale", "guidance_end"):
+        value = getattr(settings, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= 1):
+            return f"{name} must be a number in [0, 1], got {value!r}"
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         return f"num_inference_steps must be an integer >= 1, got {steps!r}"
     if settings.scheduler is not None and not isinstance(settings.scheduler, str):

@@ -680,6 +680,38 @@ def tiny_unet_run(tiny_vae, tmp_path_factory):
     return out
 
 
+def test_unet_run_with_init_from_starts_from_that_run_s_weights(tiny_vae, tiny_unet_run, tmp_path):
+    """init_from copies the folder's unet/ and text_encoder/ into the built models, every tensor
+    equal; a folder of another architecture is refused before any step."""
+    from accelerate import Accelerator
+    from transformers import CLIPTextModel
+
+    from sdkit.models import UNet2DConditionModel
+    from sdkit.training.config import ConfigError
+    from sdkit.training.stages import UNetStage
+
+    stage = UNetStage(_unet_cfg(init_from=tiny_unet_run), tiny_vae)
+    stage.setup(str(tmp_path / "a"), Accelerator())
+    models = stage.build_models()
+    for name, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
+        saved = cls.from_pretrained(os.path.join(tiny_unet_run, name)).state_dict()
+        built = models[name].state_dict()
+        assert saved.keys() == built.keys() and all(torch.equal(saved[k], built[k]) for k in saved)
+    fresh = UNetStage(_unet_cfg(), tiny_vae)
+    fresh.setup(str(tmp_path / "b"), Accelerator())
+    torch.manual_seed(0)
+    assert not torch.equal(fresh.build_models()["unet"].conv_in.weight, models["unet"].conv_in.weight)
+
+    wider = UNetStage(_unet_cfg(init_from=tiny_unet_run, block_out_channels=(32, 64)), tiny_vae)
+    wider.setup(str(tmp_path / "c"), Accelerator())
+    with pytest.raises(ConfigError, match="not this config's architecture"):
+        wider.build_models()
+    missing = UNetStage(_unet_cfg(init_from=str(tmp_path)), tiny_vae)
+    missing.setup(str(tmp_path / "d"), Accelerator())
+    with pytest.raises(ConfigError, match="unet not found"):
+        missing.build_models()
+
+
 def test_denoised_pairs_are_the_drawings_and_what_img2img_makes_of_them(monkeypatch):
     """Each chunk is one img2img call on the drawings (as [0, 1] images) with a strength, guidance
     and sampler from the lists, kept as latents; the targets are the drawings themselves."""

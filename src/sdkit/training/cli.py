@@ -9,7 +9,8 @@
     accelerate launch --multi_gpu --num_processes 2 -m sdkit.training all --work runs/tiny-shapes \
         --out src/sdkit/assets/tiny-shapes       # the bundled model (vae, decoder, unet, decoder --unet, export)
 
-Every field of ``VAEConfig`` / ``UNetConfig`` is a flag (``--batch-size 8``, ``--min-snr-gamma none``).
+``unet --init-from RUN`` fine-tunes: the UNet and text encoder start from RUN's weights (a UNet
+run or a pipeline folder of the same architecture). Every field of ``VAEConfig`` / ``UNetConfig`` is a flag (``--batch-size 8``, ``--min-snr-gamma none``).
 Runs resume from ``OUT/checkpoint`` when it exists (``--no-resume`` starts over). The same
 commands run multi-process with ``accelerate launch --multi_gpu --num_processes 2 -m sdkit.training ...``
 (or ``torchrun --nproc_per_node 2 -m sdkit.training ...``); without a GPU the processes use the CPU.

@@ -133,6 +133,8 @@ class UNetConfig(LoopConfig):
     min_snr_gamma: Optional[float] = None  # Min-SNR-gamma weighting (none: plain MSE). For v it weighs
     # down the high-noise steps, where the layout is decided, so place words went unlearned
     offset_noise: float = 0.05  # per-channel shared noise: lets flat backgrounds reach their exact tone
+    init_from: Optional[str] = None  # start from this folder's unet/ and text_encoder/ (a UNet run or a
+    # pipeline folder of the same architecture) instead of random weights: a fine-tuning run
     guidance_agreement: float = 0.0  # experimental, off (not in the recipe; unmeasured on a finished model):
     # weight of losses.agreement_loss: below guidance_agreement_below the empty prompt's prediction must
     # match the prompt's (stop-gradient), so classifier-free guidance, which scales their difference, has

@@ -285,7 +285,27 @@ class UNetStage:
 
         text_encoder = CLIPTextModel(text_encoder_config(self.cfg, self.tokenizer))
         unet = UNet2DConditionModel.from_config(unet_model_config(self.cfg))
+        if self.cfg.init_from:
+            self.load_initial(unet, text_encoder, self.cfg.init_from)
         return {"unet": unet, "text_encoder": text_encoder}
+
+    @staticmethod
+    def load_initial(unet, text_encoder, folder):
+        """Copy ``folder``'s unet/ and text_encoder/ weights into the freshly built models (same shapes)."""
+        from transformers import CLIPTextModel
+
+        for name, model, load in (("unet", unet, UNet2DConditionModel.from_pretrained),
+                                  ("text_encoder", text_encoder, CLIPTextModel.from_pretrained)):
+            path = os.path.join(folder, name)
+            if not os.path.isdir(path):
+                raise ConfigError(f"init_from: {path} not found; give a UNet run or pipeline folder holding {name}/")
+            source = load(path).state_dict()
+            target = model.state_dict()
+            wrong = sorted(k for k in target if k not in source or source[k].shape != target[k].shape)
+            if wrong or set(source) - set(target):
+                raise ConfigError(f"init_from: {path} is not this config's architecture (e.g. {(wrong or sorted(set(source) - set(target)))[0]}); "
+                                  f"pass the architecture fields it was trained with")
+            model.load_state_dict(source)
 
     def input_ids(self, texts):
         missing = [t for t in dict.fromkeys(texts) if t not in self._ids]

@@ -135,7 +135,7 @@ class UNetConfig(LoopConfig):
     offset_noise: float = 0.05  # per-channel shared noise: lets flat backgrounds reach their exact tone
     init_from: Optional[str] = None  # start from this folder's unet/ and text_encoder/ (a UNet run or a
     # pipeline folder of the same architecture) instead of random weights: a fine-tuning run
-    guidance_agreement: float = 0.0  # experimental, off (not in the recipe; unmeasured on a finished model):
+    guidance_agreement: float = 0.0  # experimental, off (not in the recipe; as a fine-tune it did not pay, MODEL_CARD.md):
     # weight of losses.agreement_loss: below guidance_agreement_below the empty prompt's prediction must
     # match the prompt's (stop-gradient), so classifier-free guidance, which scales their difference, has
     # nothing to amplify where the image is already decided

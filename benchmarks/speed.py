@@ -19,16 +19,15 @@ With OpenVINO installed (``pip install "sdkit[openvino]"``; ``--no-openvino`` le
 whole call's side is warmed by a one-step call that decodes too).
 
 To keep a bare run short (the issue's aim is 20 minutes on a 2-core CPU; a bare run took 26 min
-50 s on 2026-12-03 with a cold OpenVINO cache, 4 min of it compiles, before the 768 decode lost
-its warm-up round: benchmarks/RESULTS.md), it leaves two sides out, which
+50 s on 2026-12-03 with a cold OpenVINO cache, 4 min of it compiles, and 20 min 4 s with the cache
+warm and the 768 decode's warm-up left out, which has been put back since: benchmarks/RESULTS.md),
+it leaves two sides out, which
 ``--all-sides`` adds: the OpenVINO side of the 768x768 decode, and the eager sdkit side of the whole
 txt2img when the OpenVINO side is there (without OpenVINO the eager side is always run). The VAE
 and LoRA cases time one round fewer than ``--repeats`` (the 768 decode two fewer, at least one).
 
 The sides run in rotation (who goes first rotates too) after one warm-up round each (the whole
-calls after none when the UNet and 512 decode cases have warmed the models at 512x512, the 768
-decode after none when the 512 decode has run: its warm-up took 57.7 s and its timed round 59.3 s
-on the reference's side in a bare run), so load
+calls after none when the UNet and 512 decode cases have warmed the models at 512x512), so load
 from other processes falls on all; the ratio is the median over the rounds of reference time /
 sdkit time (above 1: sdkit is faster); the CPU ratio is the same over the process's CPU time,
 which other processes on a shared machine disturb far less (with one thread, ``--threads 1``, it
@@ -233,8 +232,7 @@ def run_cases(args, models, rows):
                 print(f"    OpenVINO: converted and compiled (or loaded from its disk cache) in "
                       f"{time.perf_counter() - start:.0f} s", flush=True)
                 others["openvino"] = lambda: ov_decoder(z)
-            warm_up = not (size == 768 and "vae512" in args.cases)  # the 512 decode has warmed the models
-            r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), pairs, warm_up, **others)
+            r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), pairs, **others)
             r = r if others else {"sdkit": r}
             for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
                 res = r.get(side)

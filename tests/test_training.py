@@ -697,10 +697,6 @@ def test_unet_run_with_init_from_starts_from_that_run_s_weights(tiny_vae, tiny_u
         saved = cls.from_pretrained(os.path.join(tiny_unet_run, name)).state_dict()
         built = models[name].state_dict()
         assert saved.keys() == built.keys() and all(torch.equal(saved[k], built[k]) for k in saved)
-    fresh = UNetStage(_unet_cfg(), tiny_vae)
-    fresh.setup(str(tmp_path / "b"), Accelerator())
-    torch.manual_seed(0)
-    assert not torch.equal(fresh.build_models()["unet"].conv_in.weight, models["unet"].conv_in.weight)
 
     wider = UNetStage(_unet_cfg(init_from=tiny_unet_run, block_out_channels=(32, 64)), tiny_vae)
     wider.setup(str(tmp_path / "c"), Accelerator())

@@ -19,8 +19,8 @@ With OpenVINO installed (``pip install "sdkit[openvino]"``; ``--no-openvino`` le
 whole call's side is warmed by a one-step call that decodes too).
 
 To keep a bare run short (the issue's aim is 20 minutes on a 2-core CPU; a bare run took 26 min
-50 s on 2026-12-03 with a cold OpenVINO cache, 4 min of it compiles, and 20 min 4 s with the cache
-warm and the 768 decode's warm-up left out, which has been put back since: benchmarks/RESULTS.md),
+50 s on 2026-12-03 with a cold OpenVINO cache, 4 min of it compiles, and 21 min 51 s with the
+cache warm: benchmarks/RESULTS.md),
 it leaves two sides out, which
 ``--all-sides`` adds: the OpenVINO side of the 768x768 decode, and the eager sdkit side of the whole
 txt2img when the OpenVINO side is there (without OpenVINO the eager side is always run). The VAE

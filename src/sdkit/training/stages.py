@@ -301,9 +301,10 @@ class UNetStage:
                 raise ConfigError(f"init_from: {path} not found; give a UNet run or pipeline folder holding {name}/")
             source = load(path).state_dict()
             target = model.state_dict()
-            wrong = sorted(k for k in target if k not in source or source[k].shape != target[k].shape)
-            if wrong or set(source) - set(target):
-                raise ConfigError(f"init_from: {path} is not this config's architecture (e.g. {(wrong or sorted(set(source) - set(target)))[0]}); "
+            odd = sorted(k for k in target if k not in source or source[k].shape != target[k].shape)
+            odd = odd or sorted(set(source) - set(target))
+            if odd:
+                raise ConfigError(f"init_from: {path} is not this config's architecture (e.g. {odd[0]}); "
                                   f"pass the architecture fields it was trained with")
             model.load_state_dict(source)
 

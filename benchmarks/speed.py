@@ -120,7 +120,7 @@ def alternate(reference, ours, pairs, warm_up=True, name="sdkit", **others):
                              ratio=statistics.median(ratios), cpu_ratio=statistics.median(cpu_ratios),
                              cpu=(statistics.median(cpu["reference"]), statistics.median(cpu[side])),
                              outputs=(out["reference"], out[side]), rss=(peaks["reference"], peaks[side]))
-    return results if others else results[name]
+    return results
 
 
 def rel_err(a, b):
@@ -212,7 +212,7 @@ def run_cases(args, models, rows):
             others["openvino"] = lambda: ov_unet(x, t, ctx)
         r = alternate(lambda: ref_unet(x, t, ctx).sample, lambda: unet(x, t, ctx), args.repeats, **others)
         for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
-            res = r if not others else r.get(side)
+            res = r.get(side)
             if res is not None:
                 rows.append(row(f"UNet step, batch 2, 64x64 latents{label}", res,
                                 rel_err(res["outputs"][1], res["outputs"][0])))
@@ -233,7 +233,6 @@ def run_cases(args, models, rows):
                       f"{time.perf_counter() - start:.0f} s", flush=True)
                 others["openvino"] = lambda: ov_decoder(z)
             r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), pairs, **others)
-            r = r if others else {"sdkit": r}
             for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
                 res = r.get(side)
                 if res is not None:
@@ -252,7 +251,7 @@ def run_cases(args, models, rows):
             cond, uncond = encode_prompts(text_encoder, ours.tokenizer, [prompt], [""])
             return torch.cat([uncond, cond])
 
-        r = alternate(reference, sdkit_side, args.repeats * 3)
+        r = alternate(reference, sdkit_side, args.repeats * 3)["sdkit"]
         rows.append(row("text encoding, prompt + negative", r, rel_err(r["outputs"][1], r["outputs"][0])))
     kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, output_type="np", height=args.size, width=args.size)
 
@@ -274,7 +273,6 @@ def run_cases(args, models, rows):
         first, *others = sides
         r = alternate(txt2img(ref), sides[first], args.txt2img_pairs, args.warm_txt2img, first,
                       **{side: sides[side] for side in others})
-        r = r if others else {first: r}
         for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
             res = r.get(side)
             if res is not None:
@@ -299,7 +297,7 @@ def run_cases(args, models, rows):
             with using(plan):
                 return unet(x, t, ctx)
 
-        r = alternate(lambda: ref_unet(x, t, ctx).sample, sdkit_side, max(1, args.repeats - 1))
+        r = alternate(lambda: ref_unet(x, t, ctx).sample, sdkit_side, max(1, args.repeats - 1))["sdkit"]
         ref.unload_lora_weights()
         ours.unload_lora_weights()
         rows.append(row(f"UNet step with a rank-16 LoRA on {len(plan)} layers (unfused; the reference's through peft)",
@@ -310,7 +308,7 @@ def run_cases(args, models, rows):
         for extra in [dict(deep_cache_interval=k) for k in args.deep_cache_intervals] + [dict(guidance_end=0.5)]:
             name = ", ".join(f"{k}={v}" for k, v in extra.items())
             print(f"txt2img, {name}", flush=True)
-            r = alternate(txt2img(ours), txt2img(ours, **extra), args.txt2img_pairs, args.txt2img_warm_up)
+            r = alternate(txt2img(ours), txt2img(ours, **extra), args.txt2img_pairs, args.txt2img_warm_up)["sdkit"]
             a, b = r["outputs"]
             rows.append(row(f"txt2img {name} (vs sdkit plain)", r, float(abs(a - b).max()), "max abs diff"))
 

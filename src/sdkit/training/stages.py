@@ -255,6 +255,10 @@ class UNetStage:
         self.scheduler = losses.config_noise_scheduler(cfg)
         losses.check_timestep_bias(cfg.timestep_bias, cfg.timestep_bias_portion, cfg.timestep_bias_multiplier)
         self._ids = {}
+        for name in ("unet", "text_encoder") if cfg.init_from else ():  # before setup writes anything
+            if not os.path.isdir(os.path.join(cfg.init_from, name)):
+                raise ConfigError(f"init_from: {os.path.join(cfg.init_from, name)} not found; give a UNet run or "
+                                  f"pipeline folder holding {name}/")
 
     def setup(self, out_dir, accelerator):
         """Build the tokenizer and cache the VAE latents of the training images (once per out_dir)."""
@@ -297,16 +301,13 @@ class UNetStage:
         for name, model, load in (("unet", unet, UNet2DConditionModel.from_pretrained),
                                   ("text_encoder", text_encoder, CLIPTextModel.from_pretrained)):
             path = os.path.join(folder, name)
-            if not os.path.isdir(path):
-                raise ConfigError(f"init_from: {path} not found; give a UNet run or pipeline folder holding {name}/")
-            source = load(path).state_dict()
-            target = model.state_dict()
-            odd = sorted(k for k in target if k not in source or source[k].shape != target[k].shape)
-            odd = odd or sorted(set(source) - set(target))
-            if odd:
-                raise ConfigError(f"init_from: {path} is not this config's architecture (e.g. {odd[0]}); "
-                                  f"pass the architecture fields it was trained with")
-            model.load_state_dict(source)
+            try:  # strict: every key present, none extra, every shape equal
+                model.load_state_dict(load(path).state_dict())
+            except RuntimeError as e:
+                lines = str(e).splitlines()  # line 0 names the class, then one line per kind of problem
+                first = (lines[1:] or lines)[0].strip()[:200]
+                raise ConfigError(f"init_from: {path} is not this config's architecture ({first}); "
+                                  f"pass the architecture fields it was trained with") from None
 
     def input_ids(self, texts):
         missing = [t for t in dict.fromkeys(texts) if t not in self._ids]

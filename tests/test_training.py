@@ -221,6 +221,23 @@ def test_vae_loss_weights_shape_pixels_and_adds_the_kl_term():
     assert float(losses.vae_loss(image, image, posterior, kl_weight=0.5)[0]) == pytest.approx(0.25)
 
 
+def test_vae_loss_l1_is_the_weighted_mean_absolute_error():
+    from sdkit.models.vae import DiagonalGaussian
+    from sdkit.training.shapes import ShapesDataset
+
+    image = ShapesDataset(1, seed=3)[0]["pixel_values"][None]  # (1, 3, 64, 64)
+    error = torch.randn(image.shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    posterior = DiagonalGaussian(torch.zeros(1, 8, 8, 8))
+    w = losses.foreground_weights(image, 2.0)  # (1, 1, 64, 64), broadcast over the channels
+    expected = float((w * error.abs()).sum() / (w.sum() * 3))  # the weighted mean over every pixel value
+    _, rec, _ = losses.vae_loss(image + error, image, posterior, 1.0, foreground_weight=2.0, kind="l1")
+    assert float(rec) == pytest.approx(expected, rel=1e-5)
+    _, rec, _ = losses.vae_loss(image + error, image, posterior, 1.0, foreground_weight=2.0, kind="mse")
+    assert float(rec) == pytest.approx(float((w * error ** 2).sum() / (w.sum() * 3)), rel=1e-5)
+    with pytest.raises(ValueError, match="expected 'mse' or 'l1'"):
+        losses.vae_loss(image, image, posterior, 1.0, kind="huber")
+
+
 def test_channel_correlation_loss_is_the_mean_squared_off_diagonal_correlation():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(6, 4, 8, 8, generator=g)
@@ -792,6 +809,8 @@ def test_decoder_on_a_unet_s_denoised_latents_trains_on_both_kinds_of_example(ti
     (dict(denoised_from="run"), "denoised_from trains the decoder of an existing VAE"),
     (dict(denoised_from="run", init_from="vae", train_encoder=False, denoised_fraction=1.0),
      "denoised_fraction is a share of each batch"),
+    (dict(reconstruction_loss="l2"), "reconstruction_loss is 'mse' or 'l1'"),
+    (dict(reconstruction_loss="l1"), "'l1' is for a decoder stage"),
 ])
 def test_denoised_decoder_options_that_cannot_work_are_refused(overrides, message):
     from sdkit.training.config import ConfigError

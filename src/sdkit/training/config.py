@@ -51,6 +51,7 @@ class VAEConfig(LoopConfig):
     # per-image constants such as the shape's colour
     latent_channels: int = 4  # the Stable Diffusion latent width
     kl_weight: float = 1e-5  # per latent element: just enough to keep the posterior well scaled
+    reconstruction_loss: str = "mse"  # mse | l1 (decoder stages only: losses.vae_loss says why)
     foreground_weight: float = 5.0  # extra loss weight on shape pixels (5-30% of the image): unweighted,
     # the encoder spends its latent range on the background and neighbouring hues end up close
     # (measured in MODEL_CARD.md, "Why latent noise and the shape-pixel weight")

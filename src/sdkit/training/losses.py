@@ -214,15 +214,22 @@ def separation_loss(latents, twin_latents, weights, scale, margin):
     return (w * torch.relu(margin - distance).pow(2)).sum() / w.sum()
 
 
-def vae_loss(reconstruction, image, posterior, kl_weight, foreground_weight=0.0):
-    """Squared error + ``kl_weight`` * KL(q(z|x) || N(0, I)) per latent element (Kingma & Welling 2014).
+def vae_loss(reconstruction, image, posterior, kl_weight, foreground_weight=0.0, kind="mse"):
+    """Reconstruction error + ``kl_weight`` * KL(q(z|x) || N(0, I)) per latent element (Kingma & Welling 2014).
 
-    Returns ``(loss, reconstruction_loss, kl)``. Not L1: its optimum for a pixel the latent does
-    not yet pin down is the median colour, which is the background, so an L1 autoencoder first
-    erases the shape and then barely learns it; squared error predicts the mean (a blurred shape)
-    and keeps pulling the latent towards encoding it.
+    Returns ``(loss, reconstruction_loss, kl)``. ``kind`` "mse" (squared error) or "l1" (absolute
+    error), both weighted per pixel by ``foreground_weights``. Training from scratch needs squared
+    error: L1's optimum for a pixel the latent does not yet pin down is the median colour, which is
+    the background, so an L1 autoencoder first erases the shape and then barely learns it; squared
+    error predicts the mean (a blurred shape) and keeps pulling the latent towards encoding it. A
+    decoder that already draws the shape is where L1 pays: where a latent leaves an edge uncertain,
+    the median commits to one side of it instead of blurring across (sharper corners and points).
     """
+    if kind not in ("mse", "l1"):
+        raise ValueError(f"reconstruction loss {kind!r}: expected 'mse' or 'l1'")
     weights = foreground_weights(image, foreground_weight)
-    rec = (weights * (reconstruction - image).pow(2)).mean() / weights.mean()
+    error = reconstruction - image
+    error = error.pow(2) if kind == "mse" else error.abs()
+    rec = (weights * error).mean() / weights.mean()
     kl = posterior.kl().mean() / posterior.mean[0].numel()
     return rec + kl_weight * kl, rec, kl

@@ -82,6 +82,11 @@ class VAEStage:
         if cfg.denoised_from and (cfg.train_encoder or not cfg.init_from):
             raise ConfigError("denoised_from trains the decoder of an existing VAE on a UNet's latents: it needs "
                               "init_from (the VAE the UNet was trained on) and train_encoder false (the decoder stage)")
+        if cfg.reconstruction_loss not in ("mse", "l1"):
+            raise ConfigError(f"reconstruction_loss is 'mse' or 'l1', got {cfg.reconstruction_loss!r}")
+        if cfg.reconstruction_loss == "l1" and cfg.train_encoder:
+            raise ConfigError("reconstruction_loss 'l1' is for a decoder stage (train_encoder false): from scratch "
+                              "an L1 autoencoder erases the shape first (losses.vae_loss)")
         if cfg.denoised_from and not 0 < cfg.denoised_fraction < 1:
             raise ConfigError(f"denoised_fraction is a share of each batch, 0 < it < 1, got {cfg.denoised_fraction}")
         self.cfg = cfg
@@ -182,7 +187,7 @@ class VAEStage:
             targets = torch.cat([targets, batch["denoised_images"]])
         reconstruction = vae.decode(z)
         loss, rec, kl = losses.vae_loss(reconstruction, targets, posterior, self.cfg.kl_weight,
-                                         self.cfg.foreground_weight)
+                                         self.cfg.foreground_weight, self.cfg.reconstruction_loss)
         logs = {"rec": rec.detach(), "kl": kl.detach()}
         if self.cfg.train_encoder and self.cfg.channel_decorrelation:
             corr = losses.channel_correlation_loss(posterior.mean)

@@ -699,7 +699,7 @@ def tiny_unet_run(tiny_vae, tmp_path_factory):
 
 def test_unet_run_with_init_from_starts_from_that_run_s_weights(tiny_vae, tiny_unet_run, tmp_path):
     """init_from copies the folder's unet/ and text_encoder/ into the built models, every tensor
-    equal; a folder of another architecture is refused before any step, a missing one at once."""
+    equal; a folder of another architecture or a missing one is refused before anything is written."""
     from accelerate import Accelerator
     from transformers import CLIPTextModel
 
@@ -715,11 +715,10 @@ def test_unet_run_with_init_from_starts_from_that_run_s_weights(tiny_vae, tiny_u
         built = models[name].state_dict()
         assert saved.keys() == built.keys() and all(torch.equal(saved[k], built[k]) for k in saved)
 
-    wider = UNetStage(_unet_cfg(init_from=tiny_unet_run, block_out_channels=(32, 64)), tiny_vae)
-    wider.setup(str(tmp_path / "c"), Accelerator())
+    # both refused when the stage is made, before setup writes the tokenizer and the latent cache
     with pytest.raises(ConfigError, match="not this config's architecture"):
-        wider.build_models()
-    with pytest.raises(ConfigError, match="unet not found"):  # before setup has written anything
+        UNetStage(_unet_cfg(init_from=tiny_unet_run, block_out_channels=(32, 64)), tiny_vae)
+    with pytest.raises(ConfigError, match="unet not found"):
         UNetStage(_unet_cfg(init_from=str(tmp_path)), tiny_vae)
 
 

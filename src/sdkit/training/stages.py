@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -260,10 +261,14 @@ class UNetStage:
         self.scheduler = losses.config_noise_scheduler(cfg)
         losses.check_timestep_bias(cfg.timestep_bias, cfg.timestep_bias_portion, cfg.timestep_bias_multiplier)
         self._ids = {}
-        for name in ("unet", "text_encoder") if cfg.init_from else ():  # before setup writes anything
-            if not os.path.isdir(os.path.join(cfg.init_from, name)):
-                raise ConfigError(f"init_from: {os.path.join(cfg.init_from, name)} not found; give a UNet run or "
-                                  f"pipeline folder holding {name}/")
+        if cfg.init_from:  # refused here, before setup writes the tokenizer and the latent cache
+            for name in ("unet", "text_encoder"):
+                if not os.path.isdir(os.path.join(cfg.init_from, name)):
+                    raise ConfigError(f"init_from: {os.path.join(cfg.init_from, name)} not found; give a UNet run "
+                                      f"or pipeline folder holding {name}/")
+            with tempfile.TemporaryDirectory() as tmp:  # the models' shapes need the tokenizer's vocabulary size
+                self.tokenizer = build_clip_tokenizer(vocabulary(), tmp, model_max_length=cfg.max_length)
+            self.build_models()  # the architecture check (load_initial); setup builds the tokenizer again
 
     def setup(self, out_dir, accelerator):
         """Build the tokenizer and cache the VAE latents of the training images (once per out_dir)."""

@@ -26,8 +26,10 @@ it leaves two sides out, which
 txt2img when the OpenVINO side is there (without OpenVINO the eager side is always run). The VAE
 and LoRA cases time one round fewer than ``--repeats`` (the 768 decode two fewer, at least one).
 
-The sides run in rotation (who goes first rotates too) after one warm-up round each (the whole
-calls after none when the UNet and 512 decode cases have warmed the models at 512x512), so load
+The sides run in rotation (who goes first rotates too) after a warm-up round (in the VAE cases
+the eager sdkit side is not warmed, and in the LoRA case only the reference is: the eager sides run
+the same convolutions, so one side's first call sets up oneDNN's kernels for both; the whole calls
+get none when the UNet and 512 decode cases have warmed the models at 512x512), so load
 from other processes falls on all; the ratio is the median over the rounds of reference time /
 sdkit time (above 1: sdkit is faster); the CPU ratio is the same over the process's CPU time,
 which other processes on a shared machine disturb far less (with one thread, ``--threads 1``, it
@@ -89,18 +91,20 @@ class PeakRSS:
 
 def alternate(reference, ours, pairs, warm_up=True, name="sdkit", **others):
     """Time ``reference()``, ``ours()`` and any ``others`` (name -> function) in rotation (one warm-up
-    round, unless ``warm_up`` is False; the order rotates each round); returns a dict per side other
-    than the reference (``ours`` under ``name``) with the median times, the median of the rounds' time
-    ratios reference / side, the outputs and peak RSS above the start, under the side's name."""
+    round first: of every side when ``warm_up`` is True, of none when False, or of the sides it names;
+    the order rotates each round); returns a dict per side other than the reference (``ours`` under
+    ``name``) with the median times, the median of the rounds' time ratios reference / side, the
+    outputs and peak RSS above the start, under the side's name."""
     base = rss()
     fns = {"reference": reference, name: ours, **others}
     names = list(fns)
+    warmed = set(names) if warm_up is True else set(warm_up or ())
     out, peaks = {}, dict.fromkeys(names, 0)
     times, cpu = {n: [] for n in names}, {n: [] for n in names}
-    for i in range(0 if warm_up else 1, pairs + 1):  # round 0 is the warm-up
+    for i in range(0 if warmed else 1, pairs + 1):  # round 0 is the warm-up
         order = names[i % len(names):] + names[:i % len(names)]
         elapsed, used = {}, {}
-        for side in order:
+        for side in order if i else [n for n in order if n in warmed]:
             with PeakRSS() as peak, torch.inference_mode():
                 start, start_cpu = time.perf_counter(), time.process_time()
                 out[side] = fns[side]()
@@ -111,7 +115,7 @@ def alternate(reference, ours, pairs, warm_up=True, name="sdkit", **others):
                 times[side].append(elapsed[side])
                 cpu[side].append(used[side])
         print(f"    round {i}{'' if i else ' (warm-up)'}: " + ", ".join(
-            f"{n} {elapsed[n]:.2f} s ({used[n]:.2f} CPU s)" for n in names), flush=True)
+            f"{n} {elapsed[n]:.2f} s ({used[n]:.2f} CPU s)" for n in names if n in elapsed), flush=True)
     results = {}
     for side in names[1:]:
         ratios = [r / s for r, s in zip(times["reference"], times[side])]
@@ -232,7 +236,9 @@ def run_cases(args, models, rows):
                 print(f"    OpenVINO: converted and compiled (or loaded from its disk cache) in "
                       f"{time.perf_counter() - start:.0f} s", flush=True)
                 others["openvino"] = lambda: ov_decoder(z)
-            r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), pairs, **others)
+            # the eager sides run the same convolutions, so one side's warm-up sets up oneDNN's kernels for both
+            r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), pairs, {"reference", "openvino"},
+                          **others)
             for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
                 res = r.get(side)
                 if res is not None:
@@ -297,7 +303,8 @@ def run_cases(args, models, rows):
             with using(plan):
                 return unet(x, t, ctx)
 
-        r = alternate(lambda: ref_unet(x, t, ctx).sample, sdkit_side, max(1, args.repeats - 1))["sdkit"]
+        # the UNet case ran these convolutions; one warm-up call sets up what the LoRA layers add
+        r = alternate(lambda: ref_unet(x, t, ctx).sample, sdkit_side, max(1, args.repeats - 1), {"reference"})["sdkit"]
         ref.unload_lora_weights()
         ours.unload_lora_weights()
         rows.append(row(f"UNet step with a rank-16 LoRA on {len(plan)} layers (unfused; the reference's through peft)",

@@ -46,6 +46,18 @@ def test_unet_timestep_forms(tmp_path, timestep):
         assert rel_err(ref(x, timestep, ctx).sample, ours(x, timestep, ctx)) <= 1e-5
 
 
+def test_unet_refuses_inputs_that_do_not_fit():
+    unet = UNet2DConditionModel.from_config(SD1_UNET)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="timestep has 3 values for a batch of 2"):
+            unet(x, torch.tensor([1, 2, 3]), ctx)
+        with pytest.raises(ValueError, match="encoder_hidden_states batch 1 does not match sample batch 2"):
+            unet(x, 1, ctx[:1])
+        with pytest.raises(ValueError, match="sample has 3 channels; this UNet takes 4"):
+            unet(x[:, :3], 1, ctx)
+
+
 def test_unet_odd_latent_size(tmp_path):
     """Sizes not divisible by the total downsampling still work, as in the reference."""
     ref = reference_unet(tmp_path, SD1_UNET)

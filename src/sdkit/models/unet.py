@@ -254,16 +254,16 @@ class UNet2DConditionModel(ModelMixin):
         t = timestep if torch.is_tensor(timestep) else torch.tensor(
             timestep, dtype=torch.float32 if isinstance(timestep, float) else torch.long)
         t = t.to(sample.device).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(B)
-        elif t.numel() != B:
-            raise ValueError(f"timestep has {t.numel()} values for a batch of {B}: pass one per "
-                             f"sample or a single value.")
-        if encoder_hidden_states.shape[0] != B:
-            raise ValueError(f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} does not "
-                             f"match sample batch {B}.")
-        if sample.shape[1] != cfg.in_channels:
-            raise ValueError(f"sample has {sample.shape[1]} channels; this UNet takes {cfg.in_channels}.")
+        if not torch.jit.is_tracing():  # a trace (OpenVINO's converter) is of one shape: no checks in its graph
+            if t.numel() not in (1, B):
+                raise ValueError(f"timestep has {t.numel()} values for a batch of {B}: pass one per "
+                                 f"sample or a single value.")
+            if encoder_hidden_states.shape[0] != B:
+                raise ValueError(f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} does not "
+                                 f"match sample batch {B}.")
+            if sample.shape[1] != cfg.in_channels:
+                raise ValueError(f"sample has {sample.shape[1]} channels; this UNet takes {cfg.in_channels}.")
+        t = t.expand(B)
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(emb.to(sample.dtype))
         context = encoder_hidden_states.to(sample.dtype)

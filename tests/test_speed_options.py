@@ -53,9 +53,11 @@ def test_compiled_unet_gives_the_eager_images_in_threads_and_follows_a_new_unet(
     assert p._compiled_unet is None
 
 
-def test_compile_refuses_a_cache_dir_for_torch_backends(pipe, tmp_path):
+def test_compile_refuses_a_cache_dir_or_a_precision_for_torch_backends(pipe, tmp_path):
     with pytest.raises(ValueError, match="cache_dir is for backend=.openvino."):
         StableDiffusionPipeline.from_pipe(pipe).compile(backend="inductor", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="precision is for backend=.openvino.; with torch.compile, load"):
+        StableDiffusionPipeline.from_pipe(pipe).compile(backend="inductor", precision="bf16")
 
 
 def test_channels_last_unet_and_vae_give_the_same_images(pipe):
@@ -141,6 +143,36 @@ def test_the_openvino_disk_cache_is_keyed_by_the_weights(pipe):
     changed.unet.load_state_dict({k: v + 0.01 for k, v in unet.state_dict().items()})
     assert sdkit_openvino.weights_hash(changed.unet) != key
     assert sdkit_openvino.weights_hash(unet) == key
+
+
+def test_openvino_refuses_an_unknown_precision(pipe, tmp_path):
+    openvino_module()
+    with pytest.raises(ValueError, match="precision='fp8' is not one of .'f32', 'bf16'."):
+        StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path), precision="fp8")
+    assert not os.listdir(tmp_path)  # refused before anything is written
+    without = SimpleNamespace(get_property=lambda device, name: ["FP32", "INT8", "EXPORT_IMPORT"])  # an AVX2 CPU's
+    with pytest.raises(ValueError, match='precision="bf16" needs a CPU with bfloat16 instructions'):
+        openvino_module().check_precision(without, "bf16")
+    openvino_module().check_precision(without, "f32")
+
+
+@pytest.mark.slow
+def test_openvino_bf16_runs_bfloat16_where_the_cpu_has_it_and_is_refused_where_not(pipe, tmp_path):
+    ov = pytest.importorskip("openvino")
+    p = StableDiffusionPipeline.from_pipe(pipe)
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(ValueError, match='precision="bf16" needs a CPU with bfloat16 instructions'):
+            p.compile(backend="openvino", cache_dir=str(tmp_path), precision="bf16")
+        return
+    expected = run(pipe)
+    p.compile(backend="openvino", cache_dir=str(tmp_path), threads=1, precision="bf16")
+    got = run(p)
+    compiled = next(iter(p._compiled_unet.shapes._compiled.values()))
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    # close to the float32 images, and not equal to them to float32's 1e-4 (bfloat16 really ran)
+    assert 1e-4 < rel(got, expected) < 0.05
+    assert rel(run(StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path),
+                                                                 threads=1)), expected) < 1e-4  # f32, same cache
 
 
 def test_openvino_refuses_a_half_precision_unet(pipe):

@@ -185,7 +185,8 @@ class PerformanceSettings:
     def compile(self, backend, cache_dir=None, **options):
         """Run the UNet compiled: ``backend="openvino"`` (CPU, float32, the UNet and the VAE decoder,
         each static shape compiled on first use and cached on disk under ``cache_dir``; ``threads=``
-        sets OpenVINO's), any ``torch.compile`` backend ("inductor", with ``mode=``: "max-autotune",
+        sets OpenVINO's; ``precision="bf16"`` computes in bfloat16 on CPUs with bfloat16 instructions,
+        faster but no longer the eager images), any ``torch.compile`` backend ("inductor", with ``mode=``: "max-autotune",
         "reduce-overhead" for CUDA graphs; the UNet only), or None to go back to eager. Compile after
         loading or changing the weights. Returns the pipeline."""
         self._compiled_decoder = None
@@ -200,6 +201,9 @@ class PerformanceSettings:
             if cache_dir is not None:
                 raise ValueError("cache_dir is for backend='openvino'; torch.compile keeps its own cache "
                                  "(TORCHINDUCTOR_CACHE_DIR).")
+            if "precision" in options:
+                raise ValueError("precision is for backend='openvino'; with torch.compile, load the pipeline "
+                                 "in the dtype to run (torch_dtype=torch.float16 or torch.bfloat16).")
             self._compiled_unet = CompiledUNet(self.unet, backend, **options)
         return self
 

@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                 # the bundled model (sdkit.TINY_MODEL)
     python benchmarks/quality.py --model DIR     # any shapes pipeline folder
+    python benchmarks/quality.py --openvino bf16 # sampled with pipe.compile(backend="openvino", precision="bf16")
 
 Prints one markdown table per prompt set (60 fully specified prompts; 36 short "a COLOR SHAPE"
 prompts), then the targets and whether each row meets them. Rows:
@@ -181,12 +182,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="default: the model's recommended steps")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--openvino", metavar="PRECISION", choices=("f32", "bf16"),
+                        help='sample with pipe.compile(backend="openvino", precision=PRECISION): f32 or bf16')
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     pipe = sdkit.StableDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
+    if args.openvino:
+        pipe.compile(backend="openvino", precision=args.openvino)
     recommended = pipe.recommended
     guidance = args.guidance_scale if args.guidance_scale is not None else recommended.get("guidance_scale", 7.5)
     rescale = args.guidance_rescale if args.guidance_rescale is not None else recommended.get("guidance_rescale", 0.0)
@@ -195,7 +200,8 @@ def main(argv=None):
     settings = settings_of(guidance, rescale, steps, end)
     started, failures = time.time(), []
     print(f"model: {os.path.relpath(args.model, ROOT) if args.model.startswith(ROOT) else args.model}; "
-          f"recommended settings {recommended.as_dict() or 'none (reference defaults)'}")
+          f"recommended settings {recommended.as_dict() or 'none (reference defaults)'}"
+          + (f'; pipe.compile(backend="openvino", precision="{args.openvino}")' if args.openvino else ""))
     for title, prompts in (("60 full prompts", full_prompts()), ("36 short prompts", short_prompts())):
         clean = clean_renders(prompts, args.seed)
         vae_row = evaluate(vae_round_trip(pipe.vae, clean), prompts)

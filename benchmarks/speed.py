@@ -180,6 +180,9 @@ def pipelines(ref_unet, unet, ref_vae, vae, text_encoder):
     return ref, ours
 
 
+BF16 = ', pipe.compile(backend="openvino", precision="bf16") (not the same outputs)'
+
+
 def row(name, result, error, error_kind="rel err"):
     return dict(name=name, error=f"{error:.1e} {error_kind}", **result)
 
@@ -214,13 +217,17 @@ def run_cases(args, models, rows):
             print(f"    OpenVINO: converted and compiled (or loaded from its disk cache) in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
             others["openvino"] = lambda: ov_unet(x, t, ctx)
+            if args.bf16:
+                bf16_unet = OpenVINOUNet(unet, threads=threads, precision="bf16")
+                bf16_unet.compiled(x.shape, ctx.shape)
+                others["bf16"] = lambda: bf16_unet(x, t, ctx)
         r = alternate(lambda: ref_unet(x, t, ctx).sample, lambda: unet(x, t, ctx), args.repeats, **others)
-        for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
+        for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")'), ("bf16", BF16)):
             res = r.get(side)
             if res is not None:
                 rows.append(row(f"UNet step, batch 2, 64x64 latents{label}", res,
                                 rel_err(res["outputs"][1], res["outputs"][0])))
-        others = ov_unet = None  # the compiled model (gigabytes for SD 1.5): the txt2img case compiles its own
+        others = ov_unet = bf16_unet = None  # the compiled model (gigabytes for SD 1.5): the txt2img case compiles its own
     for size in (512, 768):
         if f"vae{size}" in args.cases:
             print(f"VAE decode {size}", flush=True)
@@ -236,15 +243,19 @@ def run_cases(args, models, rows):
                 print(f"    OpenVINO: converted and compiled (or loaded from its disk cache) in "
                       f"{time.perf_counter() - start:.0f} s", flush=True)
                 others["openvino"] = lambda: ov_decoder(z)
+                if args.bf16:
+                    bf16_decoder = OpenVINODecoder(vae, threads=threads, precision="bf16")
+                    bf16_decoder.shapes.compiled((z,))
+                    others["bf16"] = lambda: bf16_decoder(z)
             # the eager sides run the same convolutions, so one side's warm-up sets up oneDNN's kernels for both
-            r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), pairs, {"reference", "openvino"},
-                          **others)
-            for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
+            r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), pairs,
+                          {"reference", "openvino", "bf16"}, **others)
+            for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")'), ("bf16", BF16)):
                 res = r.get(side)
                 if res is not None:
                     rows.append(row(f"VAE decode, {size}x{size}{label}", res,
                                     rel_err(res["outputs"][1], res["outputs"][0])))
-            others = ov_decoder = None
+            others = ov_decoder = bf16_decoder = None
     if "text" in args.cases:
         print("text encoding", flush=True)
         from sdkit.text import encode_prompts
@@ -276,10 +287,16 @@ def run_cases(args, models, rows):
             ov_pipe(prompt, num_inference_steps=1, output_type="np", height=args.size, width=args.size)
             print(f"    OpenVINO pipeline: first (1-step) call {time.perf_counter() - start:.0f} s", flush=True)
             sides = {"openvino": txt2img(ov_pipe), **(sides if args.all_sides else {})}
+            if args.bf16:
+                bf16_pipe = StableDiffusionPipeline(**ours.components).compile(
+                    backend="openvino", threads=threads, precision="bf16")
+                bf16_pipe.set_progress_bar_config(disable=True)
+                bf16_pipe(prompt, num_inference_steps=1, output_type="np", height=args.size, width=args.size)
+                sides["bf16"] = txt2img(bf16_pipe)
         first, *others = sides
         r = alternate(txt2img(ref), sides[first], args.txt2img_pairs, args.warm_txt2img, first,
                       **{side: sides[side] for side in others})
-        for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")')):
+        for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")'), ("bf16", BF16)):
             res = r.get(side)
             if res is not None:
                 a, b = res["outputs"]
@@ -337,6 +354,9 @@ def main():
                         help="the DeepCache intervals of --fewer-unet-calls")
     parser.add_argument("--all-sides", action="store_true",
                         help="add the sides a bare run leaves out: OpenVINO at 768x768, eager sdkit in the whole txt2img")
+    parser.add_argument("--bf16", action="store_true",
+                        help='add OpenVINO bfloat16 sides (precision="bf16") to the UNet, 512 decode and txt2img '
+                             'cases (CPUs with bfloat16 instructions)')
     parser.add_argument("--no-openvino", dest="openvino", action="store_false",
                         help="leave out the OpenVINO side of the UNet and txt2img cases (left out anyway without openvino)")
     args = parser.parse_args()

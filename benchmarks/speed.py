@@ -364,6 +364,17 @@ def main():
     # whoever first runs a new shape pays for oneDNN's kernel set-up: warm up unless the cases before did
     args.warm_txt2img = args.txt2img_warm_up or not ({"unet", "vae512"} <= args.cases and args.size == 512)
     args.openvino = args.openvino and openvino_available()
+    if args.bf16:  # refused now rather than after minutes of float32 cases
+        if not args.openvino:
+            parser.error("--bf16 adds OpenVINO sides: install openvino and leave out --no-openvino")
+        import openvino
+
+        from sdkit.pipelines.openvino import check_precision
+
+        try:
+            check_precision(openvino.Core(), "bf16")
+        except ValueError as e:
+            parser.error(str(e))
     unknown = args.cases - set(CASES)
     if unknown:
         parser.error(f"unknown cases {sorted(unknown)}; choose from {', '.join(CASES)}")

@@ -145,11 +145,16 @@ def test_the_openvino_disk_cache_is_keyed_by_the_weights(pipe):
     assert sdkit_openvino.weights_hash(unet) == key
 
 
-def test_openvino_refuses_an_unknown_precision(pipe, tmp_path):
+def test_openvino_refuses_an_unknown_precision_and_leaves_the_pipeline_as_it_was(pipe, tmp_path):
     openvino_module()
+    p = StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path))  # converts lazily
+    before = p._compiled_unet, p._compiled_decoder
     with pytest.raises(ValueError, match="precision='fp8' is not one of .'f32', 'bf16'."):
-        StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path), precision="fp8")
-    assert not os.listdir(tmp_path)  # refused before anything is written
+        p.compile(backend="openvino", cache_dir=str(tmp_path), precision="fp8")
+    assert (p._compiled_unet, p._compiled_decoder) == before and before[1] is not None
+    with pytest.raises(ValueError, match="precision is for backend='openvino'"):
+        p.compile(backend="inductor", precision="bf16")
+    assert (p._compiled_unet, p._compiled_decoder) == before
     without = SimpleNamespace(get_property=lambda device, name: ["FP32", "INT8", "EXPORT_IMPORT"])  # an AVX2 CPU's
     with pytest.raises(ValueError, match='precision="bf16" needs a CPU with bfloat16 instructions'):
         openvino_module().check_precision(without, "bf16")
@@ -165,14 +170,29 @@ def test_openvino_bf16_runs_bfloat16_where_the_cpu_has_it_and_is_refused_where_n
             p.compile(backend="openvino", cache_dir=str(tmp_path), precision="bf16")
         return
     expected = run(pipe)
+    # float32 first, then bfloat16 on the same disk cache (the usual order): each precision keeps its own blobs
+    f32 = StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path), threads=1)
+    assert rel(run(f32), expected) < 1e-4
     p.compile(backend="openvino", cache_dir=str(tmp_path), threads=1, precision="bf16")
     got = run(p)
     compiled = next(iter(p._compiled_unet.shapes._compiled.values()))
     assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
     # close to the float32 images, and not equal to them to float32's 1e-4 (bfloat16 really ran)
     assert 1e-4 < rel(got, expected) < 0.05
-    assert rel(run(StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path),
-                                                                 threads=1)), expected) < 1e-4  # f32, same cache
+    assert {"blobs", "blobs-bf16"} <= set(os.listdir(p._compiled_unet.cache_dir))
+    again = StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path), threads=1)
+    assert rel(run(again), expected) < 1e-4  # float32 again, from its own blobs
+
+
+def test_the_openvino_unet_checks_its_inputs_before_converting_a_shape(pipe, tmp_path):
+    openvino_module()
+    p = StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path))
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 16, pipe.unet.config.cross_attention_dim)
+    with pytest.raises(ValueError, match="timestep has 3 values for a batch of 2"):
+        p._compiled_unet(x, torch.tensor([1, 2, 3]), ctx)
+    with pytest.raises(ValueError, match="encoder_hidden_states batch 1 does not match sample batch 2"):
+        p._compiled_unet(x, 1, ctx[:1])
+    assert not p._compiled_unet.shapes._compiled and not os.path.exists(p._compiled_unet.cache_dir)
 
 
 def test_openvino_refuses_a_half_precision_unet(pipe):

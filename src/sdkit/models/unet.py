@@ -247,6 +247,18 @@ class UNet2DConditionModel(ModelMixin):
                              f"{self.deep_cache_branches() - 1} (0 is the shallowest and fastest).")
         return self._run(sample, *self._embed(sample, timestep, encoder_hidden_states), branch, deep)
 
+    def check_inputs(self, sample, timestep, encoder_hidden_states):
+        """Raise ValueError unless the inputs fit this UNet and each other (``timestep``: a tensor)."""
+        B = sample.shape[0]
+        if timestep.numel() not in (1, B):
+            raise ValueError(f"timestep has {timestep.numel()} values for a batch of {B}: pass one per "
+                             f"sample or a single value.")
+        if encoder_hidden_states.shape[0] != B:
+            raise ValueError(f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} does not "
+                             f"match sample batch {B}.")
+        if sample.shape[1] != self.config.in_channels:
+            raise ValueError(f"sample has {sample.shape[1]} channels; this UNet takes {self.config.in_channels}.")
+
     def _embed(self, sample, timestep, encoder_hidden_states):
         """(time embedding (B, 4 C0), context (B, T, D)) after checking the inputs."""
         cfg = self.config
@@ -255,14 +267,7 @@ class UNet2DConditionModel(ModelMixin):
             timestep, dtype=torch.float32 if isinstance(timestep, float) else torch.long)
         t = t.to(sample.device).reshape(-1)
         if not torch.jit.is_tracing():  # a trace (OpenVINO's converter) is of one shape: no checks in its graph
-            if t.numel() not in (1, B):
-                raise ValueError(f"timestep has {t.numel()} values for a batch of {B}: pass one per "
-                                 f"sample or a single value.")
-            if encoder_hidden_states.shape[0] != B:
-                raise ValueError(f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} does not "
-                                 f"match sample batch {B}.")
-            if sample.shape[1] != cfg.in_channels:
-                raise ValueError(f"sample has {sample.shape[1]} channels; this UNet takes {cfg.in_channels}.")
+            self.check_inputs(sample, t, encoder_hidden_states)  # the OpenVINO UNet checks its calls itself
         t = t.expand(B)
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(emb.to(sample.dtype))

@@ -4,12 +4,13 @@ OpenVINO (``pip install "sdkit[openvino]"``) compiles one static shape at a time
 latent size, prompt length) is converted and compiled on its first use (about two minutes for
 the SD 1.5 UNet here, one and a half for its VAE decoder) and kept on disk, so a later process
 loads it in seconds. The disk cache is keyed by the weights' hash, the config, the shape and the
-OpenVINO version. Compilation keeps
+OpenVINO version (and OpenVINO's compiled blobs kept apart per precision). Compilation keeps
 float32 (``INFERENCE_PRECISION_HINT``: OpenVINO would otherwise pick bfloat16 on CPUs that have
 it) and the saved model is not compressed to float16, so outputs equal the eager UNet's to about
 1e-5 relative. ``precision="bf16"`` opts into bfloat16 matmuls and convolutions (float32
-accumulation) on CPUs with bfloat16 instructions (AVX512_BF16, AMX): faster, and no longer the
-same images (about 2% relative error per UNet step on random SD 1.5-shaped weights). One compiled model serves concurrent calls: each call takes an idle infer request
+accumulation) on CPUs with bfloat16 instructions (such as AVX512_BF16 or AMX): faster, and no
+longer the same images (about 2% relative error per UNet step on random SD 1.5-shaped weights).
+One compiled model serves concurrent calls: each call takes an idle infer request
 from the model's pool (or makes one), so no two calls share one and a request, with the buffers it
 has allocated, is reused by later calls rather than made anew each step.
 """
@@ -82,8 +83,10 @@ class _Shapes:
         self.core = ov.Core()
         check_precision(self.core, precision)
         self.cache_dir = os.path.join(cache_dir or default_cache_dir(), weights_hash(module))
-        # the saved model is float32 either way; the compiled blobs in CACHE_DIR are keyed by the config too
-        self.config = {"INFERENCE_PRECISION_HINT": precision, "CACHE_DIR": os.path.join(self.cache_dir, "blobs")}
+        # the saved model is float32 either way; OpenVINO's compiled-blob cache (CACHE_DIR) is not keyed by
+        # the precision, so each precision keeps its blobs apart
+        blobs = "blobs" if precision == "f32" else f"blobs-{precision}"
+        self.config = {"INFERENCE_PRECISION_HINT": precision, "CACHE_DIR": os.path.join(self.cache_dir, blobs)}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self._compiled = {}  # input shapes -> compiled model
@@ -144,8 +147,8 @@ def check_precision(core, precision):
         raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}: \"f32\" keeps the eager images, "
                          f"\"bf16\" trades a little accuracy for speed on CPUs with bfloat16 instructions.")
     if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        raise ValueError('precision="bf16" needs a CPU with bfloat16 instructions (AVX512_BF16 or AMX), and '
-                         'OpenVINO finds none on this one: leave precision at "f32".')
+        raise ValueError('precision="bf16" needs a CPU with bfloat16 instructions (such as AVX512_BF16 or AMX), '
+                         'and OpenVINO finds none on this one: leave precision at "f32".')
 
 
 def _check_cpu_float32(module, what):
@@ -175,7 +178,8 @@ class OpenVINOUNet(CompiledModel):
     def __call__(self, sample, timestep, encoder_hidden_states):
         B = sample.shape[0]
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
-        t = t.reshape(-1).float().expand(B) if t.numel() == 1 else t.reshape(-1).float()
+        self.unet.check_inputs(sample, t, encoder_hidden_states)  # before a new shape would be converted
+        t = t.reshape(-1).float().expand(B)
         return self.shapes(sample, t, encoder_hidden_states).to(sample.dtype)
 
 

@@ -189,22 +189,21 @@ class PerformanceSettings:
         faster but no longer the eager images), any ``torch.compile`` backend ("inductor", with ``mode=``: "max-autotune",
         "reduce-overhead" for CUDA graphs; the UNet only), or None to go back to eager. Compile after
         loading or changing the weights. Returns the pipeline."""
-        self._compiled_decoder = None
-        if backend is None:
-            self._compiled_unet = None
-        elif backend == "openvino":
+        unet = decoder = None  # both made before either is set: a refused compile leaves the pipeline as it was
+        if backend == "openvino":
             from .openvino import OpenVINODecoder, OpenVINOUNet
 
-            self._compiled_unet = OpenVINOUNet(self.unet, cache_dir, **options)
-            self._compiled_decoder = OpenVINODecoder(self.vae, cache_dir, **options)
-        else:
+            unet = OpenVINOUNet(self.unet, cache_dir, **options)
+            decoder = OpenVINODecoder(self.vae, cache_dir, **options)
+        elif backend is not None:
             if cache_dir is not None:
                 raise ValueError("cache_dir is for backend='openvino'; torch.compile keeps its own cache "
                                  "(TORCHINDUCTOR_CACHE_DIR).")
             if "precision" in options:
                 raise ValueError("precision is for backend='openvino'; with torch.compile, load the pipeline "
                                  "in the dtype to run (torch_dtype=torch.float16 or torch.bfloat16).")
-            self._compiled_unet = CompiledUNet(self.unet, backend, **options)
+            unet = CompiledUNet(self.unet, backend, **options)
+        self._compiled_unet, self._compiled_decoder = unet, decoder
         return self
 
     def _decoder_for(self, z):

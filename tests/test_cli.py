@@ -109,6 +109,7 @@ def test_img2img_and_inpaint(model, tmp_path, capsys):
     (["--scheduler", "Heun++"], "unknown --scheduler 'Heun++'"),
     (["--init-image", "/no/such.png"], "--init-image /no/such.png does not exist"),
     (["--mask", "m.png"], "--mask needs --init-image"),
+    (["--openvino-precision", "bf16"], "--openvino-precision bf16 needs --openvino"),
 ])
 def test_errors_are_one_line_and_write_nothing(model, tmp_path, capsys, args, message):
     out = tmp_path / "never.png"
@@ -120,6 +121,26 @@ def test_errors_are_one_line_and_write_nothing(model, tmp_path, capsys, args, me
     assert err.startswith("sdkit: error: ") and message in err and err.count("\n") == 1
     assert "Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_openvino_gives_the_eager_png_and_bf16_a_close_one_or_a_one_line_error(model, tmp_path, capsys, monkeypatch):
+    ov = pytest.importorskip("openvino")
+    monkeypatch.setenv("SDKIT_CACHE", str(tmp_path / "cache"))
+    argv = ["generate", "a red circle", "--model", model, "--steps", "3", "--seed", "7", "-q", "--enlarge", "1"]
+    assert run(capsys, *argv, "-o", str(tmp_path / "eager.png"))[0] == 0
+    code, _, err = run(capsys, *argv, "-o", str(tmp_path / "ov.png"), "--openvino")
+    assert code == 0, err
+    eager, compiled = pixels(tmp_path / "eager.png").astype(int), pixels(tmp_path / "ov.png").astype(int)
+    assert np.abs(eager - compiled).max() <= 1  # float32 to 1e-4: at most a rounding step apart
+    assert os.listdir(tmp_path / "cache" / "openvino")  # the compiled models were kept on disk
+    code, _, err = run(capsys, *argv, "-o", str(tmp_path / "bf16.png"), "--openvino", "--openvino-precision", "bf16")
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert code == 0, err
+        assert 0 < np.abs(pixels(tmp_path / "bf16.png").astype(int) - eager).mean() < 8
+    else:
+        assert code == 2 and 'precision="bf16" needs a CPU with bfloat16 instructions' in err
+        assert err.count("\n") == 1 and not (tmp_path / "bf16.png").exists()
 
 
 def test_unwritable_output(model, tmp_path, capsys):

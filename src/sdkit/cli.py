@@ -387,6 +387,7 @@ def _infotext(args, scheduler, run_options, seed, subseed, image, model, strengt
 
     extra = [("CFG Rescale phi", args.guidance_rescale)] if args.guidance_rescale else []
     extra += [("Guidance end", args.guidance_end)] if args.guidance_end < 1 and args.guidance > 1 else []
+    extra += [("OpenVINO", args.openvino_precision)] if args.openvino else []  # the pixels it makes are its own
     extra += list(network_fields)
     return infotext.create(
         args.prompt, args.negative, steps=args.steps, scheduler=scheduler, run_options=run_options,
@@ -419,6 +420,7 @@ def _from_png(args, given):
         else None,
         "scheduler_options": call.get("scheduler_options"), "strength": call.get("strength", args.strength),
         "clip_skip": call.get("clip_stop_at_last_layers", 1), "prompt_syntax": call["prompt_syntax"],
+        "openvino": "OpenVINO" in info, "openvino_precision": str(info.get("OpenVINO", "f32")),
     }
     for name, value in values.items():
         if name not in given:

@@ -37,7 +37,8 @@ HONOURED = ("Steps", "Sampler", "Clip skip", "Schedule type", "CFG scale", "Seed
             "Sigma tmin", "Sigma tmax", "Sigma noise", "Schedule rho", "Schedule min sigma", "Schedule max sigma",
             "Beta schedule alpha", "Beta schedule beta", "Discard penultimate sigma", "SGM noise multiplier",
             "Noise Schedule", "Downcast alphas_cumprod", "CFG Rescale phi", "UniPC variant", "UniPC skip type",
-            "UniPC order", "UniPC lower order final", "Guidance end")
+            "UniPC order", "UniPC lower order final", "Guidance end",
+            "OpenVINO")  # sdkit's: the precision it ran at (the CLI's --from-png compiles again; in Python, compile)
 ZERO_SNR = "Zero Terminal SNR"
 V170_TSNR = (1, 7, 0, 225)  # A1111 versions before v1.7.0-225 sampled with float16 alpha_bar
 

@@ -175,6 +175,27 @@ def test_regenerate_function_gives_the_cli_pixels(model, tmp_path, capsys):
                             num_inference_steps=2)
 
 
+def test_an_openvino_infotext_says_how_to_get_its_pixels_and_a_bad_one_is_refused(model, tmp_path, capsys):
+    out = tmp_path / "eager.png"
+    code, _, err = run(capsys, "generate", "a red circle", "-o", str(out), "--model", model, "--steps", "2",
+                       "--seed", "3", "--enlarge", "1", "-q")
+    assert code == 0, err
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    made = infotext.load(str(out)).replace(OpenVINO="bf16")
+    with pytest.warns(UserWarning, match=r'made with pipe.compile\(backend="openvino", precision="bf16"\)'):
+        infotext.regenerate(made, pipe)  # an eager pipeline: warned, not silently other pixels
+    crafted = infotext.load(str(out)).replace(OpenVINO="fp8").text
+    code, _, err = run(capsys, "generate", "--from-png", crafted, "-o", str(tmp_path / "x.png"), "--model", model, "-q")
+    assert code == 2 and "its OpenVINO field 'fp8' is not f32 or bf16" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+    code, _, err = run(capsys, "generate", "--from-png", crafted, "-o", str(tmp_path / "y.png"), "--model", model,
+                       "-q", "--enlarge", "1", "--no-openvino")  # eager: the PNG's precision no longer matters
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "y.png"), pixels(out))
+    assert "OpenVINO" not in infotext.load(str(tmp_path / "y.png"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--scheduler", "Euler", "--schedule-type", "Fast"], "unknown --schedule-type 'Fast': use one of Automatic"),
     (["--schedule-type", "Karras"], "--schedule-type needs an A1111 --scheduler name"),

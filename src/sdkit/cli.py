@@ -7,6 +7,7 @@ is complete (``sdkit.files.AtomicFiles``), so a failed, interrupted (Ctrl-C) or 
 """
 
 import argparse
+import importlib.util
 import math
 import os
 import random
@@ -161,6 +162,10 @@ def _check_args(args):
         raise CLIError("--mask needs --init-image (the picture to repaint)")
     if args.openvino_precision != "f32" and not args.openvino:
         raise CLIError(f"--openvino-precision {args.openvino_precision} needs --openvino")
+    if args.openvino and importlib.util.find_spec("openvino") is None:
+        made = f"{args.from_png} was made with OpenVINO: " if args.from_png else ""
+        raise CLIError(f'{made}--openvino needs OpenVINO: pip install "sdkit[openvino]"'
+                       + (", or pass --no-openvino" if made else ""))
     _check_output(args.output)
     _check_outputs(output_paths(args.output, args.batch))
 
@@ -425,6 +430,12 @@ def _from_png(args, given):
     for name, value in values.items():
         if name not in given:
             setattr(args, name, value)
+    if "openvino_precision" not in given:  # the PNG's precision, when it runs with OpenVINO at all
+        if not args.openvino:
+            args.openvino_precision = "f32"
+        elif args.openvino_precision not in ("f32", "bf16"):
+            raise CLIError(f"{args.from_png}: its OpenVINO field {args.openvino_precision!r} is not f32 or bf16; "
+                           "pass --openvino-precision or --no-openvino")
     if args.prompt is None:
         args.prompt = call["prompt"]
     if sampler not in _class_names():
@@ -696,9 +707,10 @@ def build_parser():
                                               "(default 4 for images under 256 px; 1 = off)")
     g.add_argument("--allow-large", action="store_true", help="run even when the memory estimate of the "
                                                              "size, batch or --enlarge exceeds the memory at hand")
-    g.add_argument("--openvino", action="store_true",
+    g.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=False,
                    help='run the UNet and VAE decoder compiled by OpenVINO (CPU; pip install "sdkit[openvino]"): '
-                        "the same images, faster after a first call that compiles each size (cached on disk)")
+                        "the same images, faster after a first call that compiles each size (cached on disk); "
+                        "--no-openvino: eager, also for a --from-png made with OpenVINO")
     g.add_argument("--openvino-precision", choices=("f32", "bf16"), default="f32",
                    help="bf16: bfloat16 on CPUs with bfloat16 instructions, faster but not the same images")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

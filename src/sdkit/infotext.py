@@ -314,6 +314,10 @@ def regenerate(source, pipe, image=None, **overrides):
     unsupported = info.unsupported()
     if unsupported:
         warnings.warn(f"sdkit ignores these settings of the infotext: {', '.join(unsupported)}.", stacklevel=2)
+    ran = info.get("OpenVINO")  # sdkit's field: those pixels are OpenVINO's, at this precision
+    if ran is not None and str(ran) != getattr(getattr(pipe, "_compiled_unet", None), "precision", None):
+        warnings.warn(f'the infotext was made with pipe.compile(backend="openvino", precision="{ran}"): compile '
+                      f'the pipeline so for its pixels.', stacklevel=2)
     sampler, schedule, config, call = generation_settings(info)
     call = {k: v for k, v in call.items() if v is not None or k == "negative_prompt"}
     scheduler = sampler_for(sampler, schedule, config, pipe.scheduler)

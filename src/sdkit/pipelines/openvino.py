@@ -167,6 +167,7 @@ class OpenVINOUNet(CompiledModel):
         ov = _openvino()
         _check_cpu_float32(unet, "UNet")
         super().__init__(unet)
+        self.precision = precision
         self.shapes = _Shapes(ov, unet, _UNetInputs(unet), "unet", cache_dir, threads, precision)
         self.cache_dir = self.shapes.cache_dir
 

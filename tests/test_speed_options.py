@@ -84,6 +84,7 @@ def rel(a, b):
 
 
 @pytest.mark.slow
+@pytest.mark.openvino
 def test_openvino_unet_gives_the_eager_images_compiles_once_and_serves_threads(pipe, tmp_path, monkeypatch):
     ov = pytest.importorskip("openvino")
     jobs = [("a red circle", 0), ("a blue square", 1), ("a green triangle", 2)]
@@ -111,6 +112,7 @@ def test_openvino_unet_gives_the_eager_images_compiles_once_and_serves_threads(p
 
 
 @pytest.mark.slow
+@pytest.mark.openvino
 def test_the_openvino_vae_decoder_gives_the_eager_decode_and_steps_aside_for_tiling(pipe, tmp_path):
     pytest.importorskip("openvino")
     p = StableDiffusionPipeline.from_pipe(pipe, vae=copy.deepcopy(pipe.vae))
@@ -135,6 +137,7 @@ def test_the_openvino_vae_decoder_gives_the_eager_decode_and_steps_aside_for_til
         assert p._decoder_for(z) is None
 
 
+@pytest.mark.openvino
 def test_the_openvino_disk_cache_is_keyed_by_the_weights(pipe):
     sdkit_openvino = openvino_module()
     unet = pipe.unet
@@ -145,6 +148,7 @@ def test_the_openvino_disk_cache_is_keyed_by_the_weights(pipe):
     assert sdkit_openvino.weights_hash(unet) == key
 
 
+@pytest.mark.openvino
 def test_openvino_refuses_an_unknown_precision_and_leaves_the_pipeline_as_it_was(pipe, tmp_path):
     openvino_module()
     p = StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path))  # converts lazily
@@ -162,6 +166,7 @@ def test_openvino_refuses_an_unknown_precision_and_leaves_the_pipeline_as_it_was
 
 
 @pytest.mark.slow
+@pytest.mark.openvino
 def test_openvino_bf16_runs_bfloat16_where_the_cpu_has_it_and_is_refused_where_not(pipe, tmp_path):
     ov = pytest.importorskip("openvino")
     p = StableDiffusionPipeline.from_pipe(pipe)
@@ -184,6 +189,7 @@ def test_openvino_bf16_runs_bfloat16_where_the_cpu_has_it_and_is_refused_where_n
     assert rel(run(again), expected) < 1e-4  # float32 again, from its own blobs
 
 
+@pytest.mark.openvino
 def test_the_openvino_unet_checks_its_inputs_before_converting_a_shape(pipe, tmp_path):
     openvino_module()
     p = StableDiffusionPipeline.from_pipe(pipe).compile(backend="openvino", cache_dir=str(tmp_path))
@@ -195,6 +201,7 @@ def test_the_openvino_unet_checks_its_inputs_before_converting_a_shape(pipe, tmp
     assert not p._compiled_unet.shapes._compiled and not os.path.exists(p._compiled_unet.cache_dir)
 
 
+@pytest.mark.openvino
 def test_openvino_refuses_a_half_precision_unet(pipe):
     openvino_module()
     p = StableDiffusionPipeline.from_pipe(pipe, unet=type(pipe.unet).from_config(dict(pipe.unet.config)).half())

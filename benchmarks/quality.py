@@ -38,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 import sdkit  # noqa: E402
+from sdkit.pipelines.openvino import PRECISIONS  # noqa: E402  (OpenVINO itself is imported only to compile)
 from sdkit.schedulers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler  # noqa: E402
 from sdkit.training import geometry  # noqa: E402
 from sdkit.training.judge import judge, score  # noqa: E402
@@ -182,8 +183,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="default: the model's recommended steps")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--openvino", metavar="PRECISION", choices=("f32", "bf16"),
-                        help='sample with pipe.compile(backend="openvino", precision=PRECISION): f32 or bf16')
+    parser.add_argument("--openvino", metavar="PRECISION", choices=PRECISIONS,
+                        help=f'sample with pipe.compile(backend="openvino", precision=PRECISION): {" or ".join(PRECISIONS)}')
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -180,7 +180,24 @@ def pipelines(ref_unet, unet, ref_vae, vae, text_encoder):
     return ref, ours
 
 
-BF16 = ', pipe.compile(backend="openvino", precision="bf16") (not the same outputs)'
+# each side's row label after the case's name
+LABELS = {"sdkit": "", "openvino": ', pipe.compile(backend="openvino")',
+          "bf16": ', pipe.compile(backend="openvino", precision="bf16") (not the same outputs)'}
+
+
+def labelled(results):
+    """(row label, result) of each side in ``alternate``'s results, eager sdkit first."""
+    return [(label, results[side]) for side, label in LABELS.items() if side in results]
+
+
+def openvino_sides(args):
+    """{side: OpenVINO precision} of the compiled sides this run times."""
+    return {"openvino": "f32", **({"bf16": "bf16"} if args.bf16 else {})}
+
+
+def compiled_in(side, start):
+    print(f"    OpenVINO{'' if side == 'openvino' else ' ' + side}: converted and compiled (or loaded from its disk "
+          f"cache) in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def row(name, result, error, error_kind="rel err"):
@@ -208,54 +225,40 @@ def run_cases(args, models, rows):
         x, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
         t = torch.tensor(500)
         others = {}
-        if openvino:
+        for side, precision in openvino_sides(args).items() if openvino else ():
             from sdkit.pipelines.openvino import OpenVINOUNet
 
             start = time.perf_counter()
-            ov_unet = OpenVINOUNet(unet, threads=threads)
-            ov_unet.compiled(x.shape, ctx.shape)
-            print(f"    OpenVINO: converted and compiled (or loaded from its disk cache) in "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
-            others["openvino"] = lambda: ov_unet(x, t, ctx)
-            if args.bf16:
-                bf16_unet = OpenVINOUNet(unet, threads=threads, precision="bf16")
-                bf16_unet.compiled(x.shape, ctx.shape)
-                others["bf16"] = lambda: bf16_unet(x, t, ctx)
+            compiled = OpenVINOUNet(unet, threads=threads, precision=precision)
+            compiled.compiled(x.shape, ctx.shape)
+            compiled_in(side, start)
+            others[side] = lambda compiled=compiled: compiled(x, t, ctx)
         r = alternate(lambda: ref_unet(x, t, ctx).sample, lambda: unet(x, t, ctx), args.repeats, **others)
-        for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")'), ("bf16", BF16)):
-            res = r.get(side)
-            if res is not None:
-                rows.append(row(f"UNet step, batch 2, 64x64 latents{label}", res,
-                                rel_err(res["outputs"][1], res["outputs"][0])))
-        others = ov_unet = bf16_unet = None  # the compiled model (gigabytes for SD 1.5): the txt2img case compiles its own
+        for label, res in labelled(r):
+            rows.append(row(f"UNet step, batch 2, 64x64 latents{label}", res,
+                            rel_err(res["outputs"][1], res["outputs"][0])))
+        others = compiled = None  # the compiled models (gigabytes for SD 1.5): the txt2img case compiles its own
     for size in (512, 768):
         if f"vae{size}" in args.cases:
             print(f"VAE decode {size}", flush=True)
             z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(2))
             pairs = max(1, args.repeats - (1 if size == 512 else 2))
             others = {}
-            if openvino and (size == 512 or args.all_sides):
+            for side, precision in openvino_sides(args).items() if openvino and (size == 512 or args.all_sides) else ():
                 from sdkit.pipelines.openvino import OpenVINODecoder
 
                 start = time.perf_counter()
-                ov_decoder = OpenVINODecoder(vae, threads=threads)
-                ov_decoder.shapes.compiled((z,))
-                print(f"    OpenVINO: converted and compiled (or loaded from its disk cache) in "
-                      f"{time.perf_counter() - start:.0f} s", flush=True)
-                others["openvino"] = lambda: ov_decoder(z)
-                if args.bf16:
-                    bf16_decoder = OpenVINODecoder(vae, threads=threads, precision="bf16")
-                    bf16_decoder.shapes.compiled((z,))
-                    others["bf16"] = lambda: bf16_decoder(z)
+                compiled = OpenVINODecoder(vae, threads=threads, precision=precision)
+                compiled.shapes.compiled((z,))
+                compiled_in(side, start)
+                others[side] = lambda compiled=compiled: compiled(z)
             # the eager sides run the same convolutions, so one side's warm-up sets up oneDNN's kernels for both
-            r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), pairs,
-                          {"reference", "openvino", "bf16"}, **others)
-            for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")'), ("bf16", BF16)):
-                res = r.get(side)
-                if res is not None:
-                    rows.append(row(f"VAE decode, {size}x{size}{label}", res,
-                                    rel_err(res["outputs"][1], res["outputs"][0])))
-            others = ov_decoder = bf16_decoder = None
+            r = alternate(lambda: ref_vae.decode(z).sample, lambda: vae.decode(z), pairs, {"reference", *others},
+                          **others)
+            for label, res in labelled(r):
+                rows.append(row(f"VAE decode, {size}x{size}{label}", res,
+                                rel_err(res["outputs"][1], res["outputs"][0])))
+            others = compiled = None
     if "text" in args.cases:
         print("text encoding", flush=True)
         from sdkit.text import encode_prompts
@@ -281,27 +284,25 @@ def run_cases(args, models, rows):
         if openvino:
             from sdkit import StableDiffusionPipeline
 
-            ov_pipe = StableDiffusionPipeline(**ours.components).compile(backend="openvino", threads=threads)
-            ov_pipe.set_progress_bar_config(disable=True)
-            start = time.perf_counter()  # a one-step call compiles (or loads) the UNet and VAE decoder for this size
-            ov_pipe(prompt, num_inference_steps=1, output_type="np", height=args.size, width=args.size)
-            print(f"    OpenVINO pipeline: first (1-step) call {time.perf_counter() - start:.0f} s", flush=True)
-            sides = {"openvino": txt2img(ov_pipe), **(sides if args.all_sides else {})}
-            if args.bf16:
-                bf16_pipe = StableDiffusionPipeline(**ours.components).compile(
-                    backend="openvino", threads=threads, precision="bf16")
-                bf16_pipe.set_progress_bar_config(disable=True)
-                bf16_pipe(prompt, num_inference_steps=1, output_type="np", height=args.size, width=args.size)
-                sides["bf16"] = txt2img(bf16_pipe)
+            eager, sides = sides, {}
+            for side, precision in openvino_sides(args).items():
+                compiled = StableDiffusionPipeline(**ours.components).compile(
+                    backend="openvino", threads=threads, precision=precision)
+                compiled.set_progress_bar_config(disable=True)
+                start = time.perf_counter()  # a one-step call compiles (or loads) the UNet and decoder for this size
+                compiled(prompt, num_inference_steps=1, output_type="np", height=args.size, width=args.size)
+                print(f"    OpenVINO{'' if side == 'openvino' else ' ' + side} pipeline: first (1-step) call "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
+                sides[side] = txt2img(compiled)
+                if side == "openvino" and args.all_sides:
+                    sides.update(eager)
         first, *others = sides
         r = alternate(txt2img(ref), sides[first], args.txt2img_pairs, args.warm_txt2img, first,
                       **{side: sides[side] for side in others})
-        for side, label in (("sdkit", ""), ("openvino", ', pipe.compile(backend="openvino")'), ("bf16", BF16)):
-            res = r.get(side)
-            if res is not None:
-                a, b = res["outputs"]
-                rows.append(row(f"whole txt2img {args.size}x{args.size}, {args.steps} steps{label}", res,
-                                float(abs(a - b).max()), "max abs diff"))
+        for label, res in labelled(r):
+            a, b = res["outputs"]
+            rows.append(row(f"whole txt2img {args.size}x{args.size}, {args.steps} steps{label}", res,
+                            float(abs(a - b).max()), "max abs diff"))
     if "lora" in args.cases:
         print("UNet step with a LoRA", flush=True)
         from lora_speed import kohya_lora

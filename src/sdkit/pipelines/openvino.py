@@ -167,9 +167,13 @@ class OpenVINOUNet(CompiledModel):
         ov = _openvino()
         _check_cpu_float32(unet, "UNet")
         super().__init__(unet)
-        self.precision = precision
         self.shapes = _Shapes(ov, unet, _UNetInputs(unet), "unet", cache_dir, threads, precision)
         self.cache_dir = self.shapes.cache_dir
+
+    @property
+    def precision(self):
+        """"f32" or "bf16", as compiled."""
+        return self.shapes.config["INFERENCE_PRECISION_HINT"]
 
     def compiled(self, sample_shape, context_shape):
         """The compiled model of one (sample, context) shape: from memory, from the disk cache, or converted now."""

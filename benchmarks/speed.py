@@ -13,18 +13,21 @@ float32 on the CPU; sdkit's models hold copies of the reference's weights. Cases
 * ``lora``: the UNet step with a rank-16 LoRA on its 160 attention and feed-forward layers, unfused
   (the reference's through peft, ``load_lora_weights``; sdkit's per call).
 
-With OpenVINO installed (``pip install "sdkit[openvino]"``; ``--no-openvino`` leaves it out) the
-``unet``, VAE and ``txt2img`` cases have a third side, sdkit with ``pipe.compile(backend="openvino")``
-(its one-off conversion and compilation, or its load from the disk cache, is timed apart, and the
-whole call's side is warmed by a one-step call that decodes too).
+The ``unet`` and ``txt2img`` cases have a compiled side, sdkit with ``pipe.compile(backend="inductor")``
+(torch.compile; on a CPU with the weights frozen into the graph; ``--no-inductor`` leaves it out;
+its compile, about 2.5 min for the SD 1.5 UNet on 2 cores, is timed apart and the txt2img case
+reuses it). With OpenVINO installed (``pip install "sdkit[openvino]"``; ``--no-openvino`` leaves it
+out) the ``unet``, VAE and ``txt2img`` cases have another, sdkit with ``pipe.compile(backend="openvino")``
+(its one-off conversion and compilation, or its load from the disk cache, is timed apart). Each
+compiled txt2img side is warmed by a one-step call that decodes too.
 
 To keep a bare run short (the issue's aim is 20 minutes on a 2-core CPU; a bare run took 26 min
 50 s on 2026-12-03 with a cold OpenVINO cache, 4 min of it compiles, and 21 min 51 s with the
-cache warm: benchmarks/RESULTS.md),
-it leaves two sides out, which
-``--all-sides`` adds: the OpenVINO side of the 768x768 decode, and the eager sdkit side of the whole
-txt2img when the OpenVINO side is there (without OpenVINO the eager side is always run). The VAE
-and LoRA cases time one round fewer than ``--repeats`` (the 768 decode two fewer, at least one).
+cache warm: benchmarks/RESULTS.md), it leaves sides out, which ``--all-sides`` adds: the OpenVINO
+side of the 768x768 decode; in the whole txt2img, the eager sdkit side when a compiled side is
+there, and of the two compiled float32 sides the one slower in the UNet case (both when the UNet
+case did not time both). The VAE and LoRA cases time one round fewer than ``--repeats`` (the 768
+decode two fewer, at least one).
 
 The sides run in rotation (who goes first rotates too) after a warm-up round (in the VAE cases
 the eager sdkit side is not warmed, and in the LoRA case only the reference is: the eager sides run
@@ -181,7 +184,7 @@ def pipelines(ref_unet, unet, ref_vae, vae, text_encoder):
 
 
 # each side's row label after the case's name
-LABELS = {"sdkit": "", "openvino": ', pipe.compile(backend="openvino")',
+LABELS = {"sdkit": "", "inductor": ', pipe.compile(backend="inductor")', "openvino": ', pipe.compile(backend="openvino")',
           "bf16": ', pipe.compile(backend="openvino", precision="bf16") (not the same outputs)'}
 
 
@@ -219,6 +222,13 @@ def run_cases(args, models, rows):
     prompt = "a photograph of an astronaut riding a horse"
     threads = torch.get_num_threads()
     openvino = args.openvino and ref is not None
+    inductor = None  # sdkit's pipeline with pipe.compile(backend="inductor"), once compiled
+    if args.inductor and ref is not None:
+        from sdkit import StableDiffusionPipeline
+
+        inductor = StableDiffusionPipeline(**ours.components).compile(backend="inductor")
+        inductor.set_progress_bar_config(disable=True)
+    unet_times = {}  # UNet case: the compiled sides' median step times
     if "unet" in args.cases:
         print("UNet step", flush=True)
         g = torch.Generator().manual_seed(1)
@@ -233,10 +243,17 @@ def run_cases(args, models, rows):
             compiled.compiled(x.shape, ctx.shape)
             compiled_in(side, start)
             others[side] = lambda compiled=compiled: compiled(x, t, ctx)
+        if inductor is not None:
+            start = time.perf_counter()
+            with torch.inference_mode():  # as the pipeline calls it: the txt2img case reuses this graph
+                inductor._compiled_unet(x, t, ctx)
+            print(f"    inductor: compiled in {time.perf_counter() - start:.0f} s", flush=True)
+            others["inductor"] = lambda: inductor._compiled_unet(x, t, ctx)
         r = alternate(lambda: ref_unet(x, t, ctx).sample, lambda: unet(x, t, ctx), args.repeats, **others)
         for label, res in labelled(r):
             rows.append(row(f"UNet step, batch 2, 64x64 latents{label}", res,
                             rel_err(res["outputs"][1], res["outputs"][0])))
+        unet_times = {side: res["sdkit"] for side, res in r.items() if side in ("inductor", "openvino")}
         others = compiled = None  # the compiled models (gigabytes for SD 1.5): the txt2img case compiles its own
     for size in (512, 768):
         if f"vae{size}" in args.cases:
@@ -280,22 +297,26 @@ def run_cases(args, models, rows):
 
     if "txt2img" in args.cases:
         print(f"txt2img, {args.steps} steps", flush=True)
-        sides = {"sdkit": txt2img(ours)}
-        if openvino:
-            from sdkit import StableDiffusionPipeline
+        # the compiled float32 sides: the faster in the UNet case when it timed both (--all-sides: both)
+        backends = [side for side, on in (("inductor", inductor is not None), ("openvino", openvino)) if on]
+        if len(unet_times) == 2 and not args.all_sides:
+            backends = [min(unet_times, key=unet_times.get)]
+        sides = {}
+        for side in backends + (["bf16"] if openvino and args.bf16 else []):
+            if side == "inductor":
+                compiled = inductor
+            else:
+                from sdkit import StableDiffusionPipeline
 
-            eager, sides = sides, {}
-            for side, precision in openvino_sides(args).items():
                 compiled = StableDiffusionPipeline(**ours.components).compile(
-                    backend="openvino", threads=threads, precision=precision)
+                    backend="openvino", threads=threads, precision=openvino_sides(args)[side])
                 compiled.set_progress_bar_config(disable=True)
-                start = time.perf_counter()  # a one-step call compiles (or loads) the UNet and decoder for this size
-                compiled(prompt, num_inference_steps=1, output_type="np", height=args.size, width=args.size)
-                print(f"    OpenVINO{'' if side == 'openvino' else ' ' + side} pipeline: first (1-step) call "
-                      f"{time.perf_counter() - start:.0f} s", flush=True)
-                sides[side] = txt2img(compiled)
-                if side == "openvino" and args.all_sides:
-                    sides.update(eager)
+            start = time.perf_counter()  # a one-step call compiles (or loads) the UNet (and decoder) for this size
+            compiled(prompt, num_inference_steps=1, output_type="np", height=args.size, width=args.size)
+            print(f"    {side} pipeline: first (1-step) call {time.perf_counter() - start:.0f} s", flush=True)
+            sides[side] = txt2img(compiled)
+        if not sides or args.all_sides:
+            sides = {"sdkit": txt2img(ours), **sides}
         first, *others = sides
         r = alternate(txt2img(ref), sides[first], args.txt2img_pairs, args.warm_txt2img, first,
                       **{side: sides[side] for side in others})
@@ -359,7 +380,9 @@ def main():
                         help='add OpenVINO bfloat16 sides (precision="bf16") to the UNet, 512 decode and txt2img '
                              'cases (CPUs with bfloat16 instructions)')
     parser.add_argument("--no-openvino", dest="openvino", action="store_false",
-                        help="leave out the OpenVINO side of the UNet and txt2img cases (left out anyway without openvino)")
+                        help="leave out the OpenVINO sides (left out anyway without openvino)")
+    parser.add_argument("--no-inductor", dest="inductor", action="store_false",
+                        help='leave out the pipe.compile(backend="inductor") sides of the UNet and txt2img cases')
     args = parser.parse_args()
     args.cases = set(args.cases.split(",")) - {""}
     # whoever first runs a new shape pays for oneDNN's kernel set-up: warm up unless the cases before did

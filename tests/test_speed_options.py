@@ -36,7 +36,7 @@ def run(p, prompt="a red circle", seed=0, steps=3):
 def test_compiled_unet_gives_the_eager_images_in_threads_and_follows_a_new_unet(pipe):
     """torch.compile with the "eager" backend (dynamo's tracing and guards, no code generation: the
     plumbing of pipe.compile without inductor's minutes of C++ builds here)."""
-    p = StableDiffusionPipeline.from_pipe(pipe)
+    p = StableDiffusionPipeline.from_pipe(pipe, unet=copy.deepcopy(pipe.unet))
     jobs = [("a red circle", 0), ("a blue square", 1), ("a green triangle", 2), ("a small circle", 3)]
     expected = [run(p, *job) for job in jobs]
     assert p.compile(backend="eager") is p
@@ -44,6 +44,15 @@ def test_compiled_unet_gives_the_eager_images_in_threads_and_follows_a_new_unet(
     results = concurrently(lambda i: run(p, *jobs[i]), len(jobs))
     for a, b in zip(expected, results):
         np.testing.assert_array_equal(a, b)
+    with torch.no_grad():  # weights changed in place (as fuse_lora does): the compiled UNet steps aside, once warned
+        p.unet.conv_in.bias.add_(0.5)
+    with pytest.warns(UserWarning, match="UNet's weights changed after pipe.compile .* pipe.compile again"):
+        assert p._unet_for_run(SimpleNamespace(networks=NO_NETWORKS)) is p.unet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert p._unet_for_run(SimpleNamespace(networks=NO_NETWORKS)) is p.unet
+    p.compile(backend="eager")  # compiled again: the new weights are the compiled ones
+    assert p._unet_for_run(SimpleNamespace(networks=NO_NETWORKS)) is p._compiled_unet
     p.unet = copy.deepcopy(p.unet)  # new weights: the stale compiled UNet is not used
     with torch.no_grad():
         next(p.unet.parameters()).add_(0.5)
@@ -51,6 +60,39 @@ def test_compiled_unet_gives_the_eager_images_in_threads_and_follows_a_new_unet(
     assert np.abs(run(p) - expected[0]).max() > 1e-3
     p.compile(backend=None)
     assert p._compiled_unet is None
+
+
+@pytest.mark.slow
+def test_inductor_on_a_cpu_freezes_the_weights_gives_the_eager_images_and_serves_threads(pipe):
+    """The real inductor build (about 2 minutes here): on a CPU the weights are constants of the graph."""
+    from sdkit.pipelines.performance import Weights
+
+    p = StableDiffusionPipeline.from_pipe(pipe, unet=copy.deepcopy(pipe.unet))
+    jobs = [("a red circle", 0), ("a blue square", 1), ("a green triangle", 2)]
+    expected = [run(p, *job) for job in jobs]
+    p.compile(backend="inductor")
+    results = concurrently(lambda i: run(p, *jobs[i]), len(jobs))  # the first compiles; the others wait
+    for a, b in zip(results, expected):
+        assert rel_err(a, b) < 1e-4 and np.abs(a - b).max() < 1e-3
+    with torch.no_grad():
+        p.unet.conv_in.weight.mul_(1.5)
+    with pytest.warns(UserWarning, match="UNet's weights changed after pipe.compile"):
+        changed = run(p)  # the eager UNet, with the new weights
+    np.testing.assert_array_equal(changed, run(StableDiffusionPipeline.from_pipe(p)))
+    assert np.abs(changed - expected[0]).max() > 1e-2
+    # what the check prevents: the frozen graph still computes with the convolution weights it packed
+    p._compiled_unet.weights.versions = Weights._read(p.unet)
+    assert rel_err(run(p), expected[0]) < 1e-4
+
+
+def test_freezing_is_inductors_on_a_cpu(pipe):
+    from sdkit.pipelines.performance import CompiledUNet
+
+    assert CompiledUNet(pipe.unet, "inductor").freezing is True
+    assert CompiledUNet(pipe.unet, "inductor", freezing=False).freezing is False
+    assert CompiledUNet(pipe.unet, "eager").freezing is False
+    with pytest.raises(ValueError, match="freezing=True is inductor's on a CPU; this is backend='eager'"):
+        StableDiffusionPipeline.from_pipe(pipe).compile(backend="eager", freezing=True)
 
 
 def test_compile_refuses_a_cache_dir_or_a_precision_for_torch_backends(pipe, tmp_path):
@@ -133,6 +175,9 @@ def test_the_openvino_vae_decoder_gives_the_eager_decode_and_steps_aside_for_til
         assert p._decoder_for(big) is not None
         p.enable_vae_tiling()  # tiles share the whole image's statistics: the eager VAE decodes them
         assert p._decoder_for(big) is None and p._decoder_for(z) is not None
+        p.vae.decoder.conv_out.bias.add_(0.1)  # changed in place: the compiled decoder steps aside, warned
+        with pytest.warns(UserWarning, match="VAE's weights changed after pipe.compile"):
+            assert p._decoder_for(z) is None
         p.vae = copy.deepcopy(pipe.vae)  # new weights: the stale compiled decoder is not used
         assert p._decoder_for(z) is None
 

@@ -24,7 +24,7 @@ import threading
 import numpy as np
 import torch
 
-from .performance import CompiledModel
+from .performance import CompiledModel, Weights
 
 
 def _openvino():
@@ -195,7 +195,7 @@ class OpenVINODecoder:
     def __init__(self, vae, cache_dir=None, threads=None, precision="f32"):
         ov = _openvino()
         _check_cpu_float32(vae, "VAE")
-        self.vae = vae
+        self.vae, self.weights = vae, Weights(vae)
         self.shapes = _Shapes(ov, vae, _VAEDecode(vae), "vae_decode", cache_dir, threads, precision)
 
     def __call__(self, z):

@@ -18,6 +18,7 @@ this project's CPU-only machines beyond their errors.
 import contextlib
 import functools
 import threading
+import warnings
 
 import torch
 
@@ -62,12 +63,41 @@ class ModelOffload:
         return tuple(a.to(self.device) if torch.is_tensor(a) else a for a in args)
 
 
+class Weights:
+    """Whether a model's weights are still those a compiled graph holds: their tensors' version
+    counters, which every in-place change (``fuse_lora``, ``load_state_dict``, an optimizer step) moves
+    (weights made under ``torch.inference_mode`` keep none: their changes go unseen)."""
+
+    def __init__(self, module):
+        self.module, self.versions = module, self._read(module)
+        self.warned = False
+
+    @staticmethod
+    def _read(module):
+        return [None if t.is_inference() else t._version for t in module.state_dict(keep_vars=True).values()]
+
+    def current(self, module, what):
+        """True when ``module`` is the model compiled and its weights are unchanged; when they were changed
+        in place, False with a warning (once): the call runs eager."""
+        if module is not self.module:
+            return False
+        if self._read(module) == self.versions:
+            return True
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"The {what}'s weights changed after pipe.compile (fuse_lora, load_state_dict, ...), and "
+                          f"the compiled graph holds the old ones: calls run the eager {what}. Call pipe.compile "
+                          f"again to compile the new weights.", stacklevel=4)
+        return False
+
+
 class CompiledModel:
     """What a compiled UNet shares: it calls like the UNet, reports its device and dtype, and runs
     DeepCache's split forward on the eager UNet (that path is not compiled)."""
 
     def __init__(self, unet):
         self.unet = unet
+        self.weights = Weights(unet)
 
     @property
     def device(self):
@@ -84,19 +114,30 @@ class CompiledModel:
         return self.unet.deep_cache_branches()
 
 
+_COMPILING = threading.Lock()  # one torch.compile build at a time in the process (freezing is a global setting)
+
+
 class CompiledUNet(CompiledModel):
     """The UNet under ``torch.compile``: one static-shape graph per input shape, compiled on first use.
 
-    A shape's first call compiles under a lock (dynamo's compilation is not meant to run in
-    several threads at once); with ``mode="reduce-overhead"`` (CUDA graphs, which replay into the
-    same output buffers) every call holds it, so calls on the device run one at a time, and each
-    output is copied out before the next replay (samplers such as PNDM keep past outputs).
+    On a CPU, inductor freezes the weights (``freezing=True``, the default there): they become
+    constants of the graph, folded and pre-packed once for oneDNN's convolutions and matmuls, the
+    fastest CPU graph torch makes (a weight changed in place afterwards is seen by some kernels and
+    not by others: ``Weights`` sends such calls to the eager UNet). A shape's first call compiles
+    under a lock (dynamo's compilation is not meant to run in several threads at once, and freezing
+    is set in inductor's global config while it builds); with ``mode="reduce-overhead"`` (CUDA graphs,
+    which replay into the same output buffers) every call holds it, so calls on the device run one at
+    a time, and each output is copied out before the next replay (samplers such as PNDM keep past outputs).
     """
 
-    def __init__(self, unet, backend, **options):
+    def __init__(self, unet, backend, freezing=None, **options):
         super().__init__(unet)
-        self.function = torch.compile(unet, backend=backend, dynamic=False, **options)
         self.serial = options.get("mode") == "reduce-overhead"
+        on_cpu_inductor = backend == "inductor" and unet.device.type == "cpu"
+        if freezing and not on_cpu_inductor:
+            raise ValueError(f"freezing=True is inductor's on a CPU; this is backend={backend!r} on {unet.device}.")
+        self.freezing = on_cpu_inductor if freezing is None else freezing
+        self.function = torch.compile(unet, backend=backend, dynamic=False, **options)
         self._seen, self._lock = set(), threading.Lock()
 
     def __call__(self, sample, timestep, encoder_hidden_states):
@@ -105,13 +146,22 @@ class CompiledUNet(CompiledModel):
         if key in self._seen and not self.serial:
             return self.function(sample, timestep, encoder_hidden_states)
         with self._lock:
-            if self.serial:  # CUDA graphs replay into static buffers: mark the step, copy the output out
-                torch.compiler.cudagraph_mark_step_begin()
-                out = self.function(sample, timestep, encoder_hidden_states).clone()
-            else:
-                out = self.function(sample, timestep, encoder_hidden_states)
+            if key in self._seen:
+                return self._replay(sample, timestep, encoder_hidden_states)
+            with _COMPILING, contextlib.ExitStack() as build:
+                if self.freezing:  # dynamo reads it while tracing, inductor while building
+                    from torch._inductor import config
+
+                    build.enter_context(config.patch(freezing=True))
+                out = self._replay(sample, timestep, encoder_hidden_states)
             self._seen.add(key)
             return out
+
+    def _replay(self, *inputs):
+        if self.serial:  # CUDA graphs replay into static buffers: mark the step, copy the output out
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.function(*inputs).clone()
+        return self.function(*inputs)
 
 
 class PerformanceSettings:
@@ -187,8 +237,10 @@ class PerformanceSettings:
         each static shape compiled on first use and cached on disk under ``cache_dir``; ``threads=``
         sets OpenVINO's; ``precision="bf16"`` computes in bfloat16 on CPUs with bfloat16 instructions,
         faster but no longer the eager images), any ``torch.compile`` backend ("inductor", with ``mode=``: "max-autotune",
-        "reduce-overhead" for CUDA graphs; the UNet only), or None to go back to eager. Compile after
-        loading or changing the weights. Returns the pipeline."""
+        "reduce-overhead" for CUDA graphs, or ``options=``; the UNet only; on a CPU inductor freezes the
+        weights into the graph, ``freezing=False`` does not: ``CompiledUNet``), or None to go back to eager. The compiled models hold the
+        weights as they are: changed in place afterwards (``fuse_lora``, ``load_state_dict``), they run
+        eager with a warning until compiled again. Returns the pipeline."""
         unet = decoder = None  # both made before either is set: a refused compile leaves the pipeline as it was
         if backend == "openvino":
             from .openvino import OpenVINODecoder, OpenVINOUNet
@@ -207,18 +259,18 @@ class PerformanceSettings:
         return self
 
     def _decoder_for(self, z):
-        """The compiled VAE decoder for latents ``z`` when it was compiled from the pipeline's current VAE
-        and the VAE would not tile them (tiles share the whole image's statistics, which a compiled
+        """The compiled VAE decoder for latents ``z`` when it was compiled from the pipeline's current VAE,
+        whose weights have not changed since, and the VAE would not tile them (tiles share the whole image's statistics, which a compiled
         graph cannot), else None."""
         compiled = self._compiled_decoder
-        if compiled is None or compiled.vae is not self.vae or self.vae.tiles(z):
+        if compiled is None or self.vae.tiles(z) or not compiled.weights.current(self.vae, "VAE"):
             return None
         return compiled
 
     def _unet_for_run(self, run):
-        """The compiled UNet when it was compiled from the pipeline's current UNet, else the UNet; the
-        eager UNet too for a call with UNet LoRAs (a compiled graph holds the plain weights)."""
+        """The compiled UNet when it was compiled from the pipeline's current UNet as its weights are now,
+        else the UNet; the eager UNet too for a call with UNet LoRAs (a compiled graph holds the plain weights)."""
         compiled = self._compiled_unet
-        if compiled is None or compiled.unet is not self.unet or run.networks.unet:
+        if compiled is None or run.networks.unet or not compiled.weights.current(self.unet, "UNet"):
             return self.unet
         return compiled

@@ -232,8 +232,9 @@ def run_cases(args, models, rows):
     if "unet" in args.cases:
         print("UNet step", flush=True)
         g = torch.Generator().manual_seed(1)
-        x, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
-        t = torch.tensor(500)
+        with torch.inference_mode():  # inference tensors, as in a pipeline call: the txt2img case reuses inductor's graph
+            x, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
+            t = torch.tensor(500)
         others = {}
         for side, precision in openvino_sides(args).items() if openvino else ():
             from sdkit.pipelines.openvino import OpenVINOUNet
@@ -245,7 +246,7 @@ def run_cases(args, models, rows):
             others[side] = lambda compiled=compiled: compiled(x, t, ctx)
         if inductor is not None:
             start = time.perf_counter()
-            with torch.inference_mode():  # as the pipeline calls it: the txt2img case reuses this graph
+            with torch.inference_mode():
                 inductor._compiled_unet(x, t, ctx)
             print(f"    inductor: compiled in {time.perf_counter() - start:.0f} s", flush=True)
             others["inductor"] = lambda: inductor._compiled_unet(x, t, ctx)

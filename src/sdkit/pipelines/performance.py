@@ -142,7 +142,11 @@ class CompiledUNet(CompiledModel):
 
     def __call__(self, sample, timestep, encoder_hidden_states):
         timestep = torch.as_tensor(timestep, device=sample.device)  # a tensor input: no recompile per value
-        key = (tuple(sample.shape), tuple(encoder_hidden_states.shape))
+        # what dynamo's guards check besides the shapes: a new combination recompiles, so it takes the lock
+        # (and freezing) too. Settings of the UNet changed after compiling recompile outside both.
+        key = (tuple(sample.shape), tuple(encoder_hidden_states.shape), sample.dtype, encoder_hidden_states.dtype,
+               timestep.dtype, tuple(t.is_inference() for t in (sample, timestep, encoder_hidden_states)),
+               torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         if key in self._seen and not self.serial:
             return self.function(sample, timestep, encoder_hidden_states)
         with self._lock:

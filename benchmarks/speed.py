@@ -15,7 +15,7 @@ float32 on the CPU; sdkit's models hold copies of the reference's weights. Cases
 
 The ``unet`` and ``txt2img`` cases have a compiled side, sdkit with ``pipe.compile(backend="inductor")``
 (torch.compile; on a CPU with the weights frozen into the graph; ``--no-inductor`` leaves it out;
-its compile, about 2.5 min for the SD 1.5 UNet on 2 cores, is timed apart and the txt2img case
+its compile, 1.5-2.5 min for the SD 1.5 UNet on 2 cores, is timed apart and the txt2img case
 reuses it). With OpenVINO installed (``pip install "sdkit[openvino]"``; ``--no-openvino`` leaves it
 out) the ``unet``, VAE and ``txt2img`` cases have another, sdkit with ``pipe.compile(backend="openvino")``
 (its one-off conversion and compilation, or its load from the disk cache, is timed apart). Each
@@ -23,7 +23,8 @@ compiled txt2img side is warmed by a one-step call that decodes too.
 
 To keep a bare run short (the issue's aim is 20 minutes on a 2-core CPU; a bare run took 26 min
 50 s on 2026-12-03 with a cold OpenVINO cache, 4 min of it compiles, and 21 min 51 s with the
-cache warm: benchmarks/RESULTS.md), it leaves sides out, which ``--all-sides`` adds: the OpenVINO
+cache warm; with the inductor sides, 16 min 23 s on 2026-12-08 with the caches warm:
+benchmarks/RESULTS.md), it leaves sides out, which ``--all-sides`` adds: the OpenVINO
 side of the 768x768 decode; in the whole txt2img, the eager sdkit side when a compiled side is
 there, and of the two compiled float32 sides the one slower in the UNet case (both when the UNet
 case did not time both). The VAE and LoRA cases time one round fewer than ``--repeats`` (the 768

@@ -206,6 +206,23 @@ def test_a_schedule_s_texts_share_the_emphasis_rescaling(pipe):
     torch.testing.assert_close(schedule.embeds, both, rtol=0, atol=1e-6)
 
 
+def test_emphasis_rescaling_keeps_features_whose_mean_is_exactly_zero(pipe, monkeypatch):
+    """A1111's z * (mean / weighted mean) is 0 / 0 when the features' mean sums to exactly 0 (a final
+    layer norm without bias: random test models hit it on some CPUs, and every image came out NaN)."""
+    import sdkit.text_chunks as text_chunks
+
+    z = torch.tensor([[[1.0, -1.0], [2.0, -2.0], [0.5, -0.5]]])  # mean exactly 0, weighted too
+    monkeypatch.setattr(text_chunks, "hidden_states", lambda *args, **kwargs: z.clone())
+    chunk = text_chunks.Chunk(tokens=(0, 1, 2), weights=(1.0, 1.1, 1.0), fixes=())
+    out = text_chunks.encode_chunks(pipe.text_encoder, pipe.tokenizer, [chunk])
+    assert torch.equal(out, z * torch.tensor([1.0, 1.1, 1.0])[None, :, None])
+    shifted = z + 1.0  # a nonzero mean: rescaled to the unweighted mean, as A1111 does
+    monkeypatch.setattr(text_chunks, "hidden_states", lambda *args, **kwargs: shifted.clone())
+    out = text_chunks.encode_chunks(pipe.text_encoder, pipe.tokenizer, [chunk])
+    weighted = shifted * torch.tensor([1.0, 1.1, 1.0])[None, :, None]
+    assert torch.equal(out, weighted * (shifted.mean() / weighted.mean()))
+
+
 def test_sd2_open_clip_pads_after_the_first_eos_and_ignores_clip_skip():
     tok = build_clip_tokenizer(WORDS, tempfile.mkdtemp(prefix="sdkit-tok-"), model_max_length=16)
     tok.pad_token = "!"  # SD 2's tokenizer pads with "!" (id 0 in its vocabulary)

@@ -11,7 +11,7 @@ encoder with another length it is ``min(tokenizer.model_max_length, max_position
   setting, default 20; 0 turns it off), the tokens after that comma move to the next chunk.
 - A batch of texts has as many chunks as its longest; the others get empty chunks (BOS, EOS...).
 - Weights ("Original" emphasis): each token's output is multiplied by its weight, then the chunk
-  batch is rescaled so its mean equals the unweighted mean.
+  batch is rescaled so its mean equals the unweighted mean (not when the weighted mean is exactly 0).
 - OpenCLIP text encoders (SD 2: the tokenizer's pad token is not its EOS) have the positions after
   the first EOS set to the pad id, as A1111's ``sd_hijack_open_clip.py`` does.
 - Textual-inversion embeddings (``triggers``, ``sdkit.embeddings``): a trigger word's tokens become n
@@ -139,7 +139,10 @@ def encode_chunks(text_encoder, tokenizer, chunks, layer=1):
     weights = torch.tensor([c.weights for c in chunks], device=device)  # (B, L + 2), float32 as in A1111
     mean = z.mean()
     z = z * weights[..., None]
-    return z * (mean / z.mean())
+    new_mean = z.mean()
+    # A1111 divides as it is; features whose mean sums to exactly 0 (a final layer norm without bias, as
+    # in random test models, on some CPUs' summation order) would give 0 / 0 = NaN there: kept unscaled
+    return z * torch.where(new_mean != 0, mean / new_mean, torch.ones_like(mean))
 
 
 def encode_texts(text_encoder, tokenizer, texts, layer=1,

@@ -121,8 +121,8 @@ class CompiledUNet(CompiledModel):
     """The UNet under ``torch.compile``: one static-shape graph per input shape, compiled on first use.
 
     On a CPU, inductor freezes the weights (``freezing=True``, the default there): they become
-    constants of the graph, folded and pre-packed once for oneDNN's convolutions and matmuls, the
-    fastest CPU graph torch makes (a weight changed in place afterwards is seen by some kernels and
+    constants of the graph, folded and pre-packed once for oneDNN's convolutions and matmuls (on the
+    SD 1.5 UNet here faster than mode="max-autotune" on top of it; benchmarks/RESULTS.md) (a weight changed in place afterwards is seen by some kernels and
     not by others: ``Weights`` sends such calls to the eager UNet). A shape's first call compiles
     under a lock (dynamo's compilation is not meant to run in several threads at once, and freezing
     is set in inductor's global config while it builds); with ``mode="reduce-overhead"`` (CUDA graphs,

@@ -185,7 +185,8 @@ def pipelines(ref_unet, unet, ref_vae, vae, text_encoder):
 
 
 # each side's row label after the case's name
-LABELS = {"sdkit": "", "inductor": ', pipe.compile(backend="inductor")', "openvino": ', pipe.compile(backend="openvino")',
+LABELS = {"sdkit": "", "inductor": ', pipe.compile(backend="inductor")',
+          "openvino": ', pipe.compile(backend="openvino")',
           "bf16": ', pipe.compile(backend="openvino", precision="bf16") (not the same outputs)'}
 
 
@@ -233,7 +234,8 @@ def run_cases(args, models, rows):
     if "unet" in args.cases:
         print("UNet step", flush=True)
         g = torch.Generator().manual_seed(1)
-        with torch.inference_mode():  # inference tensors, as in a pipeline call: the txt2img case reuses inductor's graph
+        # inference tensors, as in a pipeline call: the txt2img case reuses inductor's graph
+        with torch.inference_mode():
             x, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
             t = torch.tensor(500)
         others = {}
@@ -256,7 +258,8 @@ def run_cases(args, models, rows):
             rows.append(row(f"UNet step, batch 2, 64x64 latents{label}", res,
                             rel_err(res["outputs"][1], res["outputs"][0])))
         unet_times = {side: res["sdkit"] for side, res in r.items() if side in ("inductor", "openvino")}
-        others = compiled = None  # the compiled models (gigabytes for SD 1.5): the txt2img case compiles its own
+        # OpenVINO's compiled models (gigabytes for SD 1.5): the txt2img case compiles its own (inductor's is kept)
+        others = compiled = None
     for size in (512, 768):
         if f"vae{size}" in args.cases:
             print(f"VAE decode {size}", flush=True)

@@ -74,7 +74,7 @@ class Weights:
 
     @staticmethod
     def _read(module):
-        return [None if t.is_inference() else t._version for t in module.state_dict(keep_vars=True).values()]
+        return [None if t.is_inference() else t._version for t in (*module.parameters(), *module.buffers())]
 
     def current(self, module, what):
         """True when ``module`` is the model compiled and its weights are unchanged; when they were changed
@@ -117,13 +117,21 @@ class CompiledModel:
 _COMPILING = threading.Lock()  # one torch.compile build at a time in the process (freezing is a global setting)
 
 
+def _freezing():
+    """Inductor's freezing on while a graph builds: dynamo reads it while tracing, inductor while building."""
+    from torch._inductor import config
+
+    return config.patch(freezing=True)
+
+
 class CompiledUNet(CompiledModel):
     """The UNet under ``torch.compile``: one static-shape graph per input shape, compiled on first use.
 
     On a CPU, inductor freezes the weights (``freezing=True``, the default there): they become
     constants of the graph, folded and pre-packed once for oneDNN's convolutions and matmuls (on the
-    SD 1.5 UNet here faster than mode="max-autotune" on top of it; benchmarks/RESULTS.md) (a weight changed in place afterwards is seen by some kernels and
-    not by others: ``Weights`` sends such calls to the eager UNet). A shape's first call compiles
+    SD 1.5 UNet here 1.07x the unfrozen graph's speed, and faster than ``mode="max-autotune"`` on top;
+    benchmarks/RESULTS.md). A weight changed in place afterwards is seen by some kernels and not by
+    others, so ``Weights`` sends such calls to the eager UNet. A shape's first call compiles
     under a lock (dynamo's compilation is not meant to run in several threads at once, and freezing
     is set in inductor's global config while it builds); with ``mode="reduce-overhead"`` (CUDA graphs,
     which replay into the same output buffers) every call holds it, so calls on the device run one at
@@ -152,11 +160,7 @@ class CompiledUNet(CompiledModel):
         with self._lock:
             if key in self._seen:
                 return self._replay(sample, timestep, encoder_hidden_states)
-            with _COMPILING, contextlib.ExitStack() as build:
-                if self.freezing:  # dynamo reads it while tracing, inductor while building
-                    from torch._inductor import config
-
-                    build.enter_context(config.patch(freezing=True))
+            with _COMPILING, _freezing() if self.freezing else contextlib.nullcontext():
                 out = self._replay(sample, timestep, encoder_hidden_states)
             self._seen.add(key)
             return out
@@ -242,9 +246,10 @@ class PerformanceSettings:
         sets OpenVINO's; ``precision="bf16"`` computes in bfloat16 on CPUs with bfloat16 instructions,
         faster but no longer the eager images), any ``torch.compile`` backend ("inductor", with ``mode=``: "max-autotune",
         "reduce-overhead" for CUDA graphs, or ``options=``; the UNet only; on a CPU inductor freezes the
-        weights into the graph, ``freezing=False`` does not: ``CompiledUNet``), or None to go back to eager. The compiled models hold the
-        weights as they are: changed in place afterwards (``fuse_lora``, ``load_state_dict``), they run
-        eager with a warning until compiled again. Returns the pipeline."""
+        weights into the graph, ``freezing=False`` does not: ``CompiledUNet``), or None to go back to
+        eager. The compiled models hold the weights as they are: changed in place afterwards
+        (``fuse_lora``, ``load_state_dict``), they run eager with a warning until compiled again.
+        Returns the pipeline."""
         unet = decoder = None  # both made before either is set: a refused compile leaves the pipeline as it was
         if backend == "openvino":
             from .openvino import OpenVINODecoder, OpenVINOUNet
@@ -264,8 +269,8 @@ class PerformanceSettings:
 
     def _decoder_for(self, z):
         """The compiled VAE decoder for latents ``z`` when it was compiled from the pipeline's current VAE,
-        whose weights have not changed since, and the VAE would not tile them (tiles share the whole image's statistics, which a compiled
-        graph cannot), else None."""
+        whose weights have not changed since, and the VAE would not tile them (tiles share the whole
+        image's statistics, which a compiled graph cannot), else None."""
         compiled = self._compiled_decoder
         if compiled is None or self.vae.tiles(z) or not compiled.weights.current(self.vae, "VAE"):
             return None
